@@ -1,0 +1,23 @@
+"""Model adapters: all model knowledge lives here, one file per model family."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mmpress.models.llava import LlavaAdapter
+
+ADAPTERS = {"llava": LlavaAdapter}
+
+
+def get_adapter(model: nn.Module, **options):
+    """The adapter for ``model`` (a transformers vision-language model)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"unsupported model {type(model).__name__} (model_type={model_type!r}); "
+            f"mmpress supports these families: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type](model, **options)
+
+
+__all__ = ["ADAPTERS", "LlavaAdapter", "get_adapter"]

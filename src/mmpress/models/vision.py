@@ -1,0 +1,55 @@
+"""Vision-tower signals without eager attention: [CLS] attention and keys of one layer.
+
+The official VisionZip / VTC-CLS / PruMerge code runs the vision tower with
+``output_attentions=True``, which forces eager attention and materialises every
+(N+1)x(N+1) map of every layer. We only need the [CLS] row of one layer, so a forward
+pre-hook on that layer's attention module takes its (already layer-normed) input and
+recomputes ``softmax(q_cls . K^T * scale)`` for the [CLS] query alone: O(N d) extra work,
+and the tower keeps running with SDPA / FlashAttention.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a CLIP / SigLIP / DINOv2-style vision tower."""
+    for path in ("vision_model.encoder.layers", "encoder.layers", "encoder.layer"):
+        module = vision_tower
+        try:
+            for attr in path.split("."):
+                module = getattr(module, attr)
+        except AttributeError:
+            continue
+        return module
+    raise ValueError(f"cannot find the encoder layers of vision tower {type(vision_tower).__name__}")
+
+
+def attention_module(layer: nn.Module) -> nn.Module:
+    for attr in ("self_attn", "attention"):
+        module = getattr(layer, attr, None)
+        if module is not None and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
+            return module
+    raise ValueError(f"cannot find q_proj/k_proj attention in vision layer {type(layer).__name__}")
+
+
+def layer_index(hidden_state_index: int, num_layers: int) -> int:
+    """Map a ``hidden_states`` index (``vision_feature_layer`` convention: entry 0 is the
+    embeddings, entry i the output of block i-1) to the block that produces it."""
+    i = hidden_state_index % (num_layers + 1)
+    if i == 0:
+        raise ValueError("vision_feature_layer 0 is the patch embedding: it has no attention")
+    return i - 1
+
+
+def cls_attention_and_keys(attn: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """[CLS]-row attention probabilities, head-averaged (B, S), and head-averaged keys (B, S, d)
+    of one attention module given its input ``hidden`` (B, S, C); token 0 is [CLS]."""
+    b, s, _ = hidden.shape
+    heads = getattr(attn, "num_heads", None) or attn.num_attention_heads
+    scale = getattr(attn, "scale", None) or attn.scaling
+    q = attn.q_proj(hidden[:, :1]).view(b, 1, heads, -1).transpose(1, 2)  # (B, H, 1, d)
+    k = attn.k_proj(hidden).view(b, s, heads, -1).transpose(1, 2)  # (B, H, S, d)
+    probs = ((q @ k.transpose(-1, -2)) * scale).float().softmax(dim=-1)  # (B, H, 1, S)
+    return probs.mean(dim=1)[:, 0], k.mean(dim=1)

@@ -1,0 +1,173 @@
+"""The press API: what a press is, where it acts, and how it is applied to a model.
+
+A press is a small dataclass. It says WHAT to keep (``compress``: score, select or merge the
+visual tokens of each image) and WHERE it acts (``stage``). Model knowledge lives in the
+adapters (``mmpress.models``): a press never looks at a model class, it receives a batch of
+visual tokens and a :class:`VisualContext` holding only the signals it declared in ``needs``.
+
+    press = DivPrunePress(keep=64)
+    with press(model):            # hooks registered ...
+        model.generate(**inputs)  # ... and always removed on exit, exception or not
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
+
+import torch
+from torch import Tensor
+
+from mmpress.ops.select import gather_tokens, topk_indices
+
+#: signals a press may declare in ``needs``; adapters compute only the declared ones
+SIGNALS = ("grid", "cls_attn", "vision_keys", "text")
+
+
+@dataclass
+class VisualContext:
+    """Signals for one batch of M images with N visual tokens each.
+
+    grid:         (h, w) patch grid of the N tokens, raster order (h * w == N).
+    cls_attn:     (M, N) softmax attention of the vision tower's [CLS] query over the patch
+                  tokens, averaged over heads, in the layer whose output feeds the projector.
+    cls_attn_layers: (M, L, N) the same at the vision layers a press lists in its ``layers`` field
+                  (hidden-state indices, as ``vision_feature_layer``; VTC-CLS's ensemble).
+    vision_keys:  (M, N, d) that layer's attention keys, averaged over heads (VisionZip's metric).
+    text:         (M, T, D) input embeddings of the text tokens of the sample owning each image.
+    text_mask:    (M, T) True where ``text`` holds a real token (prompts are ragged).
+    """
+
+    grid: tuple[int, int] | None = None
+    cls_attn: Tensor | None = None
+    cls_attn_layers: Tensor | None = None
+    vision_keys: Tensor | None = None
+    text: Tensor | None = None
+    text_mask: Tensor | None = None
+
+    def require(self, name: str) -> Tensor | tuple[int, int]:
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(
+                f"this press needs the '{name}' signal, which the model's adapter could not provide "
+                f"(e.g. a vision tower without a [CLS] token has no cls_attn); choose another press"
+            )
+        return value
+
+
+@dataclass
+class Press:
+    """Base press. Budget: ``keep`` visual tokens per image, or ``keep_ratio`` of them."""
+
+    keep: int | None = None
+    keep_ratio: float | None = None
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[str] = "pre_llm"
+    needs: ClassVar[tuple[str, ...]] = ()
+    paper: ClassVar[str] = ""
+    needs_budget: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if not self.needs_budget:
+            return
+        if self.keep is None and self.keep_ratio is None:
+            raise ValueError(f"{type(self).__name__} needs a budget: pass keep=64 or keep_ratio=0.25")
+        if self.keep is not None and self.keep_ratio is not None:
+            raise ValueError("pass either keep= or keep_ratio=, not both")
+        if self.keep is not None and (not isinstance(self.keep, int) or isinstance(self.keep, bool) or self.keep <= 0):
+            raise ValueError(f"keep must be a positive int (tokens per image), got {self.keep!r}")
+        if self.keep_ratio is not None and not (0.0 < float(self.keep_ratio) <= 1.0):
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+
+    # ---- budget -------------------------------------------------------------------------
+    def budget(self, n: int) -> int:
+        """Tokens to keep out of ``n``; ``n`` (a no-op) when the budget is not below it."""
+        if not self.needs_budget:
+            return n
+        k = self.keep if self.keep is not None else max(1, math.ceil(self.keep_ratio * n))
+        if k >= n:
+            if self.keep is not None and k > n:
+                warnings.warn(
+                    f"{type(self).__name__}(keep={k}) keeps every one of the {n} visual tokens: no-op",
+                    stacklevel=3,
+                )
+            return n
+        return k
+
+    # ---- what to keep -------------------------------------------------------------------
+    def press(self, tokens: Tensor, ctx: VisualContext) -> tuple[Tensor, Tensor]:
+        """Compress ``tokens`` (M, N, D) to (M, k, D). Returns the tokens and, per kept token,
+        the index (M, k) of the original token whose position it takes (sorted ascending)."""
+        m, n, _ = tokens.shape
+        k = self.budget(n)
+        if k >= n:
+            return tokens, torch.arange(n, device=tokens.device).expand(m, n)
+        out, index = self.compress(tokens, ctx, k)
+        if out.shape[:2] != (m, k) or index.shape != (m, k):
+            raise RuntimeError(f"{type(self).__name__} returned {tuple(out.shape)}, expected ({m}, {k}, D)")
+        index, order = index.sort(dim=1)
+        return gather_tokens(out, order), index
+
+    def compress(self, tokens: Tensor, ctx: VisualContext, k: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    # ---- where: applying to a model -----------------------------------------------------
+    @contextmanager
+    def __call__(self, model: torch.nn.Module, **adapter_options) -> Iterator[torch.nn.Module]:
+        """Hooks this press into ``model``; ``adapter_options`` go to the model's adapter
+        (e.g. ``positions="reindex"``). Hooks are removed on exit, exception or not."""
+        from mmpress.models import get_adapter
+
+        with get_adapter(model, **adapter_options).apply(self):
+            yield model
+
+
+@dataclass
+class ScorerPress(Press):
+    """Keeps the k highest-scoring tokens of each image; subclasses write ``score`` only."""
+
+    def score(self, tokens: Tensor, ctx: VisualContext) -> Tensor:  # (M, N), higher is kept
+        raise NotImplementedError
+
+    def compress(self, tokens, ctx, k):
+        index = topk_indices(self.score(tokens, ctx), k)
+        return gather_tokens(tokens, index), index
+
+
+@dataclass
+class SelectorPress(Press):
+    """Keeps the tokens an algorithm selects (greedy diversity, coverage, ...)."""
+
+    def select(self, tokens: Tensor, ctx: VisualContext, k: int) -> Tensor:  # (M, k) indices
+        raise NotImplementedError
+
+    def compress(self, tokens, ctx, k):
+        index = self.select(tokens, ctx, k)
+        return gather_tokens(tokens, index), index
+
+
+# ---- registry ---------------------------------------------------------------------------
+PRESSES: dict[str, type[Press]] = {}
+
+
+def register(cls: type[Press]) -> type[Press]:
+    if not cls.name or cls.name in PRESSES:
+        raise ValueError(f"press name {cls.name!r} is empty or already registered")
+    PRESSES[cls.name] = cls
+    return cls
+
+
+def list_presses() -> list[str]:
+    """Sorted names of every registered press."""
+    return sorted(PRESSES)
+
+
+def get_press(name: str, **kwargs) -> Press:
+    """Instantiate a press by name: ``get_press("divprune", keep=64)``."""
+    if name not in PRESSES:
+        raise ValueError(f"unknown press {name!r}; choose one of: {', '.join(list_presses())}")
+    return PRESSES[name](**kwargs)

@@ -1,0 +1,197 @@
+"""The LLaVA adapter: every press x tower x batch shape, forward and generate, against oracles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import mmpress
+from mmpress.presses.base import ScorerPress
+from conftest import IMAGE_TOKEN, make_batch, tiny_llava
+
+N = 64  # visual tokens per image of the tiny model
+RAGGED = dict(prompt_lens=(5, 9, 3), images_per_row=[1, 2, 1])
+ROWS = [slice(0, 1), slice(1, 3), slice(3, 4)]  # images of each row in RAGGED
+
+
+@dataclass
+class NormPress(ScorerPress):
+    """Unregistered test press: keeps the tokens of largest norm (deterministic, scattered)."""
+
+    name = "test-norm"
+
+    def score(self, tokens, ctx):
+        return tokens.norm(dim=-1)
+
+
+def single_rows(batch):
+    """Each row of a left-padded batch alone, unpadded, with its own images."""
+    for i, images in enumerate(ROWS):
+        start = int(batch["attention_mask"][i].nonzero()[0])
+        yield {"input_ids": batch["input_ids"][i : i + 1, start:],
+               "attention_mask": batch["attention_mask"][i : i + 1, start:],
+               "pixel_values": batch["pixel_values"][images]}
+
+
+def generate(model, inputs, steps=4):
+    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, min_new_tokens=steps,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, -steps:], torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("name", mmpress.list_presses())
+@pytest.mark.parametrize("batch_shape", ["single", "ragged"])
+def test_press_forward_and_generate(model, name, batch_shape):
+    """Every press runs at batch 1 and batch 3 (ragged prompts, 1-2 images per row) through
+    forward and generate; a ragged batch gives what each row gives alone (deterministic presses)."""
+    press = mmpress.get_press(name) if name == "none" else mmpress.get_press(name, keep=16)
+    batch = make_batch(**RAGGED) if batch_shape == "ragged" else make_batch((5,))
+    with torch.no_grad(), press(model):
+        logits = model(**batch).logits
+        tokens, scores = generate(model, batch)
+    images = batch["pixel_values"].shape[0]
+    kept = N if name == "none" else 16
+    assert press.stats["kept_visual_tokens"] == images * kept
+    assert logits.shape[1] == press.stats["pressed_seq_len"] <= batch["input_ids"].shape[1]
+    assert torch.isfinite(logits).all() and torch.isfinite(scores).all()
+    if batch_shape == "ragged" and name != "random":  # random draws depend on the batch layout
+        for i, row in enumerate(single_rows(batch)):
+            with torch.no_grad(), press(model):
+                row_logits = model(**row).logits
+                row_tokens, row_scores = generate(model, row)
+            torch.testing.assert_close(logits[i, -1], row_logits[0, -1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(scores[i], row_scores[0], atol=1e-4, rtol=1e-4)
+            assert torch.equal(tokens[i], row_tokens[0])
+
+
+@pytest.mark.parametrize("make_press", [lambda: mmpress.get_press("none"), lambda: NormPress(keep=N),
+                                        lambda: NormPress(keep_ratio=1.0)])
+def test_keep_all_reproduces_unpressed_logits(model, make_press):
+    batch = make_batch(**RAGGED)
+    with torch.no_grad():
+        reference = model(**batch).logits
+        ref_tokens, ref_scores = generate(model, batch)
+        with make_press()(model):
+            assert torch.equal(model(**batch).logits, reference)
+            tokens, scores = generate(model, batch)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(scores, ref_scores)
+
+
+def oracle_logits(model, inputs, index, positions):
+    """Build the pressed sequence by hand: text tokens + the image tokens at ``index``."""
+    llava = model.model
+    ids = inputs["input_ids"][0]
+    embeds = llava.get_input_embeddings()(ids).clone()
+    feats = torch.cat(llava.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+    image = ids == IMAGE_TOKEN
+    embeds[image] = feats
+    keep = ~image
+    keep[image.nonzero()[:, 0].view(-1, N).gather(1, index).flatten()] = True
+    pos = torch.arange(len(ids))[keep] if positions == "keep" else torch.arange(int(keep.sum()))
+    hidden = llava.language_model(inputs_embeds=embeds[keep][None], position_ids=pos[None]).last_hidden_state
+    return model.lm_head(hidden)
+
+
+@pytest.mark.parametrize("positions", ["keep", "reindex"])
+def test_pressed_forward_matches_hand_built_sequence(model, positions):
+    inputs = make_batch((6,), images_per_row=[2])
+    press = NormPress(keep=10)
+    with torch.no_grad():
+        feats = torch.stack(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+        _, index = press.press(feats, mmpress.VisualContext())
+        expected = oracle_logits(model, inputs, index, positions)
+        with press(model, positions=positions):
+            got = model(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_position_choice_is_carried_into_decoding(model):
+    """Greedy decoding on the pressed model == greedy decoding by hand on the oracle sequence."""
+    inputs = make_batch((4,))
+    press = NormPress(keep=8)
+    for positions in ("keep", "reindex"):
+        with torch.no_grad(), press(model, positions=positions):
+            tokens, scores = generate(model, inputs, steps=3)
+        with torch.no_grad():
+            feats = torch.stack(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+            index = press.press(feats, mmpress.VisualContext())[1]
+            ids = inputs["input_ids"]
+            for step in range(3):  # full recompute each step: the oracle uses no cache
+                logits = oracle_logits(model, {**inputs, "input_ids": ids}, index, positions)
+                torch.testing.assert_close(logits[0, -1], scores[0, step], atol=1e-4, rtol=1e-4)
+                ids = torch.cat([ids, tokens[:, step : step + 1]], dim=1)
+
+
+def test_cls_attention_matches_eager_attention():
+    """The [CLS] row computed from queries/keys equals eager attention's probabilities."""
+    seen = {}
+
+    @dataclass
+    class Probe(ScorerPress):
+        name = "test-probe"
+        needs = ("cls_attn", "vision_keys", "grid", "text")
+
+        def score(self, tokens, ctx):
+            seen["ctx"] = ctx
+            return ctx.cls_attn
+
+    for tower in ("clip", "dinov2"):
+        model = tiny_llava(tower, attn="eager")
+        inputs = make_batch(**RAGGED)
+        with torch.no_grad():
+            out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+            # vision_feature_layer=-2 -> hidden_states[-2] -> output of block num_layers-2
+            eager = out.attentions[-2].mean(dim=1)[:, 0, 1:]
+            with Probe(keep=16)(model):
+                model(**inputs)
+        ctx = seen["ctx"]
+        torch.testing.assert_close(ctx.cls_attn, eager, atol=1e-6, rtol=1e-5)
+        assert ctx.grid == (8, 8) and ctx.vision_keys.shape[:2] == (4, N)
+        # text of the sample owning each image: rows have 2+5, 2+9 (x2 images), 2+3 text tokens
+        assert ctx.text_mask.sum(1).tolist() == [7, 11, 11, 5]
+
+
+def test_hooks_removed_after_exception(model):
+    before = {name: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model.named_modules()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with mmpress.get_press("divprune", keep=8)(model):
+            model(**make_batch((3,)))
+            raise RuntimeError("boom")
+    after = {name: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model.named_modules()}
+    assert before == after
+
+
+def test_budget_validation():
+    for bad in (dict(keep=0), dict(keep=-3), dict(keep_ratio=0.0), dict(keep_ratio=1.5), dict(keep=4, keep_ratio=0.5), {}):
+        with pytest.raises(ValueError):
+            mmpress.get_press("random", **bad)
+    with pytest.raises(ValueError, match="divprune"):
+        mmpress.get_press("no-such-press", keep=3)
+
+
+def test_budget_above_token_count_is_a_noop_with_warning(model):
+    batch = make_batch((5,))
+    with torch.no_grad():
+        reference = model(**batch).logits
+        with pytest.warns(UserWarning, match="no-op"), NormPress(keep=N + 100)(model):
+            assert torch.equal(model(**batch).logits, reference)
+
+
+def test_unsupported_model_names_supported_families():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2))
+    with pytest.raises(ValueError, match="llava"):
+        with NormPress(keep=4)(lm):
+            pass
+
+
+def test_image_count_mismatch_is_an_error(model):
+    batch = make_batch((5,))
+    batch["pixel_values"] = torch.cat([batch["pixel_values"]] * 2)
+    with pytest.raises(ValueError):
+        with NormPress(keep=4)(model):
+            model(**batch)
