@@ -87,9 +87,10 @@ class LlavaAdapter:
         try:
             if {"cls_attn", "vision_keys"} & set(press.needs):
                 layers = encoder_layers(self.llava.vision_tower)
-                for hs_index in {self._feature_layer(), *(getattr(press, "layers", None) or ())}:
-                    attn = attention_module(layers[layer_index(hs_index, len(layers))])
-                    handles.append(attn.register_forward_pre_hook(self._vision_hook(hs_index), with_kwargs=True))
+                wanted = {self._block(self._feature_layer()), *map(self._block, getattr(press, "layers", None) or ())}
+                for block in wanted:
+                    attn = attention_module(layers[block])
+                    handles.append(attn.register_forward_pre_hook(self._vision_hook(block), with_kwargs=True))
             yield self
         finally:
             for handle in handles:
@@ -116,10 +117,14 @@ class LlavaAdapter:
             raise ValueError("pressing needs input_ids (image tokens are located by image_token_id), not inputs_embeds")
         self.state.input_ids = input_ids
 
-    def _vision_hook(self, hs_index: int):
+    def _block(self, hs_index: int) -> int:
+        """Vision block producing hidden state ``hs_index`` (-2 and its positive twin: one hook)."""
+        return layer_index(hs_index, len(encoder_layers(self.llava.vision_tower)))
+
+    def _vision_hook(self, block: int):
         def hook(module, args, kwargs):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            self.state.vision[hs_index] = cls_attention_and_keys(module, hidden)
+            self.state.vision[block] = cls_attention_and_keys(module, hidden)
 
         return hook
 
@@ -212,12 +217,13 @@ class LlavaAdapter:
                     raise ValueError(f"vision signal covers {tuple(t.shape[:2])} tokens, the LM sees ({m}, {n})")
                 return t
 
-            if self._feature_layer() not in self.state.vision:
+            feature_block = self._block(self._feature_layer())
+            if feature_block not in self.state.vision:
                 raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
-            attn, keys = self.state.vision[self._feature_layer()]
+            attn, keys = self.state.vision[feature_block]
             ctx.cls_attn, ctx.vision_keys = patches(attn), patches(keys)
             if getattr(press, "layers", None):
-                ctx.cls_attn_layers = torch.stack([patches(self.state.vision[i][0]) for i in press.layers], dim=1)
+                ctx.cls_attn_layers = torch.stack([patches(self.state.vision[self._block(i)][0]) for i in press.layers], dim=1)
         if "text" in needs:
             text = valid & ~image
             t = int(text.sum(dim=1).max())

@@ -1,0 +1,76 @@
+"""DART: "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters
+More" (Wen et al., 2025, arXiv 2502.11494; official code ZichenWen1/DART)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmpress.ops.select import gather_tokens
+from mmpress.presses.base import SelectorPress, VisualContext, register
+
+
+@register
+@dataclass
+class DARTPress(SelectorPress):
+    """Keeps a few pivot tokens and, for each pivot, the tokens LEAST duplicated with it.
+
+    1. Pivots (paper: pivot token selection; official ``get_retained_image_token``): the
+       ``image_pivots`` visual tokens and ``text_pivots`` text tokens of largest L-``norm_p``
+       norm (official: L1 norm of the keys of LM layer K=2; defaults 4 + 4 pivots, L1).
+       Image pivots are kept; text pivots only guide.
+    2. Duplication (paper: duplication-aware retention): pivot after pivot, the tokens of
+       lowest cosine similarity to it among the not-yet-kept visual tokens join the kept set;
+       the k - image_pivots slots are split evenly over the pivots (official: ``budget //
+       #pivots`` each, so it keeps image_pivots + a multiple of #pivots, not the budget).
+
+    Pre-LLM variant (this press acts on the LM input): norms and cosines are taken on the
+    projected visual tokens and the text input embeddings instead of layer-2 keys and
+    normalised hidden states. Pivots are visited image pivots first (by norm), then text pivots
+    (official: the iteration order of a Python set). Text pivots are drawn from every real text
+    token of the prompt (``ctx.text``, ragged rows masked; official: the text after the image);
+    an image whose prompt has fewer text tokens than ``text_pivots`` spreads its budget over
+    fewer pivots. Batched over M images with per-image budgets (official: batch 1).
+    """
+
+    image_pivots: int = 4
+    text_pivots: int = 4
+    norm_p: float = 1.0
+
+    name = "dart"
+    paper = "Wen et al., arXiv 2025, arXiv 2502.11494"
+    needs = ("text",)
+
+    def select(self, tokens: Tensor, ctx: VisualContext, k: int) -> Tensor:
+        m, n, _ = tokens.shape
+        kept = tokens.float().norm(p=self.norm_p, dim=-1).topk(min(self.image_pivots, k), dim=-1).indices
+        if kept.shape[1] == k:
+            return kept
+        pivots, valid = gather_tokens(tokens, kept).float(), torch.ones_like(kept, dtype=torch.bool)
+        if self.text_pivots:
+            text, mask = ctx.require("text").float(), ctx.require("text_mask")
+            norm = text.norm(p=self.norm_p, dim=-1).masked_fill(~mask, -torch.inf)
+            top = norm.topk(min(self.text_pivots, text.shape[1]), dim=-1).indices
+            pivots = torch.cat([pivots, gather_tokens(text, top)], dim=1)
+            valid = torch.cat([valid, mask.gather(1, top)], dim=1)
+
+        # per-image quota of each valid pivot: k - image pivots spread as evenly as possible
+        spare, count = k - kept.shape[1], valid.sum(dim=1, keepdim=True)
+        rank = valid.long().cumsum(dim=1) - 1
+        quota = torch.where(valid, spare // count + (rank < spare % count).long(), 0)
+
+        dup = F.normalize(tokens.float(), dim=-1) @ F.normalize(pivots, dim=-1).transpose(1, 2)  # (M, N, P)
+        free = torch.ones(m, n, dtype=torch.bool, device=tokens.device).scatter_(1, kept, False)
+        for j in range(pivots.shape[1]):
+            most = int(quota[:, j].max())
+            if most == 0:
+                continue
+            least_dup = (-dup[:, :, j]).masked_fill(~free, -torch.inf).topk(most, dim=-1).indices
+            take = torch.arange(most, device=tokens.device) < quota[:, j : j + 1]
+            free &= ~torch.zeros_like(free).scatter_(1, least_dup, take)
+        picked = (~free).scatter(1, kept, False)  # exactly `spare` per image
+        chosen = picked.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :spare]
+        return torch.cat([kept, chosen], dim=1)
