@@ -1,0 +1,100 @@
+"""Quality of a pressed model: accuracy on labelled data, fidelity to the unpressed model on any data.
+
+* accuracy: exact match after :func:`~mmpress.eval.data.normalize_answer`; a sample with
+  ``choices`` (multiple choice) is right when the prediction names the right option, by its
+  text or by its letter (A, B, ...).
+* agreement: the pressed model's answer equals the unpressed model's (normalised), so a press
+  can be judged without labels.
+* KL(unpressed || pressed) of the next-token distribution at the first answer token: how far
+  the press moved the model's prediction, even where the argmax (and so the answer) did not move.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mmpress.eval.data import exact_match, normalize_answer
+
+_LETTERS = string.ascii_lowercase
+
+
+def match_choice(prediction: str, choices: Sequence[str]) -> int | None:
+    """Index of the option ``prediction`` names, or None if it names none or several.
+
+    An option is named by its whole (normalised) text, by its letter alone ("B", "(b)", "B."),
+    or, failing both, by being the only option whose text occurs in the prediction as whole words
+    ("it is a red circle" names "red circle" among {"red circle", "blue square"}).
+    """
+    pred = normalize_answer(prediction)
+    options = [normalize_answer(c) for c in choices]
+    if pred in options:
+        return options.index(pred)
+    # a lone letter; normalize_answer drops "a" as an article, so read the letter from the raw text
+    letter = re.fullmatch(r"\W*([a-z])\W*", str(prediction).strip().lower())
+    if letter and _LETTERS.index(letter.group(1)) < len(options):
+        return _LETTERS.index(letter.group(1))
+    padded = f" {pred} "
+    named = [i for i, option in enumerate(options) if option and f" {option} " in padded]
+    return named[0] if len(named) == 1 else None
+
+
+def is_labelled(sample: dict) -> bool:
+    """Whether the sample carries a (non-empty) reference answer."""
+    answer = sample.get("answer")
+    return answer is not None and str(answer).strip() != ""
+
+
+def is_correct(prediction: str, sample: dict) -> bool | None:
+    """Whether ``prediction`` answers ``sample`` right; None when the sample has no label."""
+    if not is_labelled(sample):
+        return None
+    answer = sample["answer"]
+    choices = sample.get("choices")
+    if choices:
+        gold = match_choice(str(answer), choices)
+        if gold is None:
+            raise ValueError(f"answer {answer!r} is not one of the sample's choices {list(choices)}")
+        return match_choice(prediction, choices) == gold
+    return exact_match(prediction, str(answer))
+
+
+def accuracy(predictions: Sequence[str], samples: Sequence[dict]) -> float | None:
+    """Fraction of the labelled samples answered right; None if no sample is labelled."""
+    if len(predictions) != len(samples):
+        raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+    marks = [c for c in (is_correct(p, s) for p, s in zip(predictions, samples)) if c is not None]
+    return sum(marks) / len(marks) if marks else None
+
+
+def agreement(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of answers equal (after normalisation) to the reference (unpressed) answers."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        raise ValueError("agreement of an empty list of answers is undefined")
+    same = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
+    return same / len(predictions)
+
+
+def kl_divergence(reference_logits: Tensor, logits: Tensor) -> Tensor:
+    """KL(p_ref || p) per row, in nats, of the softmax distributions of two (B, V) logit tensors.
+
+    Computed in float64 from log-softmax, so identical logits give exactly 0. Raw logits are
+    expected (generate's ``output_logits``), not processed ``scores``: a top-k or temperature
+    processor would put -inf where the reference has mass and make the divergence infinite.
+    """
+    if reference_logits.shape != logits.shape or reference_logits.ndim != 2:
+        raise ValueError(f"expected two (batch, vocab) logit tensors, got {tuple(reference_logits.shape)} "
+                         f"and {tuple(logits.shape)}")
+    ref = torch.log_softmax(reference_logits.double(), dim=-1)
+    other = torch.log_softmax(logits.double(), dim=-1)
+    # xlogy-style: rows where p_ref underflows to 0 contribute 0, not 0 * -inf = nan
+    return torch.where(ref.isneginf(), 0.0, ref.exp() * (ref - other)).sum(dim=-1)
+
+
+__all__ = ["accuracy", "agreement", "is_correct", "is_labelled", "kl_divergence", "match_choice"]

@@ -1,0 +1,233 @@
+"""Quality metrics, the bench (every press x budget: quality and cost), and its reports."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+
+from mmpress.eval.bench import run_bench
+from mmpress.eval.metrics import accuracy, agreement, is_correct, kl_divergence, match_choice
+from mmpress.eval.report import best_per_budget, write_report
+from mmpress.presses.base import PRESSES, Press, ScorerPress
+from conftest import IMAGE_TOKEN, VOCAB, tiny_llava
+
+N = 64  # visual tokens per image of the tiny model
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+def test_exact_match_after_normalisation():
+    samples = [{"answer": "two"}, {"answer": "Red"}, {"answer": "a circle"}, {"answer": "yes"}]
+    assert accuracy(["2", "red.", "The circle", "no"], samples) == 0.75
+    assert is_correct("anything", {"answer": ""}) is None
+    assert accuracy(["x"], [{"question": "unlabelled"}]) is None
+
+
+def test_multiple_choice():
+    choices = ["red circle", "blue square", "green triangle"]
+    assert match_choice("Blue square.", choices) == 1
+    assert match_choice("(C)", choices) == 2
+    assert match_choice("it is a red circle", choices) == 0
+    assert match_choice("red circle or blue square", choices) is None  # names two options
+    sample = {"answer": "B", "choices": choices}
+    assert is_correct("blue square", sample) and is_correct("b", sample)
+    assert not is_correct("red circle", sample)
+    with pytest.raises(ValueError, match="not one of"):
+        is_correct("x", {"answer": "purple", "choices": choices})
+
+
+def test_agreement():
+    assert agreement(["Yes", "two", "red"], ["yes", "2", "blue"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        agreement(["a"], [])
+
+
+def test_kl():
+    logits = torch.randn(3, 50)
+    assert torch.equal(kl_divergence(logits, logits.clone()), torch.zeros(3, dtype=torch.float64))
+    other = logits + torch.randn(3, 50)
+    kl = kl_divergence(logits, other)
+    assert (kl > 0).all()
+    p, q = logits.double().softmax(-1), other.double().softmax(-1)
+    assert torch.allclose(kl, (p * (p / q).log()).sum(-1))
+    hard = torch.full((1, 4), -math.inf)  # p_ref with zero-mass entries: 0 * log 0 counts 0
+    hard[0, 0] = 0.0
+    assert torch.isfinite(kl_divergence(hard, torch.zeros(1, 4))).all()
+
+
+# ---- a tiny processor matching conftest's tiny LLaVA ------------------------------------------
+WORDS = ("what color shape is the there a red green blue circle square yes no how many "
+         "answer with one word").split()
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def tiny_processor() -> LlavaProcessor:
+    """Word-level tokenizer over the tiny model's 64 ids (<image> = id 7) + a 32 px CLIP processor."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>", "<end>", "<image>"]
+    vocab = {token: i for i, token in enumerate(specials + WORDS)}
+    vocab |= {f"w{i}": i for i in range(len(vocab), VOCAB)}
+    assert vocab["<image>"] == IMAGE_TOKEN and len(vocab) == VOCAB
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4, chat_template=TEMPLATE,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def samples(n: int = 6) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    colors = ["red", "green", "blue"]
+    out = []
+    for i in range(n):
+        pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+        question = "what color is the square?" if i % 2 else "is there a circle?"
+        answer = colors[i % 3] if i % 2 else "yes"
+        kind = ("exist", "color")[i % 2]
+        out.append(dict(image=Image.fromarray(pixels), question=question, answer=answer, kind=kind))
+    return out
+
+
+@dataclass
+class NormPress(ScorerPress):
+    """Test press: keeps the tokens of largest norm."""
+
+    name = "test-bench-norm"
+
+    def score(self, tokens, ctx):
+        return tokens.norm(dim=-1)
+
+
+@dataclass
+class FirstPress(ScorerPress):
+    """Test press: keeps the first k tokens (the top rows of the image)."""
+
+    name = "test-bench-first"
+
+    def score(self, tokens, ctx):
+        return -torch.arange(tokens.shape[1], dtype=tokens.dtype).expand(tokens.shape[:2])
+
+
+@dataclass
+class KeepAllPress(Press):
+    """Test press without a budget that keeps every token: must match the baseline exactly."""
+
+    name = "test-bench-keepall"
+    needs_budget = False
+
+
+TEST_PRESSES = (NormPress, FirstPress, KeepAllPress)
+
+
+@pytest.fixture(scope="module")
+def bench_record():
+    """One bench run shared by the tests below: 6 samples, batches of 4 (ragged last batch)."""
+    for cls in TEST_PRESSES:  # registered for this run only, not at import time
+        PRESSES[cls.name] = cls
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model only loses to thread synchronisation on a shared machine
+    try:
+        console = Console(file=io.StringIO(), width=200)
+        record = run_bench(tiny_llava(), tiny_processor(), [NormPress.name, FirstPress.name, KeepAllPress.name, "none"],
+                           [32, 8, 64], samples(6), batch_size=4, max_new_tokens=3, console=console, repeats=2,
+                           dataset="tiny")
+        record["_console"] = console.file.getvalue()
+        yield record
+    finally:
+        torch.set_num_threads(threads)
+        for cls in TEST_PRESSES:
+            PRESSES.pop(cls.name, None)
+
+
+def _numbers(row: dict):
+    for key in ("kept_tokens", "accuracy", "agreement", "kl", "flops_ratio", "prefill_s", "speedup",
+                "speedup_limit", "kv_bytes"):
+        yield key, row[key]
+    yield from row["flops"].items()
+
+
+def test_bench_rows(bench_record):
+    rows = {(r["press"], r["keep"]): r for r in bench_record["rows"]}
+    pressed = {(name, keep) for name in ("test-bench-norm", "test-bench-first") for keep in (32, 8)}
+    assert set(rows) == {("none", None), ("test-bench-keepall", None), *pressed}
+    assert bench_record["rows"][0]["press"] == "none"
+    assert bench_record["n"] == 6 and bench_record["model"]["visual_tokens_per_image"] == N
+    for row in rows.values():
+        assert len(row["answers"]) == 6
+        assert isinstance(row["peak_memory_bytes"], int) and row["peak_memory_bytes"] > 0  # CPU: measured too
+        for key, value in _numbers(row):
+            assert isinstance(value, float) and math.isfinite(value), (row["press"], row["keep"], key, value)
+    keep_all = rows[("test-bench-keepall", None)]
+    assert keep_all["agreement"] == 1.0 and keep_all["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert keep_all["answers"] == rows[("none", None)]["answers"]
+    assert keep_all["flops_ratio"] == 1.0 and keep_all["kept_tokens"] == N
+    for name, keep in pressed:
+        row = rows[(name, keep)]
+        assert row["kept_tokens"] == keep and row["kl"] >= 0
+        assert row["flops_ratio"] < 1 and row["speedup_limit"] > 1
+        assert row["kv_bytes"] < rows[("none", None)]["kv_bytes"]
+        assert row["flops"]["vision"] == rows[("none", None)]["flops"]["vision"]  # every image still encoded
+    assert rows[("test-bench-norm", 8)]["flops_ratio"] < rows[("test-bench-norm", 32)]["flops_ratio"]
+    assert any(note.startswith("keep=64 skipped") for note in bench_record["notes"])
+    assert any("baseline" in note for note in bench_record["notes"])
+    assert bench_record["best"].keys() == {"32", "8"}  # budgets two presses competed at
+    assert set(bench_record["best"].values()) <= {"test-bench-norm", "test-bench-first"}
+    assert "test-bench-norm" in bench_record["_console"]
+    json.dumps(bench_record)  # JSON-serialisable as returned
+
+
+def test_report_files(bench_record, tmp_path):
+    paths = write_report(bench_record, tmp_path / "out")
+    assert sorted(p.name for p in paths.values()) == ["bench.html", "bench.json", "bench.md", "bench.png"]
+    assert json.loads(paths["json"].read_text())["rows"][0]["press"] == "none"
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 10_000
+    page = paths["html"].read_text()
+    assert "data:image/png;base64," in page and 'class="best"' in page
+    winner = bench_record["best"]["8"]
+    assert f"| **{winner}** | **8** |" in paths["md"].read_text()
+
+
+def test_best_per_budget_prefers_quality_then_agreement_then_kl():
+    row = dict(keep=16, accuracy=0.5, agreement=0.5, kl=0.2)
+    record = {"labelled": True, "rows": [
+        dict(row, press="a"),
+        dict(row, press="b", accuracy=0.6, agreement=0.7, kl=0.9),
+        dict(row, press="c", accuracy=0.6, agreement=0.7, kl=0.1),
+        dict(row, press="d", accuracy=0.6, agreement=0.6, kl=0.0),
+        dict(row, press="a", keep=8),
+    ]}
+    assert best_per_budget(record) == {16: "c"}  # keep=8: one press, nothing to win
+
+
+def test_bench_bad_input():
+    model, processor = tiny_llava(), tiny_processor()
+    with pytest.raises(ValueError, match="empty"):
+        run_bench(model, processor, ["none"], [8], [])
+    with pytest.raises(ValueError, match="unknown press"):
+        run_bench(model, processor, ["no-such-press"], [8], samples(1))
+    with pytest.raises(ValueError, match="positive ints"):
+        run_bench(model, processor, [], [0], samples(1))
+
+
+def test_bench_without_labels_ranks_by_agreement(tmp_path):
+    """Unlabelled data: accuracy is None (not 0), agreement becomes the quality metric and plots."""
+    PRESSES[NormPress.name] = NormPress
+    try:
+        data = [{k: v for k, v in s.items() if k != "answer"} for s in samples(3)]
+        record = run_bench(tiny_llava(), tiny_processor(), [NormPress.name], [16], data, batch_size=3,
+                           max_new_tokens=2, console=Console(file=io.StringIO()), repeats=1)
+    finally:
+        PRESSES.pop(NormPress.name, None)
+    assert record["quality_metric"] == "agreement" and not record["labelled"]
+    assert all(row["accuracy"] is None for row in record["rows"])
+    assert write_report(record, tmp_path)["png"].stat().st_size > 10_000
