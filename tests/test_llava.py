@@ -195,3 +195,11 @@ def test_image_count_mismatch_is_an_error(model):
     with pytest.raises(ValueError):
         with NormPress(keep=4)(model):
             model(**batch)
+
+
+def test_image_tokens_without_images_is_an_error(model):
+    batch = make_batch((5,))
+    del batch["pixel_values"]
+    with pytest.raises(ValueError, match="no images"):
+        with NormPress(keep=4)(model):
+            model(**batch)

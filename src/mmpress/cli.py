@@ -48,8 +48,8 @@ def list_cmd():
 
 @app.command()
 def run(
-    question: str = typer.Argument(..., help="question about the image(s)"),
-    image: list[Path] = typer.Option(..., "--image", "-i", help="image file (repeat for several)"),
+    question: str = typer.Argument(..., help="question about the image"),
+    image: Path = typer.Option(..., "--image", "-i", help="image file"),
     model: str = typer.Option(DEMO, help="local path or cached hub id of a LLaVA model; 'demo' = embedded model"),
     press: str = typer.Option("none", help="press name (mmpress list)"),
     keep: Optional[int] = typer.Option(None, help="visual tokens kept per image"),
@@ -58,22 +58,20 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Answer a question about an image with a pressed model; report tokens kept, prefill time, FLOPs saved."""
+    import torch
     from PIL import Image
 
-    from mmpress.api import ask, prepare_inputs
+    from mmpress.api import ask, encode
     from mmpress.eval.cost import llava_prefill_flops, time_call
 
-    missing = [str(p) for p in image if not p.is_file()]
-    if missing:
-        raise typer.BadParameter(f"no such image file: {', '.join(missing)}")
+    if not image.is_file():
+        raise typer.BadParameter(f"no such image file: {image}")
     pressor = get_press(press, **_budget(keep, keep_ratio))
     vlm, processor = _load(model)
-    images = [Image.open(p).convert("RGB") for p in image]
-    answer = ask(vlm, processor, [images], [question], press=pressor, max_new_tokens=max_new_tokens)[0]
+    picture = Image.open(image).convert("RGB")
+    answer = ask(vlm, processor, [picture], [question], press=pressor, max_new_tokens=max_new_tokens)[0]
 
-    import torch
-
-    inputs = prepare_inputs(processor, [images], [question])
+    inputs = encode(vlm, processor, [picture], [question])
 
     def prefill():
         with torch.inference_mode():
@@ -83,8 +81,8 @@ def run(
     with pressor(vlm):
         seconds = time_call(prefill, repeats=3)
     stats = pressor.stats
-    flops = llava_prefill_flops(vlm.config, stats["pressed_seq_len"], num_images=len(images)).total
-    base_flops = llava_prefill_flops(vlm.config, stats["seq_len"], num_images=len(images)).total
+    flops = llava_prefill_flops(vlm.config, stats["pressed_seq_len"]).total
+    base_flops = llava_prefill_flops(vlm.config, stats["seq_len"]).total
     record = {
         "answer": answer,
         "press": press,
@@ -102,6 +100,37 @@ def run(
         f"kept {record['kept_tokens']}/{record['total_tokens']} visual tokens · prefill {seconds * 1e3:.0f} ms "
         f"(unpressed {base_seconds * 1e3:.0f} ms) · FLOPs saved {record['flops_saved']:.0%}"
     )
+
+
+@app.command()
+def bench(
+    model: str = typer.Option(DEMO, help="local path or cached hub id of a LLaVA model; 'demo' = embedded model"),
+    presses: str = typer.Option("all", help="comma-separated press names, or 'all'"),
+    keep: str = typer.Option("128,64,32,16", help="comma-separated budgets (visual tokens per image)"),
+    data: str = typer.Option("scenes", help="'scenes', 'easy-vqa', a .jsonl of {image, question, answer}, or a saved datasets folder"),
+    split: str = typer.Option("test"),
+    limit: Optional[int] = typer.Option(200, help="samples (None = all)"),
+    batch_size: int = typer.Option(8),
+    max_new_tokens: int = typer.Option(8),
+    repeats: int = typer.Option(3, help="timed prefill repeats (median)"),
+    out: Path = typer.Option(Path("benchmarks/results/bench"), help="folder for bench.json/.md/.png/.html"),
+):
+    """Quality vs cost of every press x budget on a dataset: accuracy, fidelity, FLOPs, time, memory."""
+    from mmpress.eval.bench import run_bench
+    from mmpress.eval.data import load_dataset
+    from mmpress.eval.report import write_report
+
+    names = [n for n in list_presses() if n != "none"] if presses == "all" else presses.split(",")
+    unknown = [n for n in names if n not in PRESSES]
+    if unknown:  # before loading a model: fail fast
+        raise typer.BadParameter(f"unknown press {', '.join(unknown)}; choose from {', '.join(list_presses())}")
+    samples = load_dataset(data, split=split, limit=limit)
+    vlm, processor = _load(model)
+    record = run_bench(vlm, processor, names, [int(k) for k in keep.split(",")], samples, batch_size=batch_size,
+                       max_new_tokens=max_new_tokens, console=console, repeats=repeats, dataset=f"{data}:{split}")
+    record["model"]["id"] = model
+    paths = write_report(record, out)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 @app.command("bench-cost")

@@ -135,7 +135,11 @@ class LlavaAdapter:
         ids, state = self.state.input_ids, self.state
         if embeds is None:
             return None
-        if state.num_images and ids is not None and (ids == self.config.image_token_id).any():
+        has_image_tokens = ids is not None and bool((ids == self.config.image_token_id).any())
+        if has_image_tokens and not state.num_images and not past:
+            raise ValueError("the prompt holds image tokens but no images were given: pass pixel_values "
+                             "(one image per <image> placeholder)")
+        if state.num_images and has_image_tokens:
             if past:
                 raise ValueError("mmpress presses a fresh prefill; continuing a non-empty cache with new images "
                                  "is not supported yet: run generate on the whole conversation")
