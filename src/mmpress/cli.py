@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -160,9 +159,8 @@ def bench_cost(
     model = llava_shaped(shape)
     inputs = prompt_batch(shape, batch=batch)
     n_img = (shape.image_size // shape.patch_size) ** 2
-    cells = len(names) * sum(k < n_img for k in budgets)
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"prefill x {cells + 1}", total=cells)
+        task = progress.add_task(f"timing rounds ({len(names)} presses)", total=repeats + 1)
         rows = bench_prefill(model, inputs, names, budgets, repeats=repeats, progress=lambda: progress.advance(task))
     print_prefill_table(rows, title=f"prefill, batch {batch}, {n_img} image tokens, {torch.get_num_threads()} threads")
     if out:

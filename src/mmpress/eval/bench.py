@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mmpress.api import ANSWER_HINT, build_prompt
+from mmpress.api import ANSWER_HINT, encode
 from mmpress.eval.cost import kv_cache_bytes, llava_prefill_flops, time_call
 from mmpress.eval.metrics import accuracy, agreement, is_labelled, kl_divergence
 from mmpress.presses.base import PRESSES, Press, get_press
@@ -127,7 +127,6 @@ def run_bench(
     console = console or Console()
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     batches = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
     baseline = _Cell(BASELINE, None)
     cells: list[_Cell] = []
@@ -137,7 +136,7 @@ def run_bench(
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("answering", total=len(batches))
         for b, samples in enumerate(batches):
-            inputs = _encode(processor, samples, hint, device, dtype)
+            inputs = encode(model, processor, [s["image"] for s in samples], [s["question"] for s in samples], hint)
             ref_answers, ref_logits, stats = _generate(model, processor, inputs, baseline.make(), max_new_tokens)
             baseline.add(ref_answers, stats, _flops(model.config, stats, len(samples)),
                          _kv_bytes(model, stats["seq_len"], len(samples)))
@@ -196,20 +195,6 @@ def _plan(presses: list[str], keeps: list[int], n_visual: int, notes: list[str])
 
 
 # ---- running ----------------------------------------------------------------------------------
-def _encode(processor, samples: list[dict], hint: str | None, device, dtype) -> dict:
-    """Left-padded inputs built exactly as :func:`mmpress.api.ask` builds them."""
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    prompts = [build_prompt(processor, s["question"], hint) for s in samples]
-    inputs = processor(images=[s["image"] for s in samples], text=prompts, return_tensors="pt", padding=True)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return inputs
-
-
 @torch.inference_mode()
 def _generate(model, processor, inputs: dict, press: Press, max_new_tokens: int):
     """Greedy answers, raw logits (B, V) of the first generated token, and the press's token counts."""

@@ -69,40 +69,58 @@ def prompt_batch(shape: Shape, batch: int = 1, seed: int = 0) -> dict[str, torch
 def bench_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repeats: int = 5, progress=None) -> list[dict]:
     """Median prefill seconds (one forward, ``logits_to_keep=1`` as generate's prefill) for the
     unpressed model and every press x budget; speedup next to its FLOPs-ratio limit, and the
-    press's own overhead (time inside ``press.press``) as a fraction of the unpressed prefill."""
+    press's own overhead (time inside ``press.press``) as a fraction of the unpressed prefill.
+
+    Cells are timed round-robin (one warm-up round, then ``repeats`` rounds, each timing every
+    cell once), so slow drifts of a shared machine hit the baseline and the presses alike."""
     config = model.config
     n_img = int((inputs["input_ids"] == config.image_token_id).sum(1).max())
-    seq_len = inputs["input_ids"].shape[1]
     batch = inputs["input_ids"].shape[0]
+    cells = [dict(press="none", keep=n_img, obj=None, times=[])]
+    for name in presses:
+        for keep in keeps:
+            if keep < n_img:
+                cells.append(dict(press=name, keep=keep, obj=_timed(get_press(name, keep=keep)), times=[]))
 
     def forward():
         with torch.inference_mode():
             model(**inputs, logits_to_keep=1)
 
-    base_time = time_call(forward, repeats=repeats)
-    base_flops = llava_prefill_flops(config, seq_len, batch=batch).total
-    rows = [dict(press="none", keep=n_img, seconds=base_time, speedup=1.0, limit=1.0, efficiency=1.0, overhead=0.0)]
-    for name in presses:
-        for keep in keeps:
-            if keep >= n_img:
-                continue
-            press = get_press(name, keep=keep)
-            inner, spent = press.press, []
+    for round_ in range(repeats + 1):
+        for cell in cells:
+            if cell["obj"] is None:
+                seconds = time_call(forward, repeats=1, warmup=0)
+            else:
+                with cell["obj"](model):
+                    seconds = time_call(forward, repeats=1, warmup=0)
+            if round_:  # round 0 warms up
+                cell["times"].append(seconds)
+        if progress is not None:
+            progress()
 
-            def timed(tokens, ctx, inner=inner, spent=spent):
-                start = time.perf_counter()
-                out = inner(tokens, ctx)
-                spent.append(time.perf_counter() - start)
-                return out
-
-            press.press = timed  # instance attribute: times the press's own work inside the real run
-            with press(model):
-                seconds = time_call(forward, repeats=repeats)
-            flops = llava_prefill_flops(config, press.stats["pressed_seq_len"], batch=batch).total
-            limit = base_flops / flops
-            speedup = base_time / seconds
-            rows.append(dict(press=name, keep=keep, seconds=seconds, speedup=speedup, limit=limit,
-                             efficiency=speedup / limit, overhead=statistics.median(spent) / base_time))
-            if progress is not None:
-                progress()
+    base = statistics.median(cells[0]["times"])
+    base_flops = llava_prefill_flops(config, inputs["input_ids"].shape[1], batch=batch).total
+    rows = []
+    for cell in cells:
+        seconds = statistics.median(cell["times"])
+        press = cell["obj"]
+        flops = base_flops if press is None else llava_prefill_flops(config, press.stats["pressed_seq_len"], batch=batch).total
+        speedup, limit = base / seconds, base_flops / flops
+        overhead = 0.0 if press is None else statistics.median(press.spent) / base
+        rows.append(dict(press=cell["press"], keep=cell["keep"], seconds=seconds, speedup=speedup, limit=limit,
+                         efficiency=speedup / limit, overhead=overhead))
     return rows
+
+
+def _timed(press):
+    """Times the press's own work (``press.press``) inside the real run, in ``press.spent``."""
+    inner, press.spent = press.press, []
+
+    def timed(tokens, ctx):
+        start = time.perf_counter()
+        out = inner(tokens, ctx)
+        press.spent.append(time.perf_counter() - start)
+        return out
+
+    press.press = timed  # an instance attribute shadows the method
+    return press
