@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, Dinov2Config, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
 IMAGE_TOKEN = 7
 PAD = 0
@@ -50,3 +53,38 @@ def make_batch(prompt_lens=(5,), images_per_row=None, n_tokens=64, seed=0):
 @pytest.fixture(scope="session", params=["clip", "dinov2"])
 def model(request):
     return tiny_llava(request.param)
+
+
+# ---- a tiny processor matching conftest's tiny LLaVA ------------------------------------------
+WORDS = ("what color shape is the there a red green blue circle square yes no how many "
+         "answer with one word").split()
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def tiny_processor() -> LlavaProcessor:
+    """Word-level tokenizer over the tiny model's 64 ids (<image> = id 7) + a 32 px CLIP processor."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>", "<end>", "<image>"]
+    vocab = {token: i for i, token in enumerate(specials + WORDS)}
+    vocab |= {f"w{i}": i for i in range(len(vocab), VOCAB)}
+    assert vocab["<image>"] == IMAGE_TOKEN and len(vocab) == VOCAB
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4, chat_template=TEMPLATE,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def samples(n: int = 6) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    colors = ["red", "green", "blue"]
+    out = []
+    for i in range(n):
+        pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+        question = "what color is the square?" if i % 2 else "is there a circle?"
+        answer = colors[i % 3] if i % 2 else "yes"
+        kind = ("exist", "color")[i % 2]
+        out.append(dict(image=Image.fromarray(pixels), question=question, answer=answer, kind=kind))
+    return out

@@ -11,14 +11,12 @@ import pytest
 import torch
 from PIL import Image
 from rich.console import Console
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
 from mmpress.eval.bench import run_bench
 from mmpress.eval.metrics import accuracy, agreement, is_correct, kl_divergence, match_choice
 from mmpress.eval.report import best_per_budget, write_report
 from mmpress.presses.base import PRESSES, Press, ScorerPress
-from conftest import IMAGE_TOKEN, VOCAB, tiny_llava
+from conftest import samples, tiny_llava, tiny_processor
 
 N = 64  # visual tokens per image of the tiny model
 
@@ -61,41 +59,6 @@ def test_kl():
     hard = torch.full((1, 4), -math.inf)  # p_ref with zero-mass entries: 0 * log 0 counts 0
     hard[0, 0] = 0.0
     assert torch.isfinite(kl_divergence(hard, torch.zeros(1, 4))).all()
-
-
-# ---- a tiny processor matching conftest's tiny LLaVA ------------------------------------------
-WORDS = ("what color shape is the there a red green blue circle square yes no how many "
-         "answer with one word").split()
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
-
-
-def tiny_processor() -> LlavaProcessor:
-    """Word-level tokenizer over the tiny model's 64 ids (<image> = id 7) + a 32 px CLIP processor."""
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>", "<end>", "<image>"]
-    vocab = {token: i for i, token in enumerate(specials + WORDS)}
-    vocab |= {f"w{i}": i for i in range(len(vocab), VOCAB)}
-    assert vocab["<image>"] == IMAGE_TOKEN and len(vocab) == VOCAB
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4, chat_template=TEMPLATE,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
-
-
-def samples(n: int = 6) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    colors = ["red", "green", "blue"]
-    out = []
-    for i in range(n):
-        pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
-        question = "what color is the square?" if i % 2 else "is there a circle?"
-        answer = colors[i % 3] if i % 2 else "yes"
-        kind = ("exist", "color")[i % 2]
-        out.append(dict(image=Image.fromarray(pixels), question=question, answer=answer, kind=kind))
-    return out
 
 
 @dataclass
