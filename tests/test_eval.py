@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from PIL import Image
 from rich.console import Console
 
 from mmpress.eval.bench import run_bench
