@@ -156,7 +156,7 @@ def test_cls_attention_matches_eager_attention():
 def test_hooks_removed_after_exception(model):
     before = {name: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model.named_modules()}
     with pytest.raises(RuntimeError, match="boom"):
-        with mmpress.get_press("divprune", keep=8)(model):
+        with mmpress.get_press("visionzip", keep=8)(model):  # vision hooks too
             model(**make_batch((3,)))
             raise RuntimeError("boom")
     after = {name: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model.named_modules()}
@@ -189,10 +189,12 @@ def test_unsupported_model_names_supported_families():
             pass
 
 
-def test_image_count_mismatch_is_an_error(model):
-    batch = make_batch((5,))
-    batch["pixel_values"] = torch.cat([batch["pixel_values"]] * 2)
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("images", [0.5, 2])
+def test_image_count_mismatch_is_an_error(model, images):
+    """mmpress's own check, before transformers' (which the unpressed model would raise)."""
+    batch = make_batch((5, 4), images_per_row=[1, 1])
+    batch["pixel_values"] = torch.cat([batch["pixel_values"]] * 2) if images == 2 else batch["pixel_values"][:1]
+    with pytest.raises(ValueError, match=r"images of 64 tokens were given, but the prompt rows hold \[64, 64\]"):
         with NormPress(keep=4)(model):
             model(**batch)
 
@@ -203,3 +205,113 @@ def test_image_tokens_without_images_is_an_error(model):
     with pytest.raises(ValueError, match="no images"):
         with NormPress(keep=4)(model):
             model(**batch)
+
+
+# ---- transformers protocol, later turns, nesting, sampling / beams, syncs (issue 7, 10) ----------
+def continue_turn(model, batch, new_ids, **press_options):
+    """Logits of a second turn fed onto the first turn's (pressed) KV cache."""
+    out = model(**batch, use_cache=True)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(new_ids)], dim=1)
+    return model(input_ids=new_ids, attention_mask=mask, past_key_values=out.past_key_values).logits
+
+
+@pytest.mark.parametrize("positions", ["keep", "reindex"])
+def test_later_turn_on_pressed_cache_equals_rerunning_the_conversation(model, positions):
+    batch, new_ids = make_batch((6,), images_per_row=[2]), torch.tensor([[11, 12, 13, 14]])
+    press = mmpress.get_press("divprune", keep=12)  # text-independent: both runs keep the same tokens
+    with torch.no_grad(), press(model, positions=positions):
+        got = continue_turn(model, batch, new_ids)
+        whole = {**batch, "input_ids": torch.cat([batch["input_ids"], new_ids], dim=1),
+                 "attention_mask": torch.ones(1, batch["input_ids"].shape[1] + 4, dtype=torch.long)}
+        expected = model(**whole).logits[:, -4:]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_on_a_pressed_cache_with_the_whole_conversation_raises(model):
+    batch = make_batch((4,))
+    with torch.no_grad(), NormPress(keep=8)(model):
+        out = model.generate(**batch, max_new_tokens=2, return_dict_in_generate=True)
+        ids = torch.cat([out.sequences, torch.tensor([[11, 12, 13]])], dim=1)
+        with pytest.raises(ValueError, match="the whole conversation under the press"):
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=batch["pixel_values"],
+                           past_key_values=out.past_key_values, max_new_tokens=2)
+        with pytest.raises(ValueError, match="the whole conversation under the press"):
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=out.past_key_values,
+                           max_new_tokens=2)
+
+
+def test_generated_image_token_does_not_crash_decoding(model):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class ForceImageToken(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return torch.full_like(scores, -1e9).index_fill(1, torch.tensor([IMAGE_TOKEN]), 0.0)
+
+    with torch.no_grad(), NormPress(keep=8)(model):
+        out = model.generate(**make_batch((4, 6)), max_new_tokens=3, logits_processor=LogitsProcessorList([ForceImageToken()]))
+    assert (out[:, -3:] == IMAGE_TOKEN).all()
+
+
+def test_presses_do_not_nest(model):
+    a, b = NormPress(keep=8), mmpress.get_press("divprune", keep=8)
+    with pytest.raises(ValueError, match="already applied"):
+        with a(model), b(model):
+            pass
+    with pytest.raises(ValueError, match="already applied"):
+        with a(model), a(model):
+            pass
+    with a(model):  # the failed attempts left nothing behind
+        pass
+
+
+@pytest.mark.parametrize("name", ["divprune", "visionzip", "mmtok"])
+def test_beam_search_and_sampling_under_a_press(model, name):
+    """Beams: generate encodes each image once and repeats it per beam; the vision signals follow."""
+    press, batch = mmpress.get_press(name, keep=16), make_batch(**RAGGED)
+    with torch.no_grad(), press(model):
+        beams = model.generate(**batch, max_new_tokens=3, num_beams=2, do_sample=False)[:, -3:]
+        torch.manual_seed(0)
+        sampled = model.generate(**batch, max_new_tokens=3, do_sample=True, top_k=5)
+        for i, row in enumerate(single_rows(batch)):
+            alone = model.generate(**row, max_new_tokens=3, num_beams=2, do_sample=False)[:, -3:]
+            assert torch.equal(beams[i], alone[0])
+    assert sampled.shape == (3, batch["input_ids"].shape[1] + 3)
+
+
+def count_syncs(fn) -> dict[str, int]:
+    """Ops that make the host wait for the device (item(), nonzero, boolean indexing, ...)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive"}
+
+    class Counting(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            bool_index = name in ("index", "index_put", "index_put_") and any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] or ()) if t is not None)
+            repeat = name == "repeat_interleave" and (kwargs or {}).get("output_size") is None and len(args) == 1
+            if name in syncing or bool_index or repeat:
+                self.seen[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting() as mode:
+        fn()
+    return dict(mode.seen)
+
+
+@pytest.mark.parametrize("name", [p for p in mmpress.list_presses() if p != "none"])
+def test_pressed_forward_adds_no_host_syncs(name):
+    """The pressed prefill and decoding sync no more than the unpressed model (transformers' own
+    checks); the prompt check's one read of per-row counts (``tolist``) is the only addition."""
+    model, batch = tiny_llava("clip"), make_batch(**RAGGED)
+    with torch.no_grad():
+        unpressed = count_syncs(lambda: model.generate(**batch, max_new_tokens=2, do_sample=False))
+        with mmpress.get_press(name, keep=16)(model):
+            pressed = count_syncs(lambda: model.generate(**batch, max_new_tokens=2, do_sample=False))
+    assert pressed == unpressed, name

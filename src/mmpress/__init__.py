@@ -6,11 +6,15 @@
         model.generate(**inputs)
 """
 
-from mmpress import presses  # noqa: F401  (registers every press)
-from mmpress.api import ask
-from mmpress.demo import load_demo
-from mmpress.models import get_adapter
-from mmpress.presses.base import PRESSES, Press, VisualContext, get_press, list_presses, register
+from mmpress.models.protocol import check_version
+
+check_version()  # one warning when transformers is outside the tested range (pyproject)
+
+from mmpress import presses  # noqa: E402,F401  (registers every press)
+from mmpress.api import ask  # noqa: E402
+from mmpress.demo import load_demo  # noqa: E402
+from mmpress.models import get_adapter  # noqa: E402
+from mmpress.presses.base import PRESSES, Press, VisualContext, get_press, list_presses, register  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -64,10 +64,8 @@ class DARTPress(SelectorPress):
 
         dup = F.normalize(tokens.float(), dim=-1) @ F.normalize(pivots, dim=-1).transpose(1, 2)  # (M, N, P)
         free = torch.ones(m, n, dtype=torch.bool, device=tokens.device).scatter_(1, kept, False)
+        most = -(-spare // kept.shape[1])  # a host bound on any quota (image pivots are always valid): no sync
         for j in range(pivots.shape[1]):
-            most = int(quota[:, j].max())
-            if most == 0:
-                continue
             least_dup = (-dup[:, :, j]).masked_fill(~free, -torch.inf).topk(most, dim=-1).indices
             take = torch.arange(most, device=tokens.device) < quota[:, j : j + 1]
             free &= ~torch.zeros_like(free).scatter_(1, least_dup, take)

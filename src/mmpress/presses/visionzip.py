@@ -56,7 +56,8 @@ class VisionZipPress(Press):
         r = rest.shape[1]
         slot = torch.arange(0, r, max(1, r // c), device=tokens.device)[:c]
         is_target = torch.zeros(r, dtype=torch.bool, device=tokens.device).scatter_(0, slot, True)
-        targets, others = rest[:, slot], rest[:, ~is_target]  # (M, c), (M, R - c)
+        non_target = is_target.to(torch.uint8).argsort(stable=True)[: r - c]  # no boolean index: no sync
+        targets, others = rest[:, slot], rest[:, non_target]  # (M, c), (M, R - c)
 
         keys = F.normalize(ctx.require("vision_keys").float(), dim=-1)
         sim = gather_tokens(keys, others) @ gather_tokens(keys, targets).transpose(1, 2)  # (M, R-c, c)
