@@ -1,6 +1,8 @@
 """Presses: one module per method family. Importing this package registers every press."""
 
-from mmpress.presses import baselines, dart, divprune, mmtok, prumerge, tome, visionzip, vtc_cls  # noqa: F401
+from mmpress.presses import (  # noqa: F401
+    baselines, cdpruner, dart, divprune, holov, mmtok, prumerge, tome, visionzip, vispruner, vtc_cls,
+)
 from mmpress.presses.base import (
     PRESSES,
     Press,
