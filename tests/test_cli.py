@@ -1,16 +1,47 @@
-"""The command line: list, run (JSON record) and bench-cost on tiny models."""
+"""The command line: list, run (JSON record), bench (end to end, interrupted, resumed), bench-cost,
+and a user's mistakes: one red line and a non-zero exit, never a traceback (unless --debug)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import pytest
+import torch
 from typer.testing import CliRunner
 
 import mmpress
+import mmpress.cli
+import mmpress.eval.bench
 from mmpress.cli import app
 from conftest import samples, tiny_llava, tiny_processor
 
 runner = CliRunner()  # click >= 8.2 keeps stderr (weight-loading bars) out of result.stdout
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A tiny model only loses to thread synchronisation on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The tiny model saved to a folder, an image, and a 4-sample JSONL data set beside its images."""
+    root = tmp_path_factory.mktemp("cli")
+    tiny_llava().save_pretrained(root / "tiny")
+    tiny_processor().save_pretrained(root / "tiny")
+    records = []
+    for i, sample in enumerate(samples(4)):
+        sample["image"].save(root / f"{i}.png")
+        records.append({"image": f"{i}.png", "question": sample["question"], "answer": sample["answer"]})
+    (root / "set.jsonl").write_text("\n".join(map(json.dumps, records)))
+    (root / "not-an-image.png").write_text("plain text")
+    return root
 
 
 def test_list_shows_every_press():
@@ -20,23 +51,175 @@ def test_list_shows_every_press():
         assert name in result.output
 
 
-def test_run_prints_a_json_record(tmp_path):
-    model_dir, image = tmp_path / "tiny", tmp_path / "a.png"
-    tiny_llava().save_pretrained(model_dir)
-    tiny_processor().save_pretrained(model_dir)
-    samples(1)[0]["image"].save(image)
-    result = runner.invoke(app, ["run", "--model", str(model_dir), "--press", "divprune", "--keep", "16",
-                                 "--image", str(image), "--json", "--max-new-tokens", "2", "what color is the square?"])
+def test_run_prints_a_json_record(files):
+    result = runner.invoke(app, ["run", "--model", str(files / "tiny"), "--press", "divprune", "--keep", "16",
+                                 "--image", str(files / "0.png"), "--json", "--max-new-tokens", "2",
+                                 "what color is the square?"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["kept_tokens"] == 16 and record["total_tokens"] == 64
     assert record["prefill_seconds"] > 0 and 0 < record["flops_saved"] < 1
 
 
-def test_run_rejects_unknown_press_and_missing_image(tmp_path):
-    assert runner.invoke(app, ["run", "--image", str(tmp_path / "missing.png"), "q"]).exit_code != 0
-    result = runner.invoke(app, ["run", "--press", "nope", "--image", str(tmp_path), "q"])
-    assert result.exit_code != 0
+# ---- a user's mistakes ------------------------------------------------------------------------
+def _jsonl(files, name: str, lines: list[str]) -> str:
+    path = files / name
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+RUN_ERRORS = {  # extra arguments of `run` -> what the one line says
+    "unknown press": (["--press", "nope"], "unknown press 'nope'"),
+    "keep 0": (["--press", "divprune", "--keep", "0"], "keep must be a positive int"),
+    "keep abc": (["--press", "divprune", "--keep", "abc"], "'--keep'"),
+    "keep and keep-ratio": (["--press", "divprune", "--keep", "8", "--keep-ratio", "0.5"], "not both"),
+    "keep-ratio 2": (["--press", "divprune", "--keep-ratio", "2"], "keep_ratio must be a number in (0, 1]"),
+    "budget for none": (["--keep", "8"], "press 'none' takes no budget: drop keep=8"),
+    "missing model": (["--model", "{files}/no-such-model"], "no such model folder"),
+    "missing image": (["--image", "{files}/missing.png"], "does not exist"),
+    "image is a folder": (["--image", "{files}"], "is a directory"),
+    "not an image": (["--image", "{files}/not-an-image.png"], "cannot identify image file"),
+}
+
+
+@pytest.mark.parametrize("case", RUN_ERRORS)
+def test_run_mistakes_are_one_line(files, monkeypatch, case):
+    monkeypatch.setattr(mmpress.cli, "_load", _no_model)  # every mistake is found before the model loads
+    extra, says = RUN_ERRORS[case]
+    args = ["run", "--image", str(files / "0.png"), *(a.format(files=files) for a in extra), "a question"]
+    _assert_one_line_error(runner.invoke(app, args), says)
+
+
+BENCH_ERRORS = {  # extra arguments of `bench` -> what the one line says
+    "unknown press": (["--presses", "divprune,nope"], "unknown press 'nope'"),
+    "empty press name": (["--presses", "divprune,"], "unknown press ''"),
+    "keep 0": (["--keep", "0"], "positive ints"),
+    "keep abc": (["--keep", "abc"], "positive ints"),
+    "keep 16,,8": (["--keep", "16,,8"], "got '16,,8'"),
+    "limit 0": (["--limit", "0"], "'--limit'"),
+    "batch size 0": (["--batch-size", "0"], "'--batch-size'"),
+    "missing model": (["--model", "{files}/no-such-model"], "no such model folder"),
+    "missing jsonl": (["--data", "{files}/missing.jsonl"], "no such file"),
+    "unknown data": (["--data", "no-such-set"], "unknown dataset"),
+    "malformed jsonl": (["--data", "{bad_json}"], "bad.jsonl:2: not valid JSON"),
+    "null answer": (["--data", "{null_answer}"], "null.jsonl:1: 'answer' is null"),
+    "missing image": (["--data", "{no_image}"], "noimage.jsonl:1: no such image file"),
+    "corrupt record to resume": (["--resume", "--out", "{files}/corrupt"], "bench.json is not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", BENCH_ERRORS)
+def test_bench_mistakes_are_one_line(files, monkeypatch, case):
+    monkeypatch.setattr(mmpress.cli, "_load", _no_model)
+    good = json.dumps({"image": "0.png", "question": "q", "answer": "yes"})
+    paths = dict(files=files, bad_json=_jsonl(files, "bad.jsonl", [good, '{"image": "0.png",']),
+                 null_answer=_jsonl(files, "null.jsonl", ['{"image": "0.png", "question": "q", "answer": null}']),
+                 no_image=_jsonl(files, "noimage.jsonl", ['{"image": "nope.png", "question": "q", "answer": "a"}']))
+    (files / "corrupt").mkdir(exist_ok=True)
+    (files / "corrupt" / "bench.json").write_text("{truncated")
+    extra, says = BENCH_ERRORS[case]
+    args = ["bench", "--model", str(files / "tiny"), "--data", str(files / "set.jsonl"), "--limit", "4",
+            *(a.format(**paths) for a in extra)]
+    _assert_one_line_error(runner.invoke(app, args), says)
+
+
+def test_bench_cost_mistakes_are_one_line():
+    _assert_one_line_error(runner.invoke(app, ["bench-cost", "--presses", "nope"]), "unknown press 'nope'")
+    _assert_one_line_error(runner.invoke(app, ["bench-cost", "--keeps", "64,x"]), "positive ints")
+
+
+def test_debug_shows_the_traceback(files):
+    args = ["run", "--press", "nope", "--image", str(files / "0.png"), "q"]
+    result = runner.invoke(app, ["--debug", *args])
+    assert isinstance(result.exception, ValueError) and "unknown press" in str(result.exception)
+    # as a user sees it: the installed entry point, with and without --debug
+    command = [sys.executable, "-c", "from mmpress.cli import main; main()"]
+    plain, debug = [subprocess.Popen(command + a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    for a in (args, ["--debug", *args])]
+    plain_err, debug_err = plain.communicate()[1], debug.communicate()[1]
+    assert plain.returncode == 2 and plain_err.count("\n") == 1 and "Traceback" not in plain_err
+    assert debug.returncode != 0 and "Traceback" in debug_err and "unknown press" in debug_err
+
+
+def _no_model(model_id):
+    raise AssertionError("the model loaded before the arguments were checked")
+
+
+def _assert_one_line_error(result, says: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert says in lines[0] and "Traceback" not in result.output
+
+
+# ---- bench end to end ---------------------------------------------------------------------------
+def _bench(files, out, *extra):
+    return runner.invoke(app, ["bench", "--model", str(files / "tiny"), "--data", str(files / "set.jsonl"),
+                               "--presses", "random,divprune", "--keep", "16,8", "--limit", "4", "--batch-size", "4",
+                               "--max-new-tokens", "2", "--repeats", "1", "--out", str(out), *extra])
+
+
+def _cells(record: dict) -> list[tuple]:
+    return [(row["press"], row["keep"]) for row in record["rows"]]
+
+
+ALL_CELLS = {("none", None), ("random", 16), ("random", 8), ("divprune", 16), ("divprune", 8)}
+
+
+def test_bench_writes_the_record_and_report(files, tmp_path):
+    result = _bench(files, tmp_path)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert set(_cells(record)) == ALL_CELLS and record["pending"] == []
+    assert record["model"]["id"] == str(files / "tiny") and record["n"] == 4
+    assert record["rows"][0]["press"] == "none" and all(len(row["answers"]) == 4 for row in record["rows"])
+    assert {p.name for p in tmp_path.iterdir()} == {"bench.json", "bench.md", "bench.png", "bench.html"}
+    assert "wrote" in result.stdout
+
+
+def test_bench_interrupted_keeps_finished_cells_and_resumes(files, tmp_path, monkeypatch):
+    timed, time_prefill = [], mmpress.eval.bench._time_prefill
+
+    def interrupt_after_two(*args):  # Ctrl-C while the third cell is being timed
+        if len(timed) == 2:
+            raise KeyboardInterrupt
+        timed.append(args[3].press)
+        return time_prefill(*args)
+
+    monkeypatch.setattr(mmpress.eval.bench, "_time_prefill", interrupt_after_two)
+    result = _bench(files, tmp_path)
+    assert result.exit_code == 130, result.output
+    assert "Traceback" not in result.output and "--resume" in result.stderr
+    first = json.loads((tmp_path / "bench.json").read_text())
+    finished = set(_cells(first))
+    assert len(finished) == 2 and ("none", None) in finished  # the baseline, then the first pressed cell
+    assert {(c["press"], c["keep"]) for c in first["pending"]} == ALL_CELLS - finished
+    assert any(note.startswith("interrupted") for note in first["notes"])
+    assert {"bench.md", "bench.png", "bench.html"} <= {p.name for p in tmp_path.iterdir()}
+    assert "bench.json.tmp" not in {p.name for p in tmp_path.iterdir()}
+
+    generated, generate = [], mmpress.eval.bench._generate
+
+    def recording(model, processor, inputs, press, max_new_tokens):
+        generated.append((press.name or "none", press.keep))
+        return generate(model, processor, inputs, press, max_new_tokens)
+
+    monkeypatch.setattr(mmpress.eval.bench, "_time_prefill", time_prefill)
+    monkeypatch.setattr(mmpress.eval.bench, "_generate", recording)
+    result = _bench(files, tmp_path, "--resume")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert set(_cells(record)) == ALL_CELLS and record["pending"] == []
+    assert set(generated) == {("none", None)} | (ALL_CELLS - finished)  # the reference answers again, nothing else
+    rows = {(row["press"], row["keep"]): row for row in record["rows"]}
+    for row in first["rows"]:
+        assert rows[(row["press"], row["keep"])] == row  # kept as it was, not recomputed
+
+    result = _bench(files, tmp_path, "--resume", "--max-new-tokens", "3")  # checked once the model is loaded
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == ("error: cannot resume a run made with other settings: "
+                                                       "max_new_tokens 2 (now 3)")
 
 
 def test_bench_cost_on_a_small_shape(tmp_path):

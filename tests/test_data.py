@@ -105,6 +105,23 @@ def test_jsonl_loader(tmp_path):
     assert samples[0]["image"].getpixel((0, 0)) == (255, 0, 0)
 
 
+@pytest.mark.parametrize("line, says", [
+    ('{"image": "a.png", "question": "q"', r"set.jsonl:2: not valid JSON"),
+    ('["a.png", "q", "red"]', r"set.jsonl:2: expected an object"),
+    ('{"image": "a.png", "question": "q"}', r"set.jsonl:2: record lacks \['answer'\]"),
+    ('{"image": "a.png", "question": "q", "answer": null}', r"set.jsonl:2: 'answer' is null"),
+    ('{"image": "b.png", "question": "q", "answer": "red"}', r"set.jsonl:2: no such image file .*b.png"),
+    ('{"image": "notes.txt", "question": "q", "answer": "red"}', r"set.jsonl:2: cannot read image .*notes.txt"),
+])
+def test_jsonl_mistakes_name_file_and_line(tmp_path, line, says):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    good = json.dumps({"image": "a.png", "question": "q", "answer": "red"})
+    (tmp_path / "set.jsonl").write_text(f"{good}\n{line}\n")
+    with pytest.raises(ValueError, match=says):
+        load_dataset(tmp_path / "set.jsonl")
+
+
 def test_disk_loader(tmp_path):
     datasets = pytest.importorskip("datasets")
     images = [Image.new("RGB", (16, 16), c) for c in ("red", "blue")]
@@ -124,8 +141,11 @@ def test_bad_inputs_raise():
         load_dataset("no-such-set")
     with pytest.raises(ValueError, match="split"):
         load_dataset("scenes", "validation")
-    with pytest.raises(ValueError, match="limit"):
-        load_dataset("scenes", limit=-1)
+    for limit in (-1, 0):  # 0 is a mistake, not "everything"
+        with pytest.raises(ValueError, match="limit must be >= 1"):
+            load_dataset("scenes", limit=limit)
+    with pytest.raises(ValueError, match="no such file"):
+        load_dataset("missing.jsonl")
 
 
 @pytest.mark.parametrize(

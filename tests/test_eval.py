@@ -100,10 +100,12 @@ def bench_record():
     torch.set_num_threads(1)  # a tiny model only loses to thread synchronisation on a shared machine
     try:
         console = Console(file=io.StringIO(), width=200)
+        checkpoints = []  # (rows, pending) as each cell finished, from a JSON copy of the record then
         record = run_bench(tiny_llava(), tiny_processor(), [NormPress.name, FirstPress.name, KeepAllPress.name, "none"],
                            [32, 8, 64], samples(6), batch_size=4, max_new_tokens=3, console=console, repeats=2,
-                           dataset="tiny")
+                           dataset="tiny", checkpoint=lambda r: checkpoints.append(json.loads(json.dumps(r))))
         record["_console"] = console.file.getvalue()
+        record["_checkpoints"] = checkpoints
         yield record
     finally:
         torch.set_num_threads(threads)
@@ -145,7 +147,28 @@ def test_bench_rows(bench_record):
     assert bench_record["best"].keys() == {"32", "8"}  # budgets two presses competed at
     assert set(bench_record["best"].values()) <= {"test-bench-norm", "test-bench-first"}
     assert "test-bench-norm" in bench_record["_console"]
+    assert bench_record["pending"] == [] and bench_record["model"]["id"] is None
     json.dumps(bench_record)  # JSON-serialisable as returned
+
+
+def test_bench_checkpoints_each_finished_cell(bench_record):
+    checkpoints = bench_record["_checkpoints"]
+    assert len(checkpoints) == len(bench_record["rows"]) == 6  # baseline, keep-all, 2 presses x 2 budgets
+    for i, record in enumerate(checkpoints, 1):
+        assert len(record["rows"]) == i and len(record["pending"]) == 6 - i
+        assert record["rows"][0]["press"] == "none" and record["model"]["visual_tokens_per_image"] == N
+    assert checkpoints[-1]["rows"] == json.loads(json.dumps(bench_record["rows"]))
+
+
+def test_bench_resumes_from_a_record(bench_record):
+    """Every cell already in the record: the rows come back as they were; other settings: refused."""
+    args = (tiny_llava(), tiny_processor(), [NormPress.name, FirstPress.name, KeepAllPress.name], [32, 8], samples(6))
+    previous = json.loads(json.dumps(bench_record))
+    again = run_bench(*args, batch_size=4, max_new_tokens=3, console=Console(file=io.StringIO()), repeats=1,
+                      dataset="tiny", previous=previous)
+    assert again["rows"] == previous["rows"] and again["pending"] == []
+    with pytest.raises(ValueError, match=r"cannot resume .*max_new_tokens 3 \(now 2\)"):
+        run_bench(*args, batch_size=4, max_new_tokens=2, dataset="tiny", previous=previous)
 
 
 def test_report_files(bench_record, tmp_path):
@@ -157,6 +180,14 @@ def test_report_files(bench_record, tmp_path):
     assert "data:image/png;base64," in page and 'class="best"' in page
     winner = bench_record["best"]["8"]
     assert f"| **{winner}** | **8** |" in paths["md"].read_text()
+    assert not (tmp_path / "out" / "bench.json.tmp").exists()  # written atomically: tmp file, then os.replace
+
+
+def test_report_of_an_interrupted_run(bench_record, tmp_path):
+    """Interrupted after the baseline: a report of that row alone, and the cells left as a note."""
+    partial = dict(bench_record, rows=bench_record["rows"][:1], best={}, notes=["interrupted before ..."])
+    paths = write_report(partial, tmp_path)
+    assert paths["png"].stat().st_size > 10_000 and "interrupted before" in paths["md"].read_text()
 
 
 def test_best_per_budget_prefers_quality_then_agreement_then_kl():

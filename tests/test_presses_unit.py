@@ -100,6 +100,28 @@ def test_none_press_takes_no_budget():
     assert out is tokens and torch.equal(index, torch.arange(N).expand(M, N))
 
 
+@pytest.mark.parametrize("budget", [dict(keep=8), dict(keep_ratio=0.5), dict(keep_ratio=1.0)])
+def test_none_press_refuses_a_budget(budget):
+    with pytest.raises(ValueError, match="press 'none' takes no budget: drop keep"):
+        get_press("none", **budget)
+
+
+@pytest.mark.parametrize("budget, says", [
+    (dict(keep_ratio="0.5"), r"keep_ratio must be a number in \(0, 1\], e.g. keep_ratio=0.25; got '0.5'"),
+    (dict(keep_ratio=True), "keep_ratio must be a number"),
+    (dict(keep_ratio=0.0), "keep_ratio must be a number"),
+    (dict(keep_ratio=1.5), "keep_ratio must be a number"),
+    (dict(keep="8"), "keep must be a positive int"),
+    (dict(keep=0), "keep must be a positive int"),
+    (dict(keep=8, keep_ratio=0.5), "either keep= or keep_ratio=, not both"),
+    ({}, "needs a budget"),
+])
+@pytest.mark.parametrize("name", BUDGETED)
+def test_bad_budget_fails_at_construction(name, budget, says):
+    with pytest.raises(ValueError, match=says):
+        get_press(name, **budget)
+
+
 @pytest.mark.parametrize("name", [n for n in BUDGETED if n != "random"])  # random: one draw per batch
 def test_batch_equals_each_image_alone(name):
     tokens, ctx = make_inputs()

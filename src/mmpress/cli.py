@@ -1,4 +1,9 @@
-"""Command line: ``mmpress list | run | bench | bench-cost``."""
+"""Command line: ``mmpress list | run | bench | bench-cost``.
+
+A user's mistake (an unknown press, a bad budget, a missing file, a malformed dataset) is one red
+line on stderr and exit code 2, found before any model loads; ``mmpress --debug ...`` shows the
+traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,85 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from mmpress.presses.base import PRESSES, get_press, list_presses
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Press the visual tokens of vision-language models.")
+try:  # recent typer ships its own click, whose errors derive from TyperException
+    from typer import TyperException as UsageErrors
+except ImportError:  # older typer: click's
+    from click import ClickException as UsageErrors
+
 console = Console()
+err_console = Console(stderr=True)
 DEMO = "demo"
 
 
+class _Commands(TyperGroup):
+    """Runs a command; a usage error, ValueError or OSError becomes one red line on stderr."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (UsageErrors, ValueError, OSError) as e:
+            if ctx.params.get("debug"):
+                raise
+            message = e.format_message() if isinstance(e, UsageErrors) else str(e)
+            err_console.print("error: " + " ".join(message.split()), style="red", markup=False, highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(getattr(e, "exit_code", 2)) from None
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  help="Press the visual tokens of vision-language models.")
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="on an error, show the traceback, not one line")):
+    pass
+
+
 def _budget(keep: Optional[int], keep_ratio: Optional[float]) -> dict:
-    return {"keep": keep} if keep is not None else {"keep_ratio": keep_ratio} if keep_ratio is not None else {}
+    # both, if both are given: the press refuses the pair rather than one being silently dropped
+    return {name: value for name, value in (("keep", keep), ("keep_ratio", keep_ratio)) if value is not None}
+
+
+def _press_names(text: str, param_hint: str = "--presses") -> list[str]:
+    """``all`` (every press but the unpressed ``none``) or comma-separated registered names."""
+    if text == "all":
+        return [name for name in list_presses() if name != "none"]
+    names = text.split(",")
+    unknown = [name for name in names if name not in PRESSES]
+    if unknown:
+        raise typer.BadParameter(f"unknown press {', '.join(map(repr, unknown))}; choose from all, "
+                                 f"{', '.join(list_presses())}", param_hint=param_hint)
+    return names
+
+
+def _budgets(text: str, param_hint: str = "--keep") -> list[int]:
+    """Comma-separated positive ints: ``128,64,32``."""
+    try:
+        keeps = [int(k) for k in text.split(",")]
+    except ValueError:
+        keeps = []
+    if not keeps or min(keeps) < 1:
+        raise typer.BadParameter(f"expected comma-separated positive ints (visual tokens per image), e.g. 128,64,32; "
+                                 f"got {text!r}", param_hint=param_hint)
+    return keeps
+
+
+def _check_model(model_id: str) -> None:
+    """Fail before loading on a model that is neither the demo, a folder, nor a hub name (org/name)."""
+    from huggingface_hub.utils import validate_repo_id
+
+    if model_id == DEMO or Path(model_id).is_dir():
+        return
+    if Path(model_id).exists():
+        raise typer.BadParameter(f"{model_id} is not a model folder", param_hint="--model")
+    try:
+        validate_repo_id(model_id)  # a hub name: transformers finds it in the cache (or downloads it)
+    except ValueError:
+        raise typer.BadParameter(f"no such model folder: {model_id}", param_hint="--model") from None
 
 
 def _load(model_id: str):
@@ -48,12 +122,12 @@ def list_cmd():
 @app.command()
 def run(
     question: str = typer.Argument(..., help="question about the image"),
-    image: Path = typer.Option(..., "--image", "-i", help="image file"),
+    image: Path = typer.Option(..., "--image", "-i", exists=True, dir_okay=False, help="image file"),
     model: str = typer.Option(DEMO, help="local path or cached hub id of a LLaVA model; 'demo' = embedded model"),
     press: str = typer.Option("none", help="press name (mmpress list)"),
     keep: Optional[int] = typer.Option(None, help="visual tokens kept per image"),
     keep_ratio: Optional[float] = typer.Option(None, help="fraction of visual tokens kept"),
-    max_new_tokens: int = typer.Option(16),
+    max_new_tokens: int = typer.Option(16, min=1),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Answer a question about an image with a pressed model; report tokens kept, prefill time, FLOPs saved."""
@@ -63,11 +137,11 @@ def run(
     from mmpress.api import ask, encode
     from mmpress.eval.cost import llava_prefill_flops, time_call
 
-    if not image.is_file():
-        raise typer.BadParameter(f"no such image file: {image}")
     pressor = get_press(press, **_budget(keep, keep_ratio))
+    with Image.open(image) as opened:  # not an image: PIL's OSError, one line
+        picture = opened.convert("RGB")
+    _check_model(model)
     vlm, processor = _load(model)
-    picture = Image.open(image).convert("RGB")
     answer = ask(vlm, processor, [picture], [question], press=pressor, max_new_tokens=max_new_tokens)[0]
 
     inputs = encode(vlm, processor, [picture], [question])
@@ -108,26 +182,55 @@ def bench(
     keep: str = typer.Option("128,64,32,16", help="comma-separated budgets (visual tokens per image)"),
     data: str = typer.Option("scenes", help="'scenes', 'easy-vqa', a .jsonl of {image, question, answer}, or a saved datasets folder"),
     split: str = typer.Option("test"),
-    limit: Optional[int] = typer.Option(200, help="samples (None = all)"),
-    batch_size: int = typer.Option(8),
-    max_new_tokens: int = typer.Option(8),
-    repeats: int = typer.Option(3, help="timed prefill repeats (median)"),
+    limit: int = typer.Option(200, min=1, help="number of samples (the first ones)"),
+    batch_size: int = typer.Option(8, min=1),
+    max_new_tokens: int = typer.Option(8, min=1),
+    repeats: int = typer.Option(3, min=1, help="timed prefill repeats (median)"),
     out: Path = typer.Option(Path("benchmarks/results/bench"), help="folder for bench.json/.md/.png/.html"),
+    resume: bool = typer.Option(False, "--resume", help="keep the cells already in OUT/bench.json, run the rest"),
 ):
-    """Quality vs cost of every press x budget on a dataset: accuracy, fidelity, FLOPs, time, memory."""
+    """Quality vs cost of every press x budget on a dataset: accuracy, fidelity, FLOPs, time, memory.
+
+    bench.json is rewritten as each cell finishes; on Ctrl-C the report covers the finished cells."""
     from mmpress.eval.bench import run_bench
     from mmpress.eval.data import load_dataset
-    from mmpress.eval.report import write_report
+    from mmpress.eval.report import print_table, save_json, write_report
 
-    names = [n for n in list_presses() if n != "none"] if presses == "all" else presses.split(",")
-    unknown = [n for n in names if n not in PRESSES]
-    if unknown:  # before loading a model: fail fast
-        raise typer.BadParameter(f"unknown press {', '.join(unknown)}; choose from {', '.join(list_presses())}")
+    names, keeps = _press_names(presses), _budgets(keep)
     samples = load_dataset(data, split=split, limit=limit)
+    _check_model(model)
+    record_path, previous = out / "bench.json", None
+    if resume and record_path.is_file():
+        try:
+            previous = json.loads(record_path.read_text())
+        except json.JSONDecodeError as e:
+            raise typer.BadParameter(f"{record_path} is not JSON ({e}): delete it, or drop --resume") from None
+    elif resume:
+        console.print(f"[yellow]nothing to resume in {out}: starting afresh[/yellow]")
+
     vlm, processor = _load(model)
-    record = run_bench(vlm, processor, names, [int(k) for k in keep.split(",")], samples, batch_size=batch_size,
-                       max_new_tokens=max_new_tokens, console=console, repeats=repeats, dataset=f"{data}:{split}")
-    record["model"]["id"] = model
+    finished = {}
+
+    def checkpoint(record: dict) -> None:
+        finished["record"] = record
+        save_json(record, record_path)
+
+    try:
+        record = run_bench(vlm, processor, names, keeps, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           console=console, repeats=repeats, dataset=f"{data}:{split}", model_id=model,
+                           previous=previous, checkpoint=checkpoint)
+    except KeyboardInterrupt:
+        if "record" not in finished:
+            err_console.print("interrupted before a cell finished: nothing new written", style="yellow")
+            raise typer.Exit(130) from None
+        record = finished["record"]
+        pending = ", ".join(f"{c['press']} keep={c['keep'] or 'own'}" for c in record["pending"])
+        record["notes"].append(f"interrupted before {pending}; `mmpress bench --resume` runs them")
+        print_table(record, console)
+        paths = write_report(record, out)
+        err_console.print(f"interrupted: wrote the finished cells to {', '.join(map(str, paths.values()))}; "
+                          "--resume runs the rest", style="yellow", soft_wrap=True)
+        raise typer.Exit(130) from None
     paths = write_report(record, out)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
@@ -136,8 +239,8 @@ def bench(
 def bench_cost(
     presses: str = typer.Option("all", help="comma-separated press names, or 'all'"),
     keeps: str = typer.Option("576,192,128,64", help="comma-separated budgets (visual tokens per image)"),
-    batch: int = typer.Option(1, help="batch size (rows get ragged prompt lengths)"),
-    repeats: int = typer.Option(3, help="timed repeats per cell (median)"),
+    batch: int = typer.Option(1, min=1, help="batch size (rows get ragged prompt lengths)"),
+    repeats: int = typer.Option(3, min=1, help="timed repeats per cell (median)"),
     lm_layers: int = typer.Option(12), lm_hidden: int = typer.Option(896), lm_intermediate: int = typer.Option(4864),
     lm_heads: int = typer.Option(14), vision_layers: int = typer.Option(6), vision_hidden: int = typer.Option(384),
     image_size: int = typer.Option(336), threads: Optional[int] = typer.Option(None, help="torch threads"),
@@ -149,10 +252,10 @@ def bench_cost(
 
     from mmpress.eval.prefill import Shape, bench_prefill, llava_shaped, prompt_batch
 
+    names = [name for name in _press_names(presses) if name != "none"]  # the unpressed model is always timed
+    budgets = _budgets(keeps, param_hint="--keeps")
     if threads:
         torch.set_num_threads(threads)
-    names = [n for n in list_presses() if n != "none"] if presses == "all" else presses.split(",")
-    budgets = [int(k) for k in keeps.split(",")]
     shape = Shape(vision_layers=vision_layers, vision_hidden=vision_hidden, image_size=image_size,
                   lm_layers=lm_layers, lm_hidden=lm_hidden, lm_intermediate=lm_intermediate, lm_heads=lm_heads,
                   lm_kv_heads=max(1, lm_heads // 7))

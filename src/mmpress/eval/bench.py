@@ -1,14 +1,15 @@
 """``mmpress bench``: every press x budget on a dataset, quality and cost in one JSON-able record.
 
-For each batch of samples the unpressed model generates once; its answers and first-token
-logits are the reference every pressed run of that batch is compared with. Each (press, budget)
-then generates once per batch, with ``output_logits``, which gives both its answers (accuracy,
-agreement) and its first-answer-token distribution (KL to the unpressed model).
+The unpressed model first answers every batch once; its answers and first-token logits are the
+reference every pressed run is compared with. Then each (press, budget) cell answers the whole
+dataset, with ``output_logits``, which gives both its answers (accuracy, agreement) and its
+first-answer-token distribution (KL to the unpressed model), and its row is final: a caller can
+save the record after each cell (``checkpoint``), and resume an interrupted run (``previous``).
 
 Cost comes from the same runs: the adapter's token counts of each pressed prefill give the
 analytical FLOPs per stage (``eval/cost.py``) and the KV-cache bytes; prefill time (time to first
 token: one forward with ``logits_to_keep=1``, as generate's prefill) and peak memory are measured
-on the first batch, with and without each press.
+on the first batch, each press in alternation with the unpressed model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -87,6 +89,9 @@ def run_bench(
     dataset: str | None = None,
     hint: str | None = ANSWER_HINT,
     seed: int = 0,
+    model_id: str | None = None,
+    previous: dict | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run every press in ``presses`` at every budget in ``keeps`` (visual tokens kept per image)
     on ``data`` (dicts with ``image``, ``question`` and optionally ``answer``, ``choices``, ``kind``,
@@ -98,12 +103,18 @@ def run_bench(
     that takes no budget runs once. ``torch.manual_seed(seed)`` is set first so stochastic
     presses are reproducible. Progress and a final table go to ``console``.
 
-    Returns a JSON-serialisable record: ``model`` (config summary), ``dataset``, ``n``,
-    ``settings``, ``quality_metric``, ``rows`` (one dict per press x budget, the baseline first),
-    ``best`` (winning press per budget) and ``notes``. Raises ValueError for an unknown press,
-    bad budgets or an empty dataset.
+    Cells run one after the other; when one finishes, ``checkpoint(record)`` receives the record
+    so far (its ``pending`` lists the cells still to run), e.g. to save it, so an interrupted run
+    loses only the cell in progress. ``previous``: the record of an earlier run on the same data,
+    model and settings (ValueError if they differ): its rows are kept and their cells not run
+    again; the unpressed model still answers once, as the reference of the cells left.
+
+    Returns a JSON-serialisable record: ``model`` (config summary, ``id`` = ``model_id``),
+    ``dataset``, ``n``, ``settings``, ``quality_metric``, ``rows`` (one dict per press x budget,
+    the baseline first), ``best`` (winning press per budget), ``pending`` and ``notes``. Raises
+    ValueError for an unknown press, bad budgets or an empty dataset.
     """
-    from mmpress.eval.report import best_per_budget, print_table
+    from mmpress.eval.report import best_per_budget, ordered_rows, print_table
 
     if not data:
         raise ValueError("the dataset is empty: nothing to benchmark")
@@ -128,37 +139,9 @@ def run_bench(
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     batches = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
-    baseline = _Cell(BASELINE, None)
-    cells: list[_Cell] = []
-    first_inputs = None
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("answering", total=len(batches))
-        for b, samples in enumerate(batches):
-            inputs = encode(model, processor, [s["image"] for s in samples], [s["question"] for s in samples], hint)
-            ref_answers, ref_logits, stats = _generate(model, processor, inputs, baseline.make(), max_new_tokens)
-            baseline.add(ref_answers, stats, _flops(model.config, stats, len(samples)),
-                         _kv_bytes(model, stats["seq_len"], len(samples)))
-            if b == 0:  # the token count is known once the adapter has seen a batch
-                first_inputs, first_stats = inputs, stats
-                n_visual = stats["visual_tokens"] // stats["images"]
-                cells = _plan(presses, keeps, n_visual, notes)
-                progress.update(task, total=len(batches) * (1 + len(cells)))
-            progress.advance(task)
-            for cell in cells:
-                progress.update(task, description=f"answering: {cell.press} keep={cell.keep or 'own'}")
-                answers, logits, stats = _generate(model, processor, inputs, cell.make(), max_new_tokens)
-                cell.add(answers, stats, _flops(model.config, stats, len(samples)),
-                         _kv_bytes(model, stats["pressed_seq_len"], len(samples)), kl=kl_divergence(ref_logits, logits))
-                progress.advance(task)
-
-        timing = _time_prefill(model, first_inputs, first_stats, [baseline, *cells], repeats, progress)
-
     labelled = any(is_labelled(s) for s in data)
-    rows = [_row(cell, data, baseline, timing, len(data)) for cell in [baseline, *cells]]
     record = {
-        "model": _model_summary(model, n_visual),
+        "model": _model_summary(model, model_id),
         "dataset": dataset,
         "n": len(data),
         "labelled": labelled,
@@ -169,13 +152,78 @@ def run_bench(
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "peak_memory": _memory_method(device), "torch": torch.__version__, "python": platform.python_version(),
         },
-        "rows": rows,
+        "rows": [],
+        "pending": [],
         "notes": notes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    record["best"] = {str(k): v for k, v in best_per_budget(record).items()}
+    rows = _resumable_rows(previous, record)  # (press, keep) -> row
+
+    def inputs_of(samples: list[dict]) -> dict:
+        return encode(model, processor, [s["image"] for s in samples], [s["question"] for s in samples], hint)
+
+    def update(pending: list[_Cell]) -> None:
+        record["rows"] = ordered_rows({"rows": list(rows.values())})
+        record["pending"] = [{"press": cell.press, "keep": cell.keep} for cell in pending]
+        record["best"] = {str(k): v for k, v in best_per_budget(record).items()}
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("answering: none (unpressed reference)", total=len(batches))
+        baseline, references, first = _Cell(BASELINE, None), [], None
+        for samples in batches:
+            inputs = inputs_of(samples)
+            answers, logits, stats = _generate(model, processor, inputs, baseline.make(), max_new_tokens)
+            baseline.add(answers, stats, _flops(model.config, stats, len(samples)),
+                         _kv_bytes(model, stats["seq_len"], len(samples)))
+            references.append(logits)
+            first = first or (inputs, stats)  # the timing batch, and its token counts unpressed
+            progress.advance(task)
+
+        n_visual = first[1]["visual_tokens"] // first[1]["images"]  # known once the adapter has seen a batch
+        record["model"]["visual_tokens_per_image"] = n_visual
+        cells = [baseline, *_plan(presses, keeps, n_visual, notes)]
+        todo = [cell for cell in cells if (cell.press, cell.keep) not in rows]
+        progress.update(task, total=len(batches) * (1 + sum(cell is not baseline for cell in todo)))
+        for i, cell in enumerate(todo):
+            label = f"{cell.press} keep={cell.keep or 'own'}"
+            if cell is not baseline:  # the baseline has answered above
+                progress.update(task, description=f"answering: {label}")
+                for samples, reference in zip(batches, references):
+                    inputs = inputs_of(samples)
+                    answers, logits, stats = _generate(model, processor, inputs, cell.make(), max_new_tokens)
+                    cell.add(answers, stats, _flops(model.config, stats, len(samples)),
+                             _kv_bytes(model, stats["pressed_seq_len"], len(samples)),
+                             kl=kl_divergence(reference, logits))
+                    progress.advance(task)
+            progress.update(task, description=f"timing: {label}")
+            rows[(cell.press, cell.keep)] = _row(cell, data, baseline, _time_prefill(model, *first, cell, repeats))
+            update(pending=todo[i + 1 :])
+            if checkpoint is not None:
+                checkpoint(record)
+
+    update(pending=[])
     print_table(record, console)
     return record
+
+
+def _resume_key(record: dict) -> dict:
+    """What two runs must share for the rows of one to stand in the other: data, model, answering."""
+    model, settings = record["model"], record["settings"]
+    return {"dataset": record["dataset"], "n": record["n"], "model id": model.get("id"), "model": model["name"],
+            "parameters": model["parameters"],
+            **{key: settings[key] for key in ("batch_size", "max_new_tokens", "hint", "seed")}}
+
+
+def _resumable_rows(previous: dict | None, record: dict) -> dict[tuple, dict]:
+    """The rows of ``previous`` by (press, keep); ValueError if it ran on other data, model or settings."""
+    if previous is None:
+        return {}
+    was, now = _resume_key(previous), _resume_key(record)
+    if was != now:
+        differ = ", ".join(f"{key} {was[key]!r} (now {now[key]!r})" for key in now if was[key] != now[key])
+        raise ValueError(f"cannot resume a run made with other settings: {differ}")
+    return {(row["press"], row["keep"]): row for row in previous["rows"]}
 
 
 # ---- plan -------------------------------------------------------------------------------------
@@ -221,16 +269,15 @@ def _kv_bytes(model, seq_len: int, batch: int) -> int:
     return kv_cache_bytes(text_config, seq_len, batch=batch, dtype=next(model.parameters()).dtype)
 
 
-def _time_prefill(model, inputs: dict, base_stats: dict, cells: list[_Cell], repeats: int, progress: Progress) -> dict:
-    """Per cell: median prefill seconds, peak memory and FLOPs of one batch (``base_stats``: the
-    token counts the adapter recorded for it unpressed).
+def _time_prefill(model, inputs: dict, base_stats: dict, cell: _Cell, repeats: int) -> dict:
+    """Median prefill seconds of ``cell`` on one batch, its speedup over the unpressed model and
+    the FLOPs limit of that speedup, and its peak memory (``base_stats``: the token counts the
+    adapter recorded for the batch unpressed).
 
-    Cells are timed round-robin (one forward each per round, after a warm-up round) rather than
-    one after the other, so a slow spell of a shared machine spreads over every cell instead of
-    biasing the speedups of whichever cells it happened to hit.
+    The cell and the unpressed model are timed in alternation (one forward each per round, after
+    a warm-up round), so a slow spell of a shared machine slows both instead of biasing the
+    speedup, and each speedup stands on its own, in a resumed run too.
     """
-    device = inputs["input_ids"].device
-
     def prefill():
         with torch.inference_mode():
             model(**inputs, logits_to_keep=1)
@@ -241,24 +288,23 @@ def _time_prefill(model, inputs: dict, base_stats: dict, cells: list[_Cell], rep
         with press(model):
             return fn()
 
-    presses = {id(cell): None if cell.press == BASELINE else cell.make() for cell in cells}
+    press = None if cell.press == BASELINE else cell.make()
+    contenders = {BASELINE: None} if press is None else {BASELINE: None, "pressed": press}
     times = defaultdict(list)
-    task = progress.add_task(f"timing prefill (batch {inputs['input_ids'].shape[0]})", total=(1 + repeats) * len(cells))
     for round_ in range(1 + repeats):
-        for cell in cells:
-            seconds = under(presses[id(cell)], lambda: time_call(prefill, repeats=1, warmup=0))
+        for side, contender in contenders.items():
+            seconds = under(contender, lambda: time_call(prefill, repeats=1, warmup=0))
             if round_:  # round 0 warms up
-                times[id(cell)].append(seconds)
-            progress.advance(task)
+                times[side].append(seconds)
+    median = {side: statistics.median(seconds) for side, seconds in times.items()}
+    seconds = median.get("pressed", median[BASELINE])
 
-    timing = {}
-    for cell in cells:
-        press = presses[id(cell)]
-        memory = under(press, lambda: _peak_memory(prefill, device))
-        flops = _flops(model.config, base_stats if press is None else press.stats, inputs["input_ids"].shape[0])
-        timing[(cell.press, cell.keep)] = dict(seconds=statistics.median(times[id(cell)]), memory=memory,
-                                               flops=None if flops is None else flops.total)
-    return timing
+    batch, device = inputs["input_ids"].shape[0], inputs["input_ids"].device
+    base_flops = _flops(model.config, base_stats, batch)
+    flops = base_flops if press is None else _flops(model.config, press.stats, batch)
+    return dict(seconds=seconds, speedup=median[BASELINE] / seconds,
+                limit=None if flops is None else base_flops.total / flops.total,
+                memory=under(press, lambda: _peak_memory(prefill, device)))
 
 
 # ---- memory -----------------------------------------------------------------------------------
@@ -328,9 +374,8 @@ def _quiet_stderr():
 
 
 # ---- the record -------------------------------------------------------------------------------
-def _row(cell: _Cell, data: list[dict], baseline: _Cell, timing: dict, n: int) -> dict:
-    t, t0 = timing[(cell.press, cell.keep)], timing[(BASELINE, None)]
-    is_base = cell.press == BASELINE
+def _row(cell: _Cell, data: list[dict], baseline: _Cell, timed: dict) -> dict:
+    n, is_base = len(data), cell.press == BASELINE
     kinds = defaultdict(list)
     for answer, sample in zip(cell.answers, data):
         kinds[sample.get("kind") or "all"].append((answer, sample))
@@ -345,26 +390,27 @@ def _row(cell: _Cell, data: list[dict], baseline: _Cell, timing: dict, n: int) -
         "kl": 0.0 if is_base else float(torch.cat(cell.kl).mean()),
         "flops": flops,  # per sample, per stage, on the padded batches actually run
         "flops_ratio": None if flops is None else cell.flops["total"] / baseline.flops["total"],
-        "prefill_s": t["seconds"],
-        "speedup": t0["seconds"] / t["seconds"],
-        "speedup_limit": None if t["flops"] is None else t0["flops"] / t["flops"],
-        "peak_memory_bytes": t["memory"],
+        "prefill_s": timed["seconds"],
+        "speedup": timed["speedup"],  # over the unpressed model timed in alternation with it
+        "speedup_limit": timed["limit"],
+        "peak_memory_bytes": timed["memory"],
         "kv_bytes": cell.kv_bytes / n,  # per sample
         "answers": cell.answers,
     }
 
 
-def _model_summary(model, n_visual: int) -> dict:
+def _model_summary(model, model_id: str | None) -> dict:
     config = model.config
     vision = getattr(config, "vision_config", None)
     text = config.get_text_config()
     return {
+        "id": model_id,
         "name": getattr(config, "_name_or_path", "") or type(model).__name__,
         "class": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "visual_tokens_per_image": n_visual,
+        "visual_tokens_per_image": None,  # set once the adapter has seen a batch
         "vision": None if vision is None else {
             "model_type": vision.model_type, "layers": vision.num_hidden_layers, "hidden": vision.hidden_size,
             "image_size": getattr(vision, "image_size", None), "patch_size": getattr(vision, "patch_size", None)},

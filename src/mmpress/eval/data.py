@@ -220,25 +220,44 @@ def _easy_vqa_kind(question: str) -> str:
 
 
 def jsonl_dataset(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Records ``{image, question, answer[, kind]}`` with ``image`` relative to the file."""
+    """Records ``{image, question, answer[, kind]}`` with ``image`` relative to the file. A record
+    that is not such an object, or whose image cannot be read, is a ValueError naming file and line."""
     path = Path(path)
     samples = []
     with path.open() as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected an object {{image, question, answer}}, "
+                                 f"got {type(record).__name__}")
             missing = {"image", "question", "answer"} - record.keys()
             if missing:
-                raise ValueError(f"{path}:{line_no}: record lacks {sorted(missing)}")
+                raise ValueError(f"{where}: record lacks {sorted(missing)}")
+            if record["answer"] is None:
+                raise ValueError(f"{where}: 'answer' is null; give the reference answer as a string")
             image_path = path.parent / record["image"]
-            with Image.open(image_path) as im:
-                image = im.convert("RGB")
-            samples.append(dict(image=image, question=record["question"], answer=str(record["answer"]),
-                                kind=record.get("kind", "jsonl"), image_id=str(image_path)))
+            samples.append(dict(image=_read_image(image_path, where), question=record["question"],
+                                answer=str(record["answer"]), kind=record.get("kind", "jsonl"),
+                                image_id=str(image_path)))
             if limit is not None and len(samples) == limit:
                 break
     return samples
+
+
+def _read_image(path: Path, where: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"{where}: no such image file {path}") from None
+    except OSError as e:  # PIL's UnidentifiedImageError, a truncated file, a folder
+        raise ValueError(f"{where}: cannot read image {path} ({e})") from None
 
 
 def disk_dataset(path: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
@@ -258,10 +277,11 @@ def disk_dataset(path: str | Path, split: str = "test", limit: int | None = None
         ds = ds.select(range(min(limit, len(ds))))
     samples = []
     for i, row in enumerate(ds):
-        image = row["image"]
-        if isinstance(image, str):
-            image = Image.open(Path(path) / image if not Path(image).is_absolute() else image)
-        samples.append(dict(image=image.convert("RGB"), question=row["question"], answer=str(row["answer"]),
+        image, where = row["image"], f"{path}: row {i}"
+        if row["answer"] is None:
+            raise ValueError(f"{where}: 'answer' is null; give the reference answer as a string")
+        image = _read_image(Path(path) / image, where) if isinstance(image, str) else image.convert("RGB")
+        samples.append(dict(image=image, question=row["question"], answer=str(row["answer"]),
                             kind=row.get("kind") or "disk", image_id=f"{path}/{split}/{i}"))
     return samples
 
@@ -269,15 +289,17 @@ def disk_dataset(path: str | Path, split: str = "test", limit: int | None = None
 def load_dataset(name_or_path: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
     """Load a labelled VQA set: ``"scenes"``, ``"easy-vqa"``, a ``.jsonl`` file, or a folder saved
     by ``datasets``. Returns dicts ``{image, question, answer, kind, image_id}``."""
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (None: every sample), got {limit}")
     name = str(name_or_path)
     if name == "scenes":
         return scenes_dataset(split, limit)
     if name in ("easy-vqa", "easy_vqa"):
         return easy_vqa_dataset(split, limit)
     path = Path(name)
-    if path.suffix == ".jsonl" and path.is_file():
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise ValueError(f"no such file: {path}")
         return jsonl_dataset(path, limit)
     if path.is_dir():
         return disk_dataset(path, split, limit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -220,18 +221,29 @@ img {{ max-width: 100%; margin-top: 1.5em; }}
 """
 
 
+def save_json(record: dict, path: str | Path) -> Path:
+    """Write ``record`` as JSON atomically (a temporary file, then ``os.replace``): an interrupt
+    leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
 def write_report(record: dict, out: str | Path) -> dict[str, Path]:
     """Write ``bench.json``, ``bench.md``, ``bench.png`` and ``bench.html`` under ``out`` (created
     if missing); returns their paths by kind."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {kind: out / f"bench.{kind}" for kind in ("json", "md", "png", "html")}
-    paths["json"].write_text(json.dumps(record, indent=2))
+    save_json(record, paths["json"])
     plot_pareto(record, paths["png"])
     paths["md"].write_text(to_markdown(record, image=paths["png"].name))
     paths["html"].write_text(to_html(record, paths["png"].read_bytes()))
     return paths
 
 
-__all__ = ["best_per_budget", "ordered_rows", "plot_pareto", "print_table", "quality_key", "table_cells", "to_html",
-           "to_markdown", "write_report"]
+__all__ = ["best_per_budget", "ordered_rows", "plot_pareto", "print_table", "quality_key", "save_json", "table_cells",
+           "to_html", "to_markdown", "write_report"]

@@ -72,16 +72,22 @@ class Press:
     needs_budget: ClassVar[bool] = True
 
     def __post_init__(self):
+        budget = {k: v for k, v in (("keep", self.keep), ("keep_ratio", self.keep_ratio)) if v is not None}
         if not self.needs_budget:
+            if budget:
+                given = ", ".join(f"{k}={v!r}" for k, v in budget.items())
+                raise ValueError(f"press {self.name or type(self).__name__!r} takes no budget: drop {given}, "
+                                 "or pick a press that compresses to a budget")
             return
-        if self.keep is None and self.keep_ratio is None:
+        if not budget:
             raise ValueError(f"{type(self).__name__} needs a budget: pass keep=64 or keep_ratio=0.25")
-        if self.keep is not None and self.keep_ratio is not None:
+        if len(budget) == 2:
             raise ValueError("pass either keep= or keep_ratio=, not both")
         if self.keep is not None and (not isinstance(self.keep, int) or isinstance(self.keep, bool) or self.keep <= 0):
-            raise ValueError(f"keep must be a positive int (tokens per image), got {self.keep!r}")
-        if self.keep_ratio is not None and not (0.0 < float(self.keep_ratio) <= 1.0):
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+            raise ValueError(f"keep must be a positive int (tokens per image), e.g. keep=64; got {self.keep!r}")
+        if self.keep_ratio is not None and (not isinstance(self.keep_ratio, (int, float))
+                                            or isinstance(self.keep_ratio, bool) or not 0 < self.keep_ratio <= 1):
+            raise ValueError(f"keep_ratio must be a number in (0, 1], e.g. keep_ratio=0.25; got {self.keep_ratio!r}")
 
     # ---- budget -------------------------------------------------------------------------
     def budget(self, n: int) -> int:

@@ -14,7 +14,8 @@ from mmpress.presses.base import Press, ScorerPress, SelectorPress, VisualContex
 @register
 @dataclass
 class NonePress(Press):
-    """Keeps every visual token: the uncompressed reference (``NonePress()`` takes no budget)."""
+    """Keeps every visual token: the uncompressed reference. It takes no budget: ``NonePress(keep=8)``
+    raises rather than silently keeping everything."""
 
     name = "none"
     paper = "no compression (reference)"
