@@ -1,0 +1,349 @@
+"""The family-neutral adapter core: hook lifecycle, pressing a prefill, compacting and re-padding
+the batch, and mapping decoding and later turns onto the pressed KV cache.
+
+A family file (``llava.py``, ``qwen_vl.py``) subclasses :class:`Adapter` and says only where the
+visual tokens are (:meth:`Adapter.visual_items`: one :class:`Item` per image or video, in the
+order their features fill the placeholders), which signals its vision tower gives
+(:meth:`Adapter.signal_hooks` / :meth:`Adapter.fill_signals`) and how its positions work.
+
+How a ``pre_llm`` press is applied, with hooks only (no model source is edited):
+1. a forward pre-hook on the VLM records the prompt and the visual items, and checks them
+   against each other (the one host read of a pressed prefill: the per-row placeholder counts,
+   taken before any GPU work of the forward is queued);
+2. the family's hooks on the vision tower record the signals a press declared;
+3. a forward pre-hook on the language model takes each item's tokens out of ``inputs_embeds``,
+   presses items of the same shape together, and rebuilds ``inputs_embeds``, ``attention_mask``
+   and ``position_ids`` with the dropped tokens removed, rows re-padded on the LEFT (never
+   truncated), without host syncs;
+4. a forward hook on the language model remembers which KV cache holds the pressed prefill;
+   later calls on that cache (decoding steps, a later turn's new tokens) get the pressed mask and
+   their original position ids mapped onto it.
+
+Position ids (a documented choice): kept tokens keep their ORIGINAL position ids by default
+(``positions="keep"``; 1-D, or M-RoPE's (3 or 4, B, L)), so RoPE still encodes where each kept
+patch and the text after it sit. ``positions="reindex"`` (1-D RoPE only) numbers the pressed
+sequence 0..L'-1. The choice is carried into decoding.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from mmpress.models.protocol import CACHE_NAMES, cache_length, protocol
+from mmpress.ops.sequence import compact_index, flat_positions, gather_rows
+from mmpress.presses.base import Press, VisualContext
+
+CONTINUE = ("A pressed cache holds fewer entries than the tokens it stands for, so generate(past_key_values=...) "
+            "on the whole conversation would feed the wrong tokens. Run generate on the whole conversation under "
+            "the press without past_key_values, or feed only the new turn's tokens: "
+            "model(input_ids=new_ids, attention_mask=full_mask, past_key_values=cache)")
+_PRESSED_MODELS: weakref.WeakSet = weakref.WeakSet()  # models a press is applied to right now
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image or video as the language model sees it: ``length`` placeholder tokens of
+    ``token_id``, their (t, h, w) grid (t = 1 for an image; None if unknown), and ``source``, its
+    index in the batch the vision tower encoded (generate repeats encoded items per beam)."""
+
+    token_id: int
+    length: int
+    grid: tuple[int, int, int] | None
+    source: int
+
+
+@dataclass
+class _Prefill:
+    """What decoding needs to know about a pressed prefill (one per pressed KV cache)."""
+
+    mask: Tensor  # (B, L') attention mask of the pressed prompt
+    length: int  # L, the unpressed prompt length (with padding)
+    shift: Tensor  # (B,) subtracted from original position ids (0 with positions="keep")
+
+
+@dataclass
+class _State:
+    input_ids: Tensor | None = None
+    items: list[Item] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # the batch row of each item (host integers)
+    positions_from_cache: bool = False  # the model numbers new tokens from the (pressed) cache length
+    pending: _Prefill | None = None  # a pressed prefill whose KV cache the language model returns
+
+
+def encoded_sources(encoded: list[Tensor]) -> list[int] | None:
+    """Which encoded item each of ``encoded`` is. ``generate`` encodes the images once, then
+    repeats the per-item feature views for beams and ``num_return_sequences``; the views of one
+    encoder output share a storage, so an item is identified by its offset in that storage."""
+    storage = encoded[0].untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() != storage for t in encoded):
+        return None
+    starts = sorted({t.data_ptr() for t in encoded})
+    return [starts.index(t.data_ptr()) for t in encoded]
+
+
+class Adapter:
+    """Applies presses to a vision-language model. ``positions``: "keep" (default) or "reindex"."""
+
+    family: ClassVar[str] = ""
+    position_modes: ClassVar[tuple[str, ...]] = ("keep", "reindex")
+
+    def __init__(self, model: nn.Module, positions: str = "keep"):
+        # after each pressed prefill, ``self.stats`` (also set as ``press.stats``) holds the
+        # token counts: images, visual_tokens, kept_visual_tokens, seq_len, pressed_seq_len
+        if positions not in self.position_modes:
+            raise ValueError(f"positions must be one of {self.position_modes} for {self.family} models, "
+                             f"got {positions!r}")
+        self.model = model
+        # *ForConditionalGeneration wraps the VLM in .model; a bare VLM is accepted too
+        self.vlm = model.model if hasattr(getattr(model, "model", None), "language_model") else model
+        if not hasattr(self.vlm, "language_model"):
+            raise ValueError(f"{type(model).__name__} does not look like a transformers {self.family} model")
+        self.config = self.vlm.config
+        self.protocol = protocol(self.vlm, self.vlm.language_model)
+        self.positions = positions
+        self.state = _State()
+        self.pressed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> _Prefill
+        self.stats: dict[str, int] = {}
+
+    # ---- what a family file says ------------------------------------------------------------
+    token_ids: tuple[int, ...] = ()  # placeholder ids of the visual tokens (set by the family)
+
+    def visual_items(self, args, kwargs) -> list[Item]:
+        """The images / videos of this VLM forward, in placeholder order (host facts only)."""
+        raise NotImplementedError
+
+    def signal_hooks(self, press: Press) -> list:
+        """Hooks on the vision tower recording the signals ``press.needs`` (default: none)."""
+        return []
+
+    def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
+        """Put the vision signals of ``items`` (one group of equal shape) into ``ctx``."""
+
+    def numbers_from_cache(self, kwargs: dict) -> bool:
+        """Whether the model will number this call's new tokens from the cache length (pressed
+        coordinates) instead of the caller's mask / positions (original coordinates)."""
+        return False
+
+    # ---- hooks ------------------------------------------------------------------------------
+    @contextmanager
+    def apply(self, press: Press):
+        if press.stage != "pre_llm":
+            raise ValueError(f"the {self.family} adapter does not support stage {press.stage!r} yet")
+        if self.vlm in _PRESSED_MODELS:
+            raise ValueError("a press is already applied to this model: presses do not nest (the second would "
+                             "see the first's tokens or none); exit the first `with press(model):` block first")
+        lm = self.vlm.language_model
+        handles = [
+            self.vlm.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
+            lm.register_forward_pre_hook(lambda m, a, kw: self._language_model_hook(press, a, kw), with_kwargs=True),
+            lm.register_forward_hook(self._capture_cache),
+        ]
+        _PRESSED_MODELS.add(self.vlm)
+        try:
+            handles += self.signal_hooks(press)
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            _PRESSED_MODELS.discard(self.vlm)
+            self.state = _State()
+
+    def _capture_inputs(self, module, args, kwargs):
+        """Records the prompt and checks it against the visual items, before any GPU work of this
+        forward is queued: the one host read of a pressed prefill (the per-row placeholder
+        counts) then finds the GPU idle, and the rest of the pressed forward never syncs."""
+        state = self.state
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        items = self.visual_items(args, kwargs)
+        state.input_ids, state.items, state.rows = input_ids, items, []
+        cache = self.protocol.cache_of(kwargs)
+        state.positions_from_cache = False
+        if cache_length(cache):  # decoding or a later turn: no new images expected
+            if cache in self.pressed and self.protocol.starts_generate(kwargs):
+                raise ValueError(f"generate() was called on a pressed KV cache. {CONTINUE}")
+            if items:
+                raise ValueError("mmpress presses images in a fresh prefill; this call continues a non-empty KV "
+                                 "cache with images: run generate on the whole conversation without "
+                                 "past_key_values (the press then presses every image), or pass only new text")
+            state.positions_from_cache = cache in self.pressed and self.numbers_from_cache(kwargs)
+            return
+        if input_ids is None:
+            if items:
+                raise ValueError("pressing needs input_ids (visual tokens are located by their placeholder ids), "
+                                 "not inputs_embeds")
+            return
+        counts = torch.stack([(input_ids == t).sum(dim=1) for t in self.token_ids]).tolist()  # (ids, B)
+        if not items:
+            if any(map(any, counts)):  # transformers would embed the placeholders as text, silently
+                raise ValueError("the prompt holds image tokens but no images were given: pass pixel_values "
+                                 "(one image per <image> placeholder)")
+            return
+        state.rows = self._rows(items, dict(zip(self.token_ids, counts)))
+
+    @staticmethod
+    def _rows(items: list[Item], counts: dict[int, list[int]]) -> list[int]:
+        """The batch row of each item: the items of a placeholder id fill the rows in order."""
+        rows = [0] * len(items)
+        for token_id, per_row in counts.items():
+            queue = [i for i, item in enumerate(items) if item.token_id == token_id]
+            lengths = [items[i].length for i in queue]
+            fits = sum(per_row) == sum(lengths)
+            for row, count in enumerate(per_row):
+                while fits and count > 0:
+                    i = queue.pop(0)
+                    fits = items[i].length <= count
+                    rows[i], count = row, count - items[i].length
+            if not fits:
+                raise ValueError(f"{len(lengths)} visual inputs of {lengths} tokens were given, but the prompt rows "
+                                 f"hold {per_row} placeholder tokens (id {token_id}): pass one image per "
+                                 f"placeholder (the processor expands each to its token count)")
+        return rows
+
+    def _language_model_hook(self, press: Press, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        cache = self.protocol.cache_of(kwargs)
+        past = cache_length(cache)
+        if past:  # decoding, or a later turn appended to a cache
+            pre = self.pressed.get(cache)
+            return None if pre is None else (args, self._map_decoding(pre, kwargs, embeds, past))
+        if not self.state.rows:
+            return None
+        kwargs, self.state.pending = self._press_prefill(press, kwargs, embeds)
+        return args, kwargs
+
+    def _capture_cache(self, module, args, output):
+        """Remembers which KV cache holds a pressed prefill, so that decoding steps and later
+        turns on that cache (and only those) are mapped onto it."""
+        pre, self.state.pending = self.state.pending, None
+        cache = next((c for c in (getattr(output, name, None) for name in CACHE_NAMES) if c is not None), None)
+        if pre is not None and cache is not None:
+            self.pressed[cache] = pre
+
+    # ---- prefill ----------------------------------------------------------------------------
+    def _press_prefill(self, press: Press, kwargs: dict, embeds: Tensor) -> tuple[dict, _Prefill | None]:
+        """Presses every item of the batch (items of the same shape together) and compacts the
+        rows, without host syncs: the pressed width follows from host facts (item lengths, rows)."""
+        b, length, dim = embeds.shape
+        items, rows, ids = self.state.items, self.state.rows, self.state.input_ids
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError("pressing needs a 2-D attention mask (batch, seq); got a 4-D mask")
+        valid = torch.ones(b, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+        pos = kwargs.get("position_ids")
+        pos = torch.arange(length, device=embeds.device).expand(b, length) if pos is None else pos
+        pos = pos.expand(*pos.shape[:-2], b, length)
+
+        # flat positions of each item's tokens, as masked_scatter filled them (transformers
+        # checked the placeholder counts against the features when it scattered them)
+        visual = torch.zeros(b, length, dtype=torch.bool, device=embeds.device)
+        flats: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
+        for token_id in self.token_ids:
+            mine = [i for i, item in enumerate(items) if item.token_id == token_id]
+            if not mine:
+                continue
+            placeholder = ids == token_id
+            visual |= placeholder
+            chunks = flat_positions(placeholder, sum(items[i].length for i in mine)).split([items[i].length for i in mine])
+            for i, chunk in zip(mine, chunks):
+                flats[i] = chunk
+
+        # rows hold at most this many text tokens: the row with fewest visual tokens has most
+        self._text_width = length - min(sum(item.length for item, row in zip(items, rows) if row == r)
+                                        for r in range(b))
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            groups[(item.token_id, item.length, item.grid)].append(i)
+        dropped_per_row = [0] * b
+        kept_flat, kept_values, n_total, k_total = [], [], 0, 0
+        text = None
+        for members in groups.values():
+            flat = torch.stack([flats[i] for i in members])  # (G, n)
+            n = flat.shape[1]
+            tokens = embeds.view(b * length, dim)[flat]
+            ctx, text = self._context(press, embeds, visual, valid, members, text)
+            kept, index = press.press(tokens, ctx)
+            k = index.shape[1]
+            n_total, k_total = n_total + n * len(members), k_total + k * len(members)
+            for i in members:
+                dropped_per_row[rows[i]] += n - k
+            kept_flat.append(flat.gather(1, index).reshape(-1))  # whole items too: their tokens stay
+            kept_values.append(kept.reshape(-1, dim).to(embeds.dtype))
+        self.stats = press.stats = {"images": len(items), "visual_tokens": n_total, "kept_visual_tokens": k_total,
+                                    "seq_len": length, "pressed_seq_len": length}
+        if k_total == n_total:  # keep-all: leave the call untouched, bit-identical to the unpressed model
+            return kwargs, None
+
+        kept_flat_all = torch.cat(kept_flat)
+        values = embeds.reshape(b * length, dim).index_copy(0, kept_flat_all, torch.cat(kept_values))
+        keep = (valid & ~visual).view(-1).index_fill(0, kept_flat_all, True).view(b, length)
+        width = length - min(dropped_per_row)  # the row losing fewest tokens sets the width
+        src, new_mask = compact_index(keep, width)
+        new_embeds = gather_rows(values.view(b, length, dim), src)
+        lengths = keep.sum(dim=1)
+        if self.positions == "keep":
+            new_pos = pos.gather(-1, src.expand(*pos.shape[:-2], b, width))
+            shift = torch.zeros(b, dtype=pos.dtype, device=pos.device)
+        else:
+            new_pos = torch.arange(width, device=pos.device) - (width - lengths)[:, None]
+            last = torch.arange(length, device=valid.device).masked_fill(~valid, -1).argmax(dim=1)
+            shift = pos.gather(1, last[:, None])[:, 0] - (lengths - 1)
+        new_pos = new_pos.masked_fill(~new_mask, 1)  # padding: what generate gives pad slots
+        new_mask = new_mask.to(mask.dtype if mask is not None else torch.long)
+        self.stats["pressed_seq_len"] = width
+        pre = _Prefill(mask=new_mask, length=length, shift=shift)
+        return {**kwargs, "inputs_embeds": new_embeds, "attention_mask": new_mask, "position_ids": new_pos}, pre
+
+    def _context(self, press: Press, embeds, visual, valid, members: list[int], text):
+        """The signals ``press.needs`` for one group of items of equal shape; ``text`` caches the
+        padded text of every row across groups."""
+        needs, items = set(press.needs), [self.state.items[i] for i in members]
+        ctx = VisualContext()
+        grid = items[0].grid
+        if grid is not None:
+            t, h, w = grid
+            ctx.grid = (h, w) if t == 1 else None
+            if hasattr(ctx, "grid_thw"):
+                ctx.grid_thw = grid
+        if {"cls_attn", "vision_keys"} & needs:
+            self.fill_signals(press, ctx, items)
+        if "text" in needs:
+            if text is None:
+                src, text_mask = compact_index(valid & ~visual, self._text_width)
+                text = gather_rows(embeds, src), text_mask
+            owner = torch.tensor([self.state.rows[i] for i in members], device=embeds.device)
+            ctx.text, ctx.text_mask = text[0][owner], text[1][owner]
+        return ctx, text
+
+    # ---- decoding ---------------------------------------------------------------------------
+    def _map_decoding(self, pre: _Prefill, kwargs: dict, embeds: Tensor, past: int) -> dict:
+        """Map the original-length mask / position ids of a call continuing a pressed cache
+        (generate's decoding steps, or new tokens of a later turn) onto that cache."""
+        b, q = embeds.shape[:2]
+        new_len = pre.mask.shape[1]
+        grown = past + q - new_len  # tokens appended since the prefill, this step's included
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            tail = pre.mask.new_ones(b, grown)
+        else:
+            if mask.ndim != 2 or mask.shape[1] != pre.length + grown:
+                raise ValueError(
+                    f"this call continues a pressed KV cache ({past} entries standing for a {pre.length}-token "
+                    f"prompt + {past - new_len} later tokens) with an attention mask of {mask.shape[-1]} columns, "
+                    f"expected {pre.length + grown}. {CONTINUE}")
+            tail = mask[:, pre.length:].to(pre.mask.dtype)
+        pos = kwargs.get("position_ids")
+        if pos is None:  # what the unpressed model would use: cache length + offset
+            pos = (past + pre.length - new_len + torch.arange(q, device=embeds.device)).expand(b, q)
+        elif self.state.positions_from_cache:  # the model numbered from the pressed cache length
+            pos = pos + (pre.length - new_len)
+        pos = pos - pre.shift[:, None]
+        return {**kwargs, "attention_mask": torch.cat([pre.mask, tail], dim=1), "position_ids": pos}
