@@ -5,8 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from mmpress.models.llava import LlavaAdapter
+from mmpress.models.qwen_vl import QwenVLAdapter
 
-ADAPTERS = {"llava": LlavaAdapter}
+# transformers model_type -> adapter
+ADAPTERS = {"llava": LlavaAdapter, "qwen2_vl": QwenVLAdapter, "qwen2_5_vl": QwenVLAdapter,
+            "qwen3_vl": QwenVLAdapter}  # qwen3_vl: refused with the reason (DeepStack)
 
 
 def get_adapter(model: nn.Module, **options):
@@ -20,4 +23,4 @@ def get_adapter(model: nn.Module, **options):
     return ADAPTERS[model_type](model, **options)
 
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "get_adapter"]
+__all__ = ["ADAPTERS", "LlavaAdapter", "QwenVLAdapter", "get_adapter"]

@@ -310,9 +310,9 @@ class Adapter:
         grid = items[0].grid
         if grid is not None:
             t, h, w = grid
-            ctx.grid = (h, w) if t == 1 else None
-            if hasattr(ctx, "grid_thw"):
-                ctx.grid_thw = grid
+            # a video's raster order over (t, h, w) is the raster order of a (t*h) x w grid, so
+            # 2-D presses (uniform, pool) run unchanged; video-aware presses read grid_thw
+            ctx.grid, ctx.grid_thw = (t * h, w), grid
         if {"cls_attn", "vision_keys"} & needs:
             self.fill_signals(press, ctx, items)
         if "text" in needs:

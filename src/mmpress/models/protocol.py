@@ -70,11 +70,15 @@ class Protocol:
         of pre-encoded images (empty without images) on its first step only; forward passes None."""
         return self.encoded_images is not None and kwargs.get(self.encoded_images) is not None
 
-    def images_in(self, kwargs: dict) -> list | None:
-        """Per-image feature tensors ``generate`` encoded beforehand, or None."""
+    def encoded_in(self, kwargs: dict, modality: str = "image") -> list | None:
+        """Per-item feature tensors of ``modality`` ("image", "video") that ``generate`` encoded
+        beforehand, or None."""
         encoded = kwargs.get(self.encoded_images) if self.encoded_images else None
-        image = (encoded or {}).get("image")
-        return None if image is None else list(image.pooler_output)
+        output = (encoded or {}).get(modality)
+        return None if output is None else list(output.pooler_output)
+
+    def images_in(self, kwargs: dict) -> list | None:
+        return self.encoded_in(kwargs, "image")
 
 
 def protocol(vlm: nn.Module, language_model: nn.Module) -> Protocol:

@@ -1,7 +1,8 @@
 """Presses: one module per method family. Importing this package registers every press."""
 
 from mmpress.presses import (  # noqa: F401
-    baselines, cdpruner, dart, divprune, holov, mmtok, prumerge, tome, visionzip, vispruner, vtc_cls,
+    baselines, cdpruner, dart, divprune, evs, fastvid, holov, mmtok, prumerge, temporal_merge, tome, visionzip,
+    vispruner, vtc_cls,
 )
 from mmpress.presses.base import (
     PRESSES,

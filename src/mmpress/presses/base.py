@@ -32,6 +32,10 @@ class VisualContext:
     """Signals for one batch of M images with N visual tokens each.
 
     grid:         (h, w) patch grid of the N tokens, raster order (h * w == N).
+    grid_thw:     (t, h, w) of a video: t frames (after the model's temporal patching), each an
+                  h x w grid (after its spatial merge), tokens in raster order over (t, h, w),
+                  t * h * w == N; M videos of the same grid. None for an image (read as t = 1
+                  with ``grid``). Structural, like ``grid``: cheap, not a declared signal.
     cls_attn:     (M, N) softmax attention of the vision tower's [CLS] query over the patch
                   tokens, averaged over heads, in the layer whose output feeds the projector.
     cls_attn_layers: (M, L, N) the same at the vision layers a press lists in its ``layers`` field
@@ -42,6 +46,7 @@ class VisualContext:
     """
 
     grid: tuple[int, int] | None = None
+    grid_thw: tuple[int, int, int] | None = None
     cls_attn: Tensor | None = None
     cls_attn_layers: Tensor | None = None
     vision_keys: Tensor | None = None
@@ -70,6 +75,8 @@ class Press:
     needs: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[str] = ""
     needs_budget: ClassVar[bool] = True
+    #: video-aware: uses the temporal structure of ``VisualContext.grid_thw`` (``mmpress list``)
+    video: ClassVar[bool] = False
 
     def __post_init__(self):
         budget = {k: v for k, v in (("keep", self.keep), ("keep_ratio", self.keep_ratio)) if v is not None}

@@ -1,0 +1,218 @@
+"""The Qwen-VL adapter (Qwen2-VL, Qwen2.5-VL): images of different sizes, M-RoPE positions,
+video, every press x batch shape, against hand-built oracles. Tiny random configs, no download."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration)
+
+import mmpress
+from mmpress.presses.base import ScorerPress
+
+IMAGE, VIDEO, START, END, PAD = 7, 8, 5, 6, 0
+PATCH, MERGE, TEMPORAL = 4, 2, 2
+TEXT = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]})
+
+
+def tiny_qwen(kind: str = "qwen2_vl", seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(depth=2, num_heads=4, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
+                  in_channels=3)
+    if kind == "qwen2_vl":
+        config = Qwen2VLConfig(vision_config=dict(embed_dim=32, hidden_size=48, mlp_ratio=2, **common),
+                               text_config=TEXT, image_token_id=IMAGE, video_token_id=VIDEO,
+                               vision_start_token_id=START, vision_end_token_id=END)
+        cls = Qwen2VLForConditionalGeneration
+    else:
+        config = Qwen2_5_VLConfig(vision_config=dict(hidden_size=32, intermediate_size=64, out_hidden_size=48,
+                                                     window_size=16, fullatt_block_indexes=[1], **common),
+                                  text_config=TEXT, image_token_id=IMAGE, video_token_id=VIDEO,
+                                  vision_start_token_id=START, vision_end_token_id=END)
+        cls = Qwen2_5_VLForConditionalGeneration
+    config._attn_implementation = "sdpa"
+    model = cls(config).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def make_batch(model, rows, seed=0):
+    """rows: per row, a list of ("image"|"video", (t, H, W) patches) and a text length; left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids_rows, images, videos = [], [], []
+    for visuals, text_len in rows:
+        row = torch.randint(10, 64, (2,), generator=g).tolist()
+        for kind, grid in visuals:
+            n = grid[0] * grid[1] * grid[2] // MERGE**2
+            row += [START] + [IMAGE if kind == "image" else VIDEO] * n + [END]
+            (images if kind == "image" else videos).append(grid)
+        rows_text = torch.randint(10, 64, (text_len,), generator=g).tolist()
+        ids_rows.append(row + rows_text)
+    width = max(map(len, ids_rows))
+    ids = torch.full((len(ids_rows), width), PAD)
+    mask = torch.zeros(len(ids_rows), width, dtype=torch.long)
+    for i, row in enumerate(ids_rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    patch_dim = 3 * TEMPORAL * PATCH * PATCH
+    for key, grids in (("image", images), ("video", videos)):
+        if grids:
+            grid = torch.tensor(grids)
+            pixels = torch.randn(int(grid.prod(-1).sum()), patch_dim, generator=g)
+            batch["pixel_values" if key == "image" else "pixel_values_videos"] = pixels
+            batch[f"{key}_grid_thw"] = grid
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        batch["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
+    return batch
+
+
+SINGLE = [([("image", (1, 8, 8))], 5)]  # 16 visual tokens
+RAGGED = [([("image", (1, 8, 8))], 5), ([("image", (1, 8, 12)), ("image", (1, 8, 8))], 9), ([], 4)]
+VIDEO_ROWS = [([("video", (2, 8, 8))], 5)]  # 2 frames x 4 x 4 = 32 tokens
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def model(request):
+    return tiny_qwen(request.param)
+
+
+CLS_PRESSES = {name for name, cls in mmpress.PRESSES.items() if "cls_attn" in cls.needs or "vision_keys" in cls.needs}
+
+
+class NormPress(ScorerPress):
+    name = "test-norm"
+
+    def score(self, tokens, ctx):
+        return tokens.norm(dim=-1)
+
+
+def generate(model, inputs, steps=3):
+    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, -steps:], torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("rows", [SINGLE, RAGGED, VIDEO_ROWS], ids=["single", "ragged", "video"])
+def test_keep_all_reproduces_unpressed(model, rows):
+    batch = make_batch(model, rows)
+    with torch.no_grad():
+        reference, (ref_tokens, ref_scores) = model(**batch).logits, generate(model, batch)
+        with mmpress.get_press("none")(model):
+            assert torch.equal(model(**batch).logits, reference)
+            tokens, scores = generate(model, batch)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(scores, ref_scores)
+
+
+@pytest.mark.parametrize("name", [p for p in mmpress.list_presses() if p != "none"])
+@pytest.mark.parametrize("rows", [SINGLE, RAGGED, VIDEO_ROWS], ids=["single", "ragged", "video"])
+def test_every_press_forward_and_generate(model, name, rows):
+    """Every press runs on images of different sizes in one batch, and on video; presses needing
+    [CLS] attention raise a ValueError naming the signal (this tower has no [CLS])."""
+    batch, press = make_batch(model, rows), mmpress.get_press(name, keep_ratio=0.5)
+    with torch.no_grad(), press(model):
+        if name in CLS_PRESSES:
+            with pytest.raises(ValueError, match="cls_attn|vision_keys"):
+                model(**batch)
+            return
+        logits = model(**batch).logits
+        tokens, scores = generate(model, batch)
+    visual = press.stats["visual_tokens"]
+    assert press.stats["kept_visual_tokens"] < visual
+    # a text-only row loses nothing, so the ragged batch keeps its width
+    assert logits.shape[1] == press.stats["pressed_seq_len"] <= batch["input_ids"].shape[1]
+    assert torch.isfinite(logits).all() and torch.isfinite(scores).all()
+
+
+def oracle_logits(model, inputs, kept_flat):
+    """The pressed sequence by hand: every text token + the visual tokens at ``kept_flat`` (flat
+    positions in the batch-1 prompt), with the unpressed prompt's M-RoPE ids."""
+    vlm = model.model
+    ids = inputs["input_ids"]
+    embeds = vlm.get_input_embeddings()(ids)
+    feats = torch.cat(vlm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+    embeds = embeds.masked_scatter((ids == IMAGE)[..., None], feats)
+    extra = {k: inputs[k] for k in ("mm_token_type_ids",) if k in inputs}
+    pos, _ = vlm.get_rope_index(ids, image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
+                                **extra)
+    keep = ids[0] != IMAGE
+    keep[kept_flat] = True
+    hidden = vlm.language_model(inputs_embeds=embeds[:, keep], position_ids=pos[:, :, keep]).last_hidden_state
+    return model.lm_head(hidden)
+
+
+def kept_positions(model, inputs, press):
+    """Flat positions (batch 1) of the visual tokens ``press`` keeps, item by item."""
+    feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    where = (inputs["input_ids"][0] == IMAGE).nonzero()[:, 0].split([f.shape[0] for f in feats])
+    return torch.cat([w[press.press(f[None], mmpress.VisualContext())[1][0]] for f, w in zip(feats, where)])
+
+
+def test_pressed_forward_and_decoding_match_hand_built_sequence(model):
+    """Two images of different sizes, batch 1: the pressed forward equals the kept tokens with
+    their original M-RoPE ids, and greedy decoding equals a cache-free oracle at every step."""
+    inputs = make_batch(model, [([("image", (1, 8, 8)), ("image", (1, 8, 12))], 6)])
+    press = NormPress(keep=5)
+    with torch.no_grad():
+        kept = kept_positions(model, inputs, press)
+        expected = oracle_logits(model, inputs, kept)
+        with press(model):
+            got = model(**inputs).logits
+            tokens, scores = generate(model, inputs, steps=3)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        ids = inputs["input_ids"]
+        for step in range(3):  # full recompute each step: the oracle uses no cache
+            step_inputs = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            if "mm_token_type_ids" in inputs:
+                step_inputs["mm_token_type_ids"] = (ids == IMAGE).int()
+            torch.testing.assert_close(oracle_logits(model, step_inputs, kept)[0, -1], scores[0, step],
+                                       atol=1e-4, rtol=1e-4)
+            ids = torch.cat([ids, tokens[:, step : step + 1]], dim=1)
+
+
+def test_ragged_batch_equals_each_row_alone(model):
+    batch = make_batch(model, RAGGED)
+    press = mmpress.get_press("divprune", keep_ratio=0.5)
+    with torch.no_grad(), press(model):
+        logits = model(**batch).logits
+        tokens, _ = generate(model, batch)
+        for i, row in enumerate(RAGGED):
+            alone = make_batch(model, [row])
+            # the same random draws: rebuild the single row's pixels from the batch's
+            row_logits = model(**_row(batch, alone, i)).logits
+            torch.testing.assert_close(logits[i, -1], row_logits[0, -1], atol=1e-4, rtol=1e-4)
+            row_tokens, _ = generate(model, _row(batch, alone, i))
+            assert torch.equal(tokens[i], row_tokens[0])
+
+
+def _row(batch, alone, i):
+    """Row i of ``batch`` alone (unpadded), with its own images' pixels."""
+    start = int(batch["attention_mask"][i].nonzero()[0])
+    ids = batch["input_ids"][i : i + 1, start:]
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "mm_token_type_ids" in batch:
+        out["mm_token_type_ids"] = batch["mm_token_type_ids"][i : i + 1, start:]
+    grids = batch.get("image_grid_thw")
+    if grids is not None and (ids == IMAGE).any():
+        per_row = [(batch["input_ids"][r] == IMAGE).sum() for r in range(len(batch["input_ids"]))]
+        tokens = (grids.prod(-1) // MERGE**2).tolist()
+        first = 0
+        while sum(tokens[:first]) < sum(per_row[:i]):
+            first += 1
+        last = first
+        while sum(tokens[first:last]) < per_row[i]:
+            last += 1
+        patches = grids.prod(-1).tolist()
+        out["pixel_values"] = batch["pixel_values"][sum(patches[:first]) : sum(patches[:last])]
+        out["image_grid_thw"] = grids[first:last]
+    return out
+
+
+def test_reindex_is_refused_and_qwen3_names_deepstack(model):
+    with pytest.raises(ValueError, match="positions must be one of"):
+        with NormPress(keep=4)(model, positions="reindex"):
+            pass
