@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mmpress.api import ask, build_prompt
-from mmpress.demo import PROJECTOR_PATH, convert, load_demo
+from mmpress.demo import LAYER_KEY, LEGACY_LAYER, PROJECTOR_PATH, apply_projector, convert, load_demo, projector_layer
 from mmpress.eval.data import exact_match, load_dataset
 
 
@@ -80,7 +80,9 @@ def tiny():
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = convert.llava_config(vision, text, tokenizer.convert_tokens_to_ids(convert.IMAGE_TOKEN))
+    # the tiny tower has 2 blocks: the demo's own layer (block 8 of 12) does not exist here
+    config = convert.llava_config(vision, text, tokenizer.convert_tokens_to_ids(convert.IMAGE_TOKEN),
+                                  vision_feature_layer=-1)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     return model, processor
@@ -141,6 +143,57 @@ def test_ask_rejects_bad_input(tiny):
 def test_load_demo_names_the_training_script(tmp_path):
     with pytest.raises(ValueError, match="train_demo.py"):
         load_demo(projector=tmp_path / "missing.safetensors")
+
+
+def _save_projector(model, path, metadata=None, extra=None):
+    from safetensors.torch import save_file
+
+    state = {k: torch.randn_like(v) for k, v in model.model.multi_modal_projector.state_dict().items()}
+    save_file({**state, **(extra or {})}, str(path), metadata=metadata)
+    return state
+
+
+def test_projector_records_its_vision_layer(tiny, tmp_path):
+    """The layer a projector was trained on travels in its metadata and sets the model's config;
+    a projector without it is the legacy one (last block); asking for another layer names the fix."""
+    model, _ = tiny
+    old = model.config.vision_feature_layer
+    try:
+        legacy = tmp_path / "legacy.safetensors"
+        _save_projector(model, legacy)
+        assert projector_layer(legacy) == LEGACY_LAYER
+        trained = tmp_path / "layer1.safetensors"
+        state = _save_projector(model, trained, {LAYER_KEY: "1"})
+        apply_projector(model, trained)
+        assert model.config.vision_feature_layer == model.model.config.vision_feature_layer == 1
+        assert torch.equal(model.model.multi_modal_projector.linear_1.weight, state["linear_1.weight"])
+        with pytest.raises(ValueError, match="--vision-layer -1"):
+            apply_projector(model, trained, vision_feature_layer=-1)
+        with pytest.raises(ValueError, match="train_demo.py"):
+            apply_projector(model, legacy, vision_feature_layer=1)
+        bad = tmp_path / "bad.safetensors"
+        _save_projector(model, bad, {LAYER_KEY: "7"})  # the tiny tower has 2 blocks
+        with pytest.raises(ValueError, match="does not have"):
+            apply_projector(model, bad)
+    finally:
+        model.config.vision_feature_layer = model.model.config.vision_feature_layer = old
+
+
+def test_projector_file_may_carry_a_lora_delta(tiny, tmp_path):
+    model, _ = tiny
+    name = "model.language_model.layers.0.self_attn.q_proj"
+    linear = dict(model.named_modules())[name]
+    before = linear.weight.detach().clone()
+    a, b = torch.randn(2, linear.in_features), torch.randn(linear.out_features, 2)
+    path = tmp_path / "lora.safetensors"
+    _save_projector(model, path, {LAYER_KEY: str(model.config.vision_feature_layer), "lora_scale": "0.5"},
+                    {f"lm_lora.{name}.A": a, f"lm_lora.{name}.B": b})
+    try:
+        apply_projector(model, path)
+        torch.testing.assert_close(linear.weight, before + 0.5 * b @ a)
+    finally:
+        with torch.no_grad():
+            linear.weight.copy_(before)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,14 @@ import torch
 PROJECTOR_PATH = Path(__file__).with_name("projector.safetensors")
 TRAIN_SCRIPT = "scripts/train_demo.py"
 # bump when the assembly changes so stale caches are rebuilt
-_CACHE_VERSION = "v1"
+_CACHE_VERSION = "v2"  # v2: vision_feature_layer -1 -> -5 (block 8)
+#: safetensors metadata key holding the ``vision_feature_layer`` a projector was trained on
+LAYER_KEY = "vision_feature_layer"
+#: the layer of projectors written before that key existed (the first shipped projector)
+LEGACY_LAYER = -1
+#: projector-file keys holding an optional LoRA delta of the language model, merged at load:
+#: ``lm_lora.<module>.A`` (r x in) and ``lm_lora.<module>.B`` (out x r), scale in metadata ``lora_scale``
+LORA_PREFIX = "lm_lora."
 
 
 def cache_dir() -> Path:
@@ -55,24 +62,83 @@ def load_base(dtype: torch.dtype = torch.float32):
     return model.eval(), processor
 
 
-def load_demo(projector: str | Path | None = None, dtype: torch.dtype = torch.float32):
+def projector_layer(path: str | Path) -> int:
+    """The ``vision_feature_layer`` the projector weights in ``path`` were trained on (from their
+    safetensors metadata; :data:`LEGACY_LAYER` for files written before it was recorded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if LAYER_KEY not in meta:
+        return LEGACY_LAYER
+    try:
+        return int(meta[LAYER_KEY])
+    except ValueError:
+        raise ValueError(f"{path}: metadata {LAYER_KEY}={meta[LAYER_KEY]!r} is not an integer layer index") from None
+
+
+def apply_projector(model, path: str | Path, vision_feature_layer: int | None = None) -> None:
+    """Load trained projector weights (and any LoRA delta stored with them) into ``model`` in place,
+    and point ``config.vision_feature_layer`` at the layer they were trained on.
+
+    The vision tower computes every layer, so which one feeds the projector is a property of the
+    projector: it is read from the file. ``vision_feature_layer``, when given, is what the caller
+    expects; a projector trained on another layer is a ValueError naming the fix (retrain).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    layer = projector_layer(path)
+    n_layers = model.config.vision_config.num_hidden_layers
+    if not -(n_layers + 1) <= layer <= n_layers or layer == 0:
+        raise ValueError(f"{path} was trained on vision_feature_layer={layer}, which this {n_layers}-block "
+                         f"vision tower does not have; retrain with `python {TRAIN_SCRIPT} --out {path}`")
+    if vision_feature_layer is not None and vision_feature_layer != layer:
+        raise ValueError(
+            f"projector {path} was trained on vision_feature_layer={layer}, not {vision_feature_layer}; "
+            f"retrain it for that layer with `python {TRAIN_SCRIPT} --vision-layer {vision_feature_layer} "
+            f"--out {path}`, or load it without asking for another layer"
+        )
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    lora = {k[len(LORA_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(LORA_PREFIX)}
+    projector = model.model.multi_modal_projector
+    projector.load_state_dict({k: v.to(projector.linear_1.weight.dtype) for k, v in state.items()})
+    if lora:
+        scale = float(meta.get("lora_scale", "1.0"))
+        modules = dict(model.named_modules())
+        for name in sorted({k.rsplit(".", 1)[0] for k in lora}):
+            if name not in modules or not isinstance(modules[name], torch.nn.Linear):
+                raise ValueError(f"{path}: LoRA delta for {name!r}, which is not a Linear layer of this model")
+            weight = modules[name].weight
+            delta = lora[f"{name}.B"].float() @ lora[f"{name}.A"].float()
+            with torch.no_grad():
+                weight.copy_((weight.float() + scale * delta).to(weight.dtype))
+    for config in {id(c): c for c in (model.config, model.model.config)}.values():
+        config.vision_feature_layer = layer
+
+
+def load_demo(projector: str | Path | None = None, dtype: torch.dtype = torch.float32,
+              vision_feature_layer: int | None = None):
     """Load ``mmpress-demo`` with its trained projector; returns ``(model, processor)``.
 
     ``projector`` defaults to the weights shipped in the package. Raises ValueError if they are
-    missing (train them with ``scripts/train_demo.py``).
+    missing (train them with ``scripts/train_demo.py``), or if ``vision_feature_layer`` is given and
+    they were trained on another layer. The model's ``config.vision_feature_layer`` is set to the
+    layer the projector was trained on (see :func:`apply_projector`).
     """
-    from safetensors.torch import load_file
-
     path = Path(projector) if projector is not None else PROJECTOR_PATH
     if not path.is_file():
         raise ValueError(
             f"projector weights {path} not found; train them with `python {TRAIN_SCRIPT} --out {path}`"
         )
+    projector_layer(path)  # a malformed file fails before the model is built
     model, processor = load_base(dtype)
-    state = load_file(str(path))
-    model.model.multi_modal_projector.load_state_dict(state)
+    apply_projector(model, path, vision_feature_layer)
     model.model.multi_modal_projector.to(dtype)
     return model, processor
 
 
-__all__ = ["load_demo", "load_base", "cache_dir", "PROJECTOR_PATH"]
+__all__ = ["load_demo", "load_base", "apply_projector", "projector_layer", "cache_dir", "PROJECTOR_PATH",
+           "LAYER_KEY", "LEGACY_LAYER"]

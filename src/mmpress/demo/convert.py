@@ -35,16 +35,15 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 # Which Dinov2Model hidden state the language model sees (LlavaModel.get_image_features takes
 # ``hidden_states[vision_feature_layer]``). Dinov2Model's ``hidden_states`` are the embeddings
-# followed by the output of each of the 12 blocks, all *before* the final layer norm, so the
-# final-norm output (what the ONNX model's saliency decoder consumes) is not reachable without
-# patching. We take the last block's output (-1): DINOv2's patch tokens are trained directly by
-# its iBOT patch loss, so its last block is its most informative patch representation (LLaVA-1.5
-# uses -2 for CLIP, whose last layer is specialised for the contrastive [CLS] objective). It
-# differs from the released features only by the final LayerNorm: its mean subtraction is linear,
-# and its scaling is nearly constant here (patch-token norms 45.8 mean, 47.6 max on a test
-# image), so the projector's first linear layer can absorb it. Presses that need vision [CLS]
-# attention take it from this same layer, i.e. the last block.
-VISION_FEATURE_LAYER = -1
+# followed by the output of each of the 12 blocks, all *before* the final layer norm. We take the
+# output of block 8 (-5): a ridge probe on the patch at each object's centre reads colour at
+# 0.99-1.00 from blocks 4-8 but only 0.89 from the last block (DINOv2 was trained with colour
+# jitter, which its last blocks learn to discount), and shape at 1.00 from every block. The first
+# shipped projector was trained on the last block (-1); a projector records the layer it was
+# trained on in its safetensors metadata and ``mmpress.demo.load_demo`` sets the model's
+# ``vision_feature_layer`` from it (a projector without that record was trained on -1). Presses
+# that need vision [CLS] attention take it from this same layer.
+VISION_FEATURE_LAYER = -5
 
 
 def _package_dir(name: str) -> Path:
@@ -210,8 +209,9 @@ def build_processor(tokenizer, image_proc=None, patch_size: int = PATCH_SIZE):
     )
 
 
-def llava_config(vision_config, text_config, image_token_id: int):
-    """LlavaConfig joining a vision and a text config with the demo's projector and feature layer."""
+def llava_config(vision_config, text_config, image_token_id: int, vision_feature_layer: int | None = None):
+    """LlavaConfig joining a vision and a text config with the demo's projector and feature layer
+    (``vision_feature_layer``, default :data:`VISION_FEATURE_LAYER`)."""
     from transformers import LlavaConfig
 
     n = vision_config.image_size // vision_config.patch_size
@@ -221,7 +221,7 @@ def llava_config(vision_config, text_config, image_token_id: int):
         image_token_id=image_token_id,
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
-        vision_feature_layer=VISION_FEATURE_LAYER,
+        vision_feature_layer=VISION_FEATURE_LAYER if vision_feature_layer is None else vision_feature_layer,
         image_seq_length=n * n,
         multimodal_projector_bias=True,
         tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
