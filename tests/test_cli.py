@@ -1,20 +1,24 @@
 """The command line: list, run (JSON record), bench (end to end, interrupted, resumed), bench-cost,
-and a user's mistakes: one red line and a non-zero exit, never a traceback (unless --debug)."""
+their quick default grids (--full: the whole one) and 80-column tables, and a user's mistakes: one
+red line and a non-zero exit, never a traceback (unless --debug)."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 import mmpress
 import mmpress.cli
 import mmpress.eval.bench
-from mmpress.cli import app
+from mmpress.cli import BENCH_GRIDS, COST_GRIDS, app
+from mmpress.eval.report import prefill_table, print_table
 from conftest import samples, tiny_llava, tiny_processor
 
 runner = CliRunner()  # click >= 8.2 keeps stderr (weight-loading bars) out of result.stdout
@@ -232,3 +236,100 @@ def test_bench_cost_on_a_small_shape(tmp_path):
     rows = json.loads(out.read_text())
     assert [(r["press"], r["keep"]) for r in rows] == [("none", 64), ("random", 16), ("divprune", 16)]
     assert all(r["limit"] > 1 for r in rows[1:])
+
+
+# ---- default grids: quick unless --full ---------------------------------------------------------
+def test_default_grids_are_quick_and_full_is_the_whole_grid():
+    quick, full = mmpress.cli.grid(BENCH_GRIDS, False), mmpress.cli.grid(BENCH_GRIDS, True)
+    assert quick["presses"] == "divprune,visionzip,vispruner,random" and full["presses"] == "all"
+    assert quick["keep"] == "64,16" and full["keep"] == "128,64,32,16"
+    assert (quick["data"], quick["limit"], quick["timing_batch"]) == ("easy-vqa", 24, 1)
+    assert (full["data"], full["limit"], full["timing_batch"]) == ("scenes", 200, None)
+    assert quick["out"] != full["out"]  # a quick run never resumes from a full one, nor overwrites it
+    cells = {f: len(mmpress.cli._press_names(g["presses"])) * len(g["keep"].split(",")) * g["limit"]
+             for f, g in ((False, quick), (True, full))}
+    assert cells[True] > 50 * cells[False]
+    given = mmpress.cli.grid(BENCH_GRIDS, True, keep="8", limit=3)  # an option given wins over either grid
+    assert (given["keep"], given["limit"], given["presses"]) == ("8", 3, "all")
+
+    quick, full = mmpress.cli.grid(COST_GRIDS, False), mmpress.cli.grid(COST_GRIDS, True)
+    assert quick == {"presses": "divprune,visionzip,vispruner,random", "keeps": "128,64"}
+    assert full == {"presses": "all", "keeps": "576,192,128,64"}
+
+
+def test_bench_passes_the_quick_grid_by_default(monkeypatch):
+    """`mmpress bench` with no options: the quick grid reaches run_bench (which stops it there)."""
+    called = {}
+
+    def stop(model, processor, presses, keeps, data, **options):
+        called.update(presses=presses, keeps=keeps, n=len(data), **options)
+        raise ValueError("stopped before running")
+
+    monkeypatch.setattr(mmpress.cli, "_load", lambda model_id: (None, None))
+    monkeypatch.setattr(mmpress.eval.bench, "run_bench", stop)
+    result = runner.invoke(app, ["bench"])
+    assert result.exit_code == 2 and "stopped before running" in result.output
+    assert called["presses"] == ["divprune", "visionzip", "vispruner", "random"] and called["keeps"] == [64, 16]
+    assert called["n"] == 24 and called["timing_batch"] == 1 and called["dataset"] == "easy-vqa:test"
+
+
+# ---- tables fit an 80-column terminal -------------------------------------------------------------
+def _rendered(table_or_print) -> list[str]:
+    console = Console(width=80, record=True, file=io.StringIO())
+    table_or_print(console)
+    return console.export_text().splitlines()
+
+
+def _fits_80_columns(lines: list[str]) -> None:
+    assert max(map(len, lines)) <= 80, "\n".join(lines)
+    assert not any("…" in line for line in lines), "\n".join(lines)  # no cell cut
+
+
+def _bench_record() -> dict:
+    """A record of every registered press at two budgets, with wide numbers."""
+    row = dict(kept_tokens=64.0, accuracy=0.875, agreement=0.4375, kl=12.34567, flops={"total": 7.95e10},
+               flops_ratio=0.4545, prefill_s=12.3456, speedup=10.25, speedup_limit=12.5,
+               peak_memory_bytes=2**31, kv_bytes=2**25, answers=[])
+    rows = [dict(row, press="none", keep=None, kept_tokens=256.0)]
+    rows += [dict(row, press=name, keep=keep) for name in mmpress.list_presses() if name != "none" for keep in (64, 16)]
+    return {"model": {"name": "/root/.cache/mmpress/demo-v1", "visual_tokens_per_image": 256},
+            "dataset": "easy-vqa:test", "n": 24, "labelled": True, "quality_metric": "accuracy", "rows": rows,
+            "notes": ["keep=256 skipped: not below the model's 256 visual tokens per image"],
+            "settings": {"repeats": 3, "timing_batch": 1, "device": "cpu", "peak_memory": "profiler"}}
+
+
+def test_bench_table_fits_80_columns():
+    record = _bench_record()
+    lines = _rendered(lambda console: print_table(record, console))
+    _fits_80_columns(lines)
+    text = "\n".join(lines)
+    for header in ("accuracy", "agreement", "KL", "ratio", "speedup", "limit"):  # quality and cost side by side
+        assert header in text
+    for cell in ("0.875", "0.438", "12.3457", "0.455", "10.25x", "12.50x", "vispruner", "visionzip"):
+        assert cell in text
+    wide = Console(width=200, record=True, file=io.StringIO())
+    print_table(record, wide)
+    text = wide.export_text()
+    assert "kept/img" in text and "peak mem" in text and "none (unpressed)" in text  # a wide terminal: every column
+
+
+def test_bench_cost_table_fits_80_columns():
+    rows = [dict(press="none", keep=576, seconds=12.3456, speedup=1.0, limit=1.0, efficiency=1.0, overhead=0.0)]
+    rows += [dict(press=name, keep=keep, seconds=0.4407, speedup=10.6, limit=12.04, efficiency=0.8804, overhead=0.123)
+             for name in mmpress.list_presses() if name != "none" for keep in (128, 64)]
+    lines = _rendered(lambda console: console.print(prefill_table(rows, title="prefill, batch 1, 576 image tokens")))
+    _fits_80_columns(lines)
+    text = "\n".join(lines)
+    for cell in ("speedup", "/ limit", "overhead", "12345.6", "10.60x", "12.04x", "88%", "100%", "12.3%"):
+        assert cell in text
+
+
+def test_list_shows_video_presses_and_families():
+    from mmpress.models import FAMILY_SIGNALS
+
+    result = runner.invoke(app, ["list"], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 4}
+    assert "yes" in rows["evs"] and "qwen_vl" in rows["evs"]
+    assert "qwen_vl" not in rows["visionzip"]  # no [CLS] attention on Qwen-VL towers
+    assert set(FAMILY_SIGNALS) == {"llava", "qwen_vl"}

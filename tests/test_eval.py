@@ -224,3 +224,24 @@ def test_bench_without_labels_ranks_by_agreement(tmp_path):
     assert record["quality_metric"] == "agreement" and not record["labelled"]
     assert all(row["accuracy"] is None for row in record["rows"])
     assert write_report(record, tmp_path)["png"].stat().st_size > 10_000
+
+
+def test_bench_times_the_first_timing_batch_samples():
+    """Answers in batches of 3, prefill timed on the first sample alone; a resumed run must time alike."""
+    PRESSES[NormPress.name] = NormPress
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = (tiny_llava(), tiny_processor(), [NormPress.name], [16], samples(3))
+        options = dict(batch_size=3, max_new_tokens=2, console=Console(file=io.StringIO()), repeats=1)
+        record = run_bench(*args, timing_batch=1, **options)
+        assert record["settings"]["timing_batch"] == 1
+        pressed = record["rows"][1]
+        assert pressed["speedup"] > 0 and pressed["speedup_limit"] > 1 and pressed["peak_memory_bytes"] > 0
+        with pytest.raises(ValueError, match=r"timing_batch 1 \(now 3\)"):
+            run_bench(*args, previous=json.loads(json.dumps(record)), **options)  # None: the first batch, 3
+        with pytest.raises(ValueError, match="timing_batch must be a positive int"):
+            run_bench(*args, timing_batch=0, **options)
+    finally:
+        torch.set_num_threads(threads)
+        PRESSES.pop(NormPress.name, None)

@@ -109,13 +109,18 @@ def _load(model_id: str):
 
 @app.command("list")
 def list_cmd():
-    """Table of presses: name, stage, paper, signals it needs."""
+    """Table of presses: name, stage, signals it needs, video-aware, model families it runs on."""
+    from mmpress.models import FAMILY_SIGNALS
+
     table = Table(title="mmpress presses")
-    for col in ("name", "stage", "paper", "needs"):
-        table.add_column(col)
+    wide = console.width >= 120  # the paper column only where it fits on one line
+    for col in ("name", "stage", "needs", "video", "families", *(["paper"] if wide else [])):
+        table.add_column(col, overflow="fold")
     for name in list_presses():
         cls = PRESSES[name]
-        table.add_row(name, cls.stage, cls.paper or "-", ", ".join(cls.needs) or "-")
+        families = [f for f, signals in FAMILY_SIGNALS.items() if set(cls.needs) <= signals]
+        table.add_row(name, cls.stage, " ".join(cls.needs) or "-", "yes" if cls.video else "-",
+                      " ".join(families) or "-", *([cls.paper or "-"] if wide else []))
     console.print(table)
 
 
@@ -175,29 +180,69 @@ def run(
     )
 
 
+# The default grids finish in a few minutes on a 2-core CPU; --full runs the whole comparison.
+QUICK_PRESSES = "divprune,visionzip,vispruner,random"
+BENCH_GRIDS = {  # option -> (default, with --full); an option given on the command line wins
+    "presses": (QUICK_PRESSES, "all"),
+    "keep": ("64,16", "128,64,32,16"),
+    "data": ("easy-vqa", "scenes"),
+    "limit": (24, 200),
+    "timing_batch": (1, None),  # None: the first batch
+    "out": (Path("benchmarks/results/bench-quick"), Path("benchmarks/results/bench")),
+}
+COST_GRIDS = {"presses": (QUICK_PRESSES, "all"), "keeps": ("128,64", "576,192,128,64")}
+
+
+def grid(grids: dict[str, tuple], full: bool, **given) -> dict:
+    """The settings of a run: each option's default from ``grids`` (the quick one, or the full one
+    with ``full``), unless ``given`` (not None)."""
+    return {name: given[name] if given.get(name) is not None else pair[full] for name, pair in grids.items()}
+
+
+def _grid_help(grids: dict[str, tuple], name: str, text: str) -> str:
+    quick, full = (str(value).replace(",", ", ") for value in grids[name])  # a long list wraps at ", "
+    return f"{text} (default: {quick}; with --full: {'the first batch' if full == 'None' else full})"
+
+
 @app.command()
 def bench(
     model: str = typer.Option(DEMO, help="local path or cached hub id of a LLaVA model; 'demo' = embedded model"),
-    presses: str = typer.Option("all", help="comma-separated press names, or 'all'"),
-    keep: str = typer.Option("128,64,32,16", help="comma-separated budgets (visual tokens per image)"),
-    data: str = typer.Option("scenes", help="'scenes', 'easy-vqa', a .jsonl of {image, question, answer}, or a saved datasets folder"),
+    full: bool = typer.Option(False, "--full", help="the whole grid: every press x 4 budgets x 200 scenes"),
+    presses: Optional[str] = typer.Option(None, help=_grid_help(BENCH_GRIDS, "presses",
+                                                                "comma-separated press names, or 'all'"),
+                                          show_default=False),
+    keep: Optional[str] = typer.Option(None, help=_grid_help(BENCH_GRIDS, "keep", "comma-separated budgets "
+                                                             "(visual tokens per image)"), show_default=False),
+    data: Optional[str] = typer.Option(None, help=_grid_help(BENCH_GRIDS, "data", "'scenes', 'easy-vqa', a .jsonl of "
+                                                             "{image, question, answer}, or a saved datasets folder"),
+                                       show_default=False),
     split: str = typer.Option("test"),
-    limit: int = typer.Option(200, min=1, help="number of samples (the first ones)"),
+    limit: Optional[int] = typer.Option(None, min=1, help=_grid_help(BENCH_GRIDS, "limit", "number of samples "
+                                                                     "(the first ones)"), show_default=False),
     batch_size: int = typer.Option(8, min=1),
     max_new_tokens: int = typer.Option(8, min=1),
     repeats: int = typer.Option(3, min=1, help="timed prefill repeats (median)"),
-    out: Path = typer.Option(Path("benchmarks/results/bench"), help="folder for bench.json/.md/.png/.html"),
+    timing_batch: Optional[int] = typer.Option(None, min=1, help=_grid_help(BENCH_GRIDS, "timing_batch",
+                                                                            "samples in the timed prefill"),
+                                               show_default=False),
+    out: Optional[Path] = typer.Option(None, help=_grid_help(BENCH_GRIDS, "out", "folder for bench.json/.md/.png/"
+                                                             ".html"), show_default=False),
     resume: bool = typer.Option(False, "--resume", help="keep the cells already in OUT/bench.json, run the rest"),
 ):
-    """Quality vs cost of every press x budget on a dataset: accuracy, fidelity, FLOPs, time, memory.
+    """Quality vs cost of presses x budgets on a dataset: accuracy, fidelity, FLOPs, time, memory.
 
+    Default: 4 presses x 2 budgets on 24 easy-vqa questions, about 2 minutes on 2 CPU cores.
+    --full: every press x 4 budgets on 200 scenes.
     bench.json is rewritten as each cell finishes; on Ctrl-C the report covers the finished cells."""
     from mmpress.eval.bench import run_bench
     from mmpress.eval.data import load_dataset
     from mmpress.eval.report import print_table, save_json, write_report
 
-    names, keeps = _press_names(presses), _budgets(keep)
-    samples = load_dataset(data, split=split, limit=limit)
+    settings = grid(BENCH_GRIDS, full, presses=presses, keep=keep, data=data, limit=limit, timing_batch=timing_batch,
+                    out=out)
+    names, keeps = _press_names(settings["presses"]), _budgets(settings["keep"])
+    data, out = settings["data"], settings["out"]
+    samples = load_dataset(data, split=split, limit=settings["limit"])
     _check_model(model)
     record_path, previous = out / "bench.json", None
     if resume and record_path.is_file():
@@ -217,8 +262,8 @@ def bench(
 
     try:
         record = run_bench(vlm, processor, names, keeps, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           console=console, repeats=repeats, dataset=f"{data}:{split}", model_id=model,
-                           previous=previous, checkpoint=checkpoint)
+                           console=console, repeats=repeats, timing_batch=settings["timing_batch"],
+                           dataset=f"{data}:{split}", model_id=model, previous=previous, checkpoint=checkpoint)
     except KeyboardInterrupt:
         if "record" not in finished:
             err_console.print("interrupted before a cell finished: nothing new written", style="yellow")
@@ -228,17 +273,29 @@ def bench(
         record["notes"].append(f"interrupted before {pending}; `mmpress bench --resume` runs them")
         print_table(record, console)
         paths = write_report(record, out)
-        err_console.print(f"interrupted: wrote the finished cells to {', '.join(map(str, paths.values()))}; "
-                          "--resume runs the rest", style="yellow", soft_wrap=True)
+        err_console.print(f"interrupted: wrote the finished cells to {_where(paths)}; --resume runs the rest",
+                          style="yellow", soft_wrap=True)
         raise typer.Exit(130) from None
     paths = write_report(record, out)
-    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    console.print(f"wrote the report: {_where(paths)}", soft_wrap=True, highlight=False)
+    if not full and presses is None and keep is None:
+        console.print("every press and budget: mmpress bench --full", style="dim", highlight=False)
+
+
+def _where(paths: dict[str, Path]) -> str:
+    """``folder/bench.html, .json, .md, .png``: the page to open first, on one copyable line."""
+    others = ", ".join(path.suffix for kind, path in paths.items() if kind != "html")
+    return f"{paths['html']}, {others}"
 
 
 @app.command("bench-cost")
 def bench_cost(
-    presses: str = typer.Option("all", help="comma-separated press names, or 'all'"),
-    keeps: str = typer.Option("576,192,128,64", help="comma-separated budgets (visual tokens per image)"),
+    full: bool = typer.Option(False, "--full", help="the whole grid: every press x 4 budgets"),
+    presses: Optional[str] = typer.Option(None, help=_grid_help(COST_GRIDS, "presses",
+                                                                "comma-separated press names, or 'all'"),
+                                          show_default=False),
+    keeps: Optional[str] = typer.Option(None, help=_grid_help(COST_GRIDS, "keeps", "comma-separated budgets "
+                                                              "(visual tokens per image)"), show_default=False),
     batch: int = typer.Option(1, min=1, help="batch size (rows get ragged prompt lengths)"),
     repeats: int = typer.Option(3, min=1, help="timed repeats per cell (median)"),
     lm_layers: int = typer.Option(12), lm_hidden: int = typer.Option(896), lm_intermediate: int = typer.Option(4864),
@@ -246,14 +303,19 @@ def bench_cost(
     image_size: int = typer.Option(336), threads: Optional[int] = typer.Option(None, help="torch threads"),
     out: Optional[Path] = typer.Option(None, help="also write JSON rows here"),
 ):
-    """Prefill time of every press on a LLaVA-1.5-shaped random model: speedup vs its FLOPs limit."""
+    """Prefill time of presses on a LLaVA-1.5-shaped random model: speedup vs its FLOPs limit.
+
+    Default: 4 presses x 2 budgets, under a minute on 2 CPU cores. --full: every press x 4 budgets."""
     import torch
     from rich.progress import Progress
 
     from mmpress.eval.prefill import Shape, bench_prefill, llava_shaped, prompt_batch
+    from mmpress.eval.report import prefill_table
 
-    names = [name for name in _press_names(presses) if name != "none"]  # the unpressed model is always timed
-    budgets = _budgets(keeps, param_hint="--keeps")
+    settings = grid(COST_GRIDS, full, presses=presses, keeps=keeps)
+    # the unpressed model is always timed
+    names = [name for name in _press_names(settings["presses"]) if name != "none"]
+    budgets = _budgets(settings["keeps"], param_hint="--keeps")
     if threads:
         torch.set_num_threads(threads)
     shape = Shape(vision_layers=vision_layers, vision_hidden=vision_hidden, image_size=image_size,
@@ -265,19 +327,12 @@ def bench_cost(
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"timing rounds ({len(names)} presses)", total=repeats + 1)
         rows = bench_prefill(model, inputs, names, budgets, repeats=repeats, progress=lambda: progress.advance(task))
-    print_prefill_table(rows, title=f"prefill, batch {batch}, {n_img} image tokens, {torch.get_num_threads()} threads")
+    title = f"prefill, batch {batch}, {n_img} image tokens, {torch.get_num_threads()} threads"
+    console.print(prefill_table(rows, title=title))
     if out:
         out.write_text(json.dumps(rows, indent=2))
-
-
-def print_prefill_table(rows: list[dict], title: str) -> None:
-    table = Table(title=title)
-    for col in ("press", "keep", "prefill ms", "speedup", "FLOPs limit", "speedup/limit", "press overhead"):
-        table.add_column(col, justify="right" if col != "press" else "left")
-    for r in rows:
-        table.add_row(r["press"], str(r["keep"]), f"{r['seconds'] * 1e3:.1f}", f"{r['speedup']:.2f}x",
-                      f"{r['limit']:.2f}x", f"{r['efficiency']:.0%}", f"{r['overhead']:.1%}")
-    console.print(table)
+    if not full and presses is None and keeps is None:
+        console.print("every press and budget: mmpress bench-cost --full", style="dim", highlight=False)
 
 
 def main():  # pragma: no cover

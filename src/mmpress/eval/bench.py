@@ -9,7 +9,8 @@ save the record after each cell (``checkpoint``), and resume an interrupted run 
 Cost comes from the same runs: the adapter's token counts of each pressed prefill give the
 analytical FLOPs per stage (``eval/cost.py``) and the KV-cache bytes; prefill time (time to first
 token: one forward with ``logits_to_keep=1``, as generate's prefill) and peak memory are measured
-on the first batch, each press in alternation with the unpressed model.
+on the first batch (or the first ``timing_batch`` samples), each press in alternation with the
+unpressed model.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def run_bench(
     max_new_tokens: int = 8,
     console: Console | None = None,
     repeats: int = 3,
+    timing_batch: int | None = None,
     dataset: str | None = None,
     hint: str | None = ANSWER_HINT,
     seed: int = 0,
@@ -99,9 +101,9 @@ def run_bench(
 
     Greedy decoding, ``max_new_tokens`` per answer, prompts as :func:`mmpress.api.ask` builds them
     (``hint`` appended). Prefill time is the median of ``repeats`` timed forwards on the first
-    batch. Budgets not below the model's visual-token count are skipped with a note; a press
-    that takes no budget runs once. ``torch.manual_seed(seed)`` is set first so stochastic
-    presses are reproducible. Progress and a final table go to ``console``.
+    ``timing_batch`` samples (None: the first batch). Budgets not below the model's visual-token
+    count are skipped with a note; a press that takes no budget runs once. ``torch.manual_seed(seed)``
+    is set first so stochastic presses are reproducible. Progress and a final table go to ``console``.
 
     Cells run one after the other; when one finishes, ``checkpoint(record)`` receives the record
     so far (its ``pending`` lists the cells still to run), e.g. to save it, so an interrupted run
@@ -121,7 +123,8 @@ def run_bench(
     for i, sample in enumerate(data):
         if "image" not in sample or "question" not in sample:
             raise ValueError(f"sample {i} needs 'image' and 'question' keys, got {sorted(sample)}")
-    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("repeats", repeats)):
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("repeats", repeats),
+                        ("timing_batch", 1 if timing_batch is None else timing_batch)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in keeps):
@@ -139,6 +142,7 @@ def run_bench(
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     batches = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
+    timed = data[: timing_batch or batch_size]
     labelled = any(is_labelled(s) for s in data)
     record = {
         "model": _model_summary(model, model_id),
@@ -148,7 +152,7 @@ def run_bench(
         "quality_metric": "accuracy" if labelled else "agreement",
         "settings": {
             "batch_size": batch_size, "max_new_tokens": max_new_tokens, "repeats": repeats, "hint": hint,
-            "seed": seed, "timing_batch": len(batches[0]), "device": str(device),
+            "seed": seed, "timing_batch": len(timed), "device": str(device),
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "peak_memory": _memory_method(device), "torch": torch.__version__, "python": platform.python_version(),
         },
@@ -179,6 +183,9 @@ def run_bench(
             references.append(logits)
             first = first or (inputs, stats)  # the timing batch, and its token counts unpressed
             progress.advance(task)
+        if len(timed) != len(batches[0]):
+            inputs = inputs_of(timed)
+            first = (inputs, _unpressed_stats(model, inputs))
 
         n_visual = first[1]["visual_tokens"] // first[1]["images"]  # known once the adapter has seen a batch
         record["model"]["visual_tokens_per_image"] = n_visual
@@ -208,11 +215,12 @@ def run_bench(
 
 
 def _resume_key(record: dict) -> dict:
-    """What two runs must share for the rows of one to stand in the other: data, model, answering."""
+    """What two runs must share for the rows of one to stand in the other: data, model, answering,
+    and the batch the speedups were timed on."""
     model, settings = record["model"], record["settings"]
     return {"dataset": record["dataset"], "n": record["n"], "model id": model.get("id"), "model": model["name"],
             "parameters": model["parameters"],
-            **{key: settings[key] for key in ("batch_size", "max_new_tokens", "hint", "seed")}}
+            **{key: settings[key] for key in ("batch_size", "max_new_tokens", "hint", "seed", "timing_batch")}}
 
 
 def _resumable_rows(previous: dict | None, record: dict) -> dict[tuple, dict]:
@@ -253,6 +261,15 @@ def _generate(model, processor, inputs: dict, press: Press, max_new_tokens: int)
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
     answers = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return answers, out.logits[0].float().cpu(), dict(press.stats)
+
+
+@torch.inference_mode()
+def _unpressed_stats(model, inputs: dict) -> dict:
+    """The token counts of one unpressed prefill of ``inputs`` (the identity press records them)."""
+    press = _Cell(BASELINE, None).make()
+    with press(model):
+        model(**inputs, logits_to_keep=1)
+    return dict(press.stats)
 
 
 def _flops(config, stats: dict, batch: int):

@@ -16,10 +16,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 HEADERS = ("press", "keep", "kept/img", "accuracy", "agreement", "KL", "FLOPs/sample", "FLOPs ratio",
            "prefill ms", "speedup", "limit", "peak mem", "KV/sample")
+# what an 80-column terminal shows: quality next to cost; the files keep every column
+COMPACT = {"press": "press", "keep": "keep", "accuracy": "accuracy", "agreement": "agreement", "KL": "KL",
+           "FLOPs ratio": "FLOPs\nratio", "speedup": "speedup", "limit": "FLOPs\nlimit"}
 _LEFT = {"press"}
 
 
@@ -101,27 +105,60 @@ def _title(record: dict) -> str:
             f"{model['visual_tokens_per_image']} visual tokens/image")
 
 
-def _caption(record: dict) -> str:
+def _caption(record: dict, compact: bool = False) -> str:
     settings = record["settings"]
+    timed = (f"median of {settings['repeats']} forwards on a batch of {settings['timing_batch']} "
+             f"({settings['device']})")
+    if compact:
+        return (f"bold: best press per budget by {quality_key(record)}. KL: first answer token vs unpressed, "
+                f"nats. FLOPs ratio: pressed / unpressed prefill. Speedup: measured prefill, {timed}; FLOPs "
+                "limit: the speedup FLOPs allow. Time, memory, KV cache: in the report.")
     memory = settings["peak_memory"] or "n/a (not measurable on this device)"
     return (f"bold: best press per budget by {quality_key(record)} (ties: agreement, then KL). "
             f"KL: first answer token, KL(unpressed || pressed), nats. FLOPs: analytical prefill, per sample. "
-            f"Prefill: median of {settings['repeats']} forwards on a batch of {settings['timing_batch']} "
-            f"({settings['device']}); limit = FLOPs ratio of that batch. Peak memory: {memory}.")
+            f"Prefill: {timed}; limit = FLOPs ratio of that batch. Peak memory: {memory}.")
 
 
 # ---- terminal ---------------------------------------------------------------------------------
-def print_table(record: dict, console: Console | None = None) -> None:
-    """The record as a rich table, winners in bold, notes below."""
-    console = console or Console()
-    table = Table(title=_title(record), caption=_caption(record), caption_justify="left")
-    for header in HEADERS:
-        table.add_column(header, justify="left" if header in _LEFT else "right")
+def bench_table(record: dict, compact: bool = False) -> Table:
+    """The record as a rich table, winners in bold; ``compact``: only the columns of
+    :data:`COMPACT` (quality and cost side by side in 80 columns)."""
+    headers = {h: COMPACT[h] for h in HEADERS if h in COMPACT} if compact else {h: h for h in HEADERS}
+    table = Table(title=_title(record), caption=_caption(record, compact), caption_justify="left")
+    for header, shown in headers.items():
+        # fold, never "…": a cut number reads as another number
+        table.add_column(shown, justify="left" if header in _LEFT else "right", overflow="fold")
     for cells, best in table_cells(record):
+        if compact:
+            cells = [c.removesuffix(" (unpressed)") for c, h in zip(cells, HEADERS) if h in headers]
         table.add_row(*cells, style="bold" if best else None)
+    return table
+
+
+def print_table(record: dict, console: Console | None = None) -> None:
+    """The record as a rich table, every column if the terminal is wide enough, else the compact
+    one (:data:`COMPACT`); notes below."""
+    console = console or Console()
+    table = bench_table(record)
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum  # unclamped
+    if natural > console.width:
+        table = bench_table(record, compact=True)
     console.print(table)
     for note in record.get("notes", []):
         console.print(f"[dim]note: {note}[/dim]")
+
+
+def prefill_table(rows: list[dict], title: str) -> Table:
+    """``mmpress bench-cost``'s rows (:func:`mmpress.eval.prefill.bench_prefill`) as a rich table
+    that fits 80 columns."""
+    table = Table(title=title, caption="speedup / limit: the share of the FLOPs limit reached; press overhead: "
+                  "time inside the press, as a share of the unpressed prefill.", caption_justify="left")
+    for header in ("press", "keep", "prefill\nms", "speedup", "FLOPs\nlimit", "speedup\n/ limit", "press\noverhead"):
+        table.add_column(header, justify="left" if header == "press" else "right", overflow="fold")
+    for r in rows:
+        table.add_row(r["press"], str(r["keep"]), f"{r['seconds'] * 1e3:.1f}", f"{r['speedup']:.2f}x",
+                      f"{r['limit']:.2f}x", f"{r['efficiency']:.0%}", f"{r['overhead']:.1%}")
+    return table
 
 
 # ---- plot -------------------------------------------------------------------------------------
@@ -245,5 +282,5 @@ def write_report(record: dict, out: str | Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["best_per_budget", "ordered_rows", "plot_pareto", "print_table", "quality_key", "save_json", "table_cells",
-           "to_html", "to_markdown", "write_report"]
+__all__ = ["bench_table", "best_per_budget", "ordered_rows", "plot_pareto", "prefill_table", "print_table",
+           "quality_key", "save_json", "table_cells", "to_html", "to_markdown", "write_report"]

@@ -11,6 +11,9 @@ from mmpress.models.qwen_vl import QwenVLAdapter
 ADAPTERS = {"llava": LlavaAdapter, "qwen2_vl": QwenVLAdapter, "qwen2_5_vl": QwenVLAdapter,
             "qwen3_vl": QwenVLAdapter}  # qwen3_vl: refused with the reason (DeepStack)
 
+# the signals each family's adapter provides (a press runs on a family that has all it needs)
+FAMILY_SIGNALS = {"llava": {"grid", "cls_attn", "vision_keys", "text"}, "qwen_vl": {"grid", "text"}}
+
 
 def get_adapter(model: nn.Module, **options):
     """The adapter for ``model`` (a transformers vision-language model)."""
@@ -23,4 +26,4 @@ def get_adapter(model: nn.Module, **options):
     return ADAPTERS[model_type](model, **options)
 
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "QwenVLAdapter", "get_adapter"]
+__all__ = ["ADAPTERS", "FAMILY_SIGNALS", "LlavaAdapter", "QwenVLAdapter", "get_adapter"]
