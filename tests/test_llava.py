@@ -154,6 +154,8 @@ def test_cls_attention_matches_eager_attention():
 
 
 def test_hooks_removed_after_exception(model):
+    with torch.no_grad():  # transformers installs its own output-capturing hooks on a first forward
+        model(**make_batch((3,)))
     before = {name: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model.named_modules()}
     with pytest.raises(RuntimeError, match="boom"):
         with mmpress.get_press("visionzip", keep=8)(model):  # vision hooks too
@@ -315,3 +317,19 @@ def test_pressed_forward_adds_no_host_syncs(name):
         with mmpress.get_press(name, keep=16)(model):
             pressed = count_syncs(lambda: model.generate(**batch, max_new_tokens=2, do_sample=False))
     assert pressed == unpressed, name
+
+
+def test_text_only_row_in_an_image_batch(model):
+    """A row without images keeps every token and gives what it gives alone, unpressed."""
+    batch = make_batch((5, 7), images_per_row=[1, 0])
+    batch["pixel_values"] = batch["pixel_values"][:1]
+    start = int(batch["attention_mask"][1].nonzero()[0])
+    alone = {"input_ids": batch["input_ids"][1:, start:], "attention_mask": batch["attention_mask"][1:, start:]}
+    with torch.no_grad():
+        reference = model(**alone).logits[0, -1]
+        ref_tokens, _ = generate(model, alone)
+        with NormPress(keep=8)(model):
+            logits = model(**batch).logits
+            tokens, _ = generate(model, batch)
+    torch.testing.assert_close(logits[1, -1], reference, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens[1], ref_tokens[0])
