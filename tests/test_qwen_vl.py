@@ -134,22 +134,45 @@ def oracle_logits(model, inputs, kept_flat):
     vlm = model.model
     ids = inputs["input_ids"]
     embeds = vlm.get_input_embeddings()(ids)
-    feats = torch.cat(vlm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
-    embeds = embeds.masked_scatter((ids == IMAGE)[..., None], feats)
-    extra = {k: inputs[k] for k in ("mm_token_type_ids",) if k in inputs}
-    pos, _ = vlm.get_rope_index(ids, image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
-                                **extra)
-    keep = ids[0] != IMAGE
+    for token, feats in zip((IMAGE, VIDEO), features(model, inputs)):
+        if feats:
+            embeds = embeds.masked_scatter((ids == token)[..., None], torch.cat(feats))
+    extra = {k: inputs[k] for k in ("mm_token_type_ids", "image_grid_thw", "video_grid_thw") if k in inputs}
+    pos, _ = vlm.get_rope_index(ids, attention_mask=inputs["attention_mask"], **extra)
+    keep = (ids[0] != IMAGE) & (ids[0] != VIDEO)
     keep[kept_flat] = True
     hidden = vlm.language_model(inputs_embeds=embeds[:, keep], position_ids=pos[:, :, keep]).last_hidden_state
     return model.lm_head(hidden)
 
 
+def features(model, inputs):
+    """Per-image and per-video features, as the model computes them."""
+    vlm = model.model
+    images = (vlm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+              if "pixel_values" in inputs else [])
+    videos = (vlm.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
+              if "pixel_values_videos" in inputs else [])
+    return list(images), list(videos)
+
+
 def kept_positions(model, inputs, press):
     """Flat positions (batch 1) of the visual tokens ``press`` keeps, item by item."""
-    feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
-    where = (inputs["input_ids"][0] == IMAGE).nonzero()[:, 0].split([f.shape[0] for f in feats])
-    return torch.cat([w[press.press(f[None], mmpress.VisualContext())[1][0]] for f, w in zip(feats, where)])
+    out = []
+    for token, feats in zip((IMAGE, VIDEO), features(model, inputs)):
+        if feats:
+            where = (inputs["input_ids"][0] == token).nonzero()[:, 0].split([f.shape[0] for f in feats])
+            out += [w[press.press(f[None], mmpress.VisualContext())[1][0]] for f, w in zip(feats, where)]
+    return torch.cat(out)
+
+
+def test_pressed_video_matches_hand_built_sequence(model):
+    inputs = make_batch(model, [([("video", (4, 8, 8)), ("image", (1, 8, 12))], 5)])
+    press = NormPress(keep=6)
+    with torch.no_grad():
+        expected = oracle_logits(model, inputs, kept_positions(model, inputs, press))
+        with press(model):
+            got = model(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_pressed_forward_and_decoding_match_hand_built_sequence(model):
