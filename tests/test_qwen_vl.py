@@ -239,3 +239,20 @@ def test_reindex_is_refused_and_qwen3_names_deepstack(model):
     with pytest.raises(ValueError, match="positions must be one of"):
         with NormPress(keep=4)(model, positions="reindex"):
             pass
+
+
+def test_later_turn_on_pressed_cache_equals_rerunning_the_conversation(model):
+    """New tokens fed onto the pressed cache continue from the original M-RoPE positions (with no
+    attention mask Qwen numbers them from the cache length, which is shorter once pressed; a
+    full-length mask with several new tokens fails in transformers itself, pressed or not)."""
+    batch, new_ids = make_batch(model, SINGLE), torch.tensor([[11, 12, 13]])
+    press = mmpress.get_press("divprune", keep=6)  # text-independent: both runs keep the same tokens
+    whole = {**batch, "input_ids": torch.cat([batch["input_ids"], new_ids], dim=1)}
+    whole["attention_mask"] = torch.ones_like(whole["input_ids"])
+    if "mm_token_type_ids" in batch:
+        whole["mm_token_type_ids"] = (whole["input_ids"] == IMAGE).int()
+    with torch.no_grad(), press(model):
+        out = model(**batch, use_cache=True)
+        got = model(input_ids=new_ids, past_key_values=out.past_key_values).logits
+        expected = model(**whole).logits[:, -3:]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
