@@ -4,6 +4,7 @@ video, every press x batch shape, against hand-built oracles. Tiny random config
 from __future__ import annotations
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
                           Qwen2VLForConditionalGeneration)
 
 import mmpress
+from mmpress.models.vision import received_attention
 from mmpress.presses.base import ScorerPress
 
 IMAGE, VIDEO, START, END, PAD = 7, 8, 5, 6, 0
@@ -112,13 +114,9 @@ def test_keep_all_reproduces_unpressed(model, rows):
 @pytest.mark.parametrize("rows", [SINGLE, RAGGED, VIDEO_ROWS], ids=["single", "ragged", "video"])
 def test_every_press_forward_and_generate(model, name, rows):
     """Every press runs on images of different sizes in one batch, and on video; presses needing
-    [CLS] attention raise a ValueError naming the signal (this tower has no [CLS])."""
+    [CLS] attention (CLS_PRESSES) get the adapter's substitute (attention received)."""
     batch, press = make_batch(model, rows), mmpress.get_press(name, keep_ratio=0.5)
     with torch.no_grad(), press(model):
-        if name in CLS_PRESSES:
-            with pytest.raises(ValueError, match="cls_attn|vision_keys"):
-                model(**batch)
-            return
         logits = model(**batch).logits
         tokens, scores = generate(model, batch)
     visual = press.stats["visual_tokens"]
@@ -256,3 +254,112 @@ def test_later_turn_on_pressed_cache_equals_rerunning_the_conversation(model):
         got = model(input_ids=new_ids, past_key_values=out.past_key_values).logits
         expected = model(**whole).logits[:, -3:]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- no [CLS]: the attention each token receives ---------------------------------------------
+class ProbePress(ScorerPress):
+    """Keeps the tokens of highest ``cls_attn`` and records the signals it was given."""
+
+    name = "test-probe"
+    needs = ("cls_attn", "vision_keys")
+
+    def score(self, tokens, ctx):
+        self.seen.append((ctx.cls_attn, ctx.vision_keys))
+        return ctx.cls_attn
+
+
+def test_received_attention_equals_the_full_masked_map():
+    """Query chunks and batched equal-length segments give the column means of the full
+    block-diagonal softmax map."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 23, 3, 8, generator=g).unbind(0)
+    bounds = [0, 5, 9, 13, 17, 23]
+    seg = torch.repeat_interleave(torch.arange(5), torch.tensor(bounds).diff())
+    logits = torch.einsum("ihd,jhd->hij", q, k) * 0.3
+    probs = logits.masked_fill(seg[:, None] != seg[None, :], float("-inf")).softmax(dim=-1)  # (H, S, S)
+    size = torch.tensor(bounds).diff()[seg]
+    expected = (probs.sum(dim=1) / size).mean(dim=0)  # mean over the queries of the key's segment, then heads
+    for budget in (1, 7, 1 << 24):
+        torch.testing.assert_close(received_attention(q, k, bounds, 0.3, budget=budget), expected, atol=1e-6, rtol=0)
+
+
+def eager_reference(model, inputs, monkeypatch):
+    """Per image / video: eager attention's mean attention received in the tower's last block and
+    its head-averaged keys, per merged token in the LM's order. The vision tower runs with eager
+    attention; its attention probabilities are recorded where transformers computes them, and
+    the merged tokens' order is read off the tower's own output (merger rows matched to
+    pooler rows), not from the window index."""
+    visual = model.model.visual
+    modeling = sys.modules[type(visual).__module__]
+    target, calls = visual.blocks[-1].attn, []
+    eager = modeling.eager_attention_forward
+
+    def recording(module, query, key, value, *args, **kwargs):
+        out, weights = eager(module, query, key, value, *args, **kwargs)
+        if module is target:
+            calls.append((weights[0].mean(dim=0).mean(dim=0), key[0].mean(dim=0)))  # (n,), (n, d)
+        return out, weights
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
+    monkeypatch.setattr(visual.config, "_attn_implementation", "eager")
+    out = []
+    for pixels, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        calls.clear()
+        result = visual(inputs[pixels], grid_thw=inputs[grid_key])
+        merged = visual.merger(result.last_hidden_state)  # in the blocks' (window) order
+        order = torch.cdist(result.pooler_output, merged).argmin(dim=1)  # LM order -> block order
+        assert order.unique().numel() == order.numel()
+        score = torch.cat([c[0] for c in calls]).view(-1, MERGE**2).mean(dim=1)[order]
+        keys = torch.cat([c[1] for c in calls])
+        keys = keys.view(-1, MERGE**2, keys.shape[-1]).mean(dim=1)[order]
+        sizes = (inputs[grid_key].prod(-1) // MERGE**2).tolist()
+        out += list(zip(score.split(sizes), keys.split(sizes)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_cls_substitute_equals_eager_attention_received(kind, monkeypatch):
+    """Two images of different sizes and a 2-frame video: the signal a press gets while the tower
+    runs with SDPA equals eager attention's mean attention received (per frame for the video:
+    Qwen attends within frames) and the head-averaged keys, token by token in the LM's order."""
+    model = tiny_qwen(kind)
+    inputs = make_batch(model, [([("image", (1, 8, 8)), ("image", (1, 8, 12)), ("video", (2, 8, 8))], 5)])
+    press = ProbePress(keep=3)
+    press.seen = []
+    with torch.no_grad():
+        with press(model):
+            model(**inputs)
+        expected = eager_reference(model, inputs, monkeypatch)
+    got = {attn.shape[1]: (attn[0], keys[0]) for attn, keys in press.seen}  # groups: 16, 24, 32 tokens
+    assert sorted(got) == [16, 24, 32]
+    for score, keys in expected:
+        torch.testing.assert_close(got[score.shape[0]][0], score, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[score.shape[0]][1], keys, atol=1e-5, rtol=1e-5)
+    frames = {16: 1, 24: 1, 32: 2}  # each frame's patches share a total mass of 1 (softmax rows)
+    assert all(abs(float(got[n][0].sum()) * MERGE**2 - t) < 1e-5 for n, t in frames.items())
+
+
+def test_cls_presses_are_listed_for_qwen_vl():
+    from mmpress.models import FAMILY_NOTES, FAMILY_SIGNALS
+
+    assert all(set(mmpress.PRESSES[name].needs) <= FAMILY_SIGNALS["qwen_vl"] for name in CLS_PRESSES)
+    assert "receives" in FAMILY_NOTES["qwen_vl"]
+
+
+# one image per row: transformers 5.18 repeats pre-encoded items per item, not per row, for beams,
+# which scrambles a row holding several images (the adapter then refuses: placeholder counts differ)
+BEAM_ROWS = [([("image", (1, 8, 8))], 5), ([("image", (1, 8, 12))], 9), ([("image", (1, 8, 8))], 3), ([], 4)]
+
+
+def test_visionzip_under_beam_search_equals_each_row_alone(model):
+    """generate(num_beams=2) repeats each encoded item per beam: every beam of every row gets its
+    own item's signal (rows 0 and 2 share a group of equal shape), so the ragged batch decodes as
+    each row alone."""
+    batch = make_batch(model, BEAM_ROWS)
+    press = mmpress.get_press("visionzip", keep_ratio=0.5)
+    options = dict(max_new_tokens=3, min_new_tokens=3, num_beams=2, do_sample=False)
+    with torch.no_grad(), press(model):
+        tokens = model.generate(**batch, **options)[:, -3:]
+        for i in range(len(BEAM_ROWS)):
+            alone = model.generate(**_row(batch, None, i), **options)[:, -3:]
+            assert torch.equal(tokens[i], alone[0])

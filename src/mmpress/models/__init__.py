@@ -5,14 +5,22 @@ from __future__ import annotations
 from torch import nn
 
 from mmpress.models.llava import LlavaAdapter
+from mmpress.models.qwen3_vl import Qwen3VLAdapter
 from mmpress.models.qwen_vl import QwenVLAdapter
 
 # transformers model_type -> adapter
 ADAPTERS = {"llava": LlavaAdapter, "qwen2_vl": QwenVLAdapter, "qwen2_5_vl": QwenVLAdapter,
-            "qwen3_vl": QwenVLAdapter}  # qwen3_vl: refused with the reason (DeepStack)
+            "qwen3_vl": Qwen3VLAdapter}
 
 # the signals each family's adapter provides (a press runs on a family that has all it needs)
-FAMILY_SIGNALS = {"llava": {"grid", "cls_attn", "vision_keys", "text"}, "qwen_vl": {"grid", "text"}}
+FAMILY_SIGNALS = {"llava": {"grid", "cls_attn", "vision_keys", "text"},
+                  "qwen_vl": {"grid", "cls_attn", "vision_keys", "text"}}
+# what a family's vision signals are, where they are not what their name says (``mmpress list``)
+FAMILY_NOTES = {
+    "llava": "cls_attn = [CLS] row of the attention in the vision_feature_layer block; vision_keys = its keys",
+    "qwen_vl": "no [CLS]: cls_attn = mean attention each token receives in the last full-attention vision block "
+               "(HiPrune's no-[CLS] saliency, arXiv 2508.00553); vision_keys = that block's rotated keys",
+}
 
 
 def get_adapter(model: nn.Module, **options):
@@ -26,4 +34,4 @@ def get_adapter(model: nn.Module, **options):
     return ADAPTERS[model_type](model, **options)
 
 
-__all__ = ["ADAPTERS", "FAMILY_SIGNALS", "LlavaAdapter", "QwenVLAdapter", "get_adapter"]
+__all__ = ["ADAPTERS", "FAMILY_NOTES", "FAMILY_SIGNALS", "LlavaAdapter", "Qwen3VLAdapter", "QwenVLAdapter", "get_adapter"]

@@ -126,6 +126,13 @@ class Adapter:
     def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
         """Put the vision signals of ``items`` (one group of equal shape) into ``ctx``."""
 
+    def press_extras(self, kwargs: dict, keep: Tensor, visual: Tensor, src: Tensor, new_mask: Tensor,
+                     kept_visual: int) -> dict:
+        """Press what else the language model receives per visual token (e.g. Qwen3-VL's DeepStack
+        features) with the same kept tokens. ``keep``/``visual`` (B, L) masks of the unpressed
+        prompt, ``src``/``new_mask`` the compaction, ``kept_visual`` kept visual tokens in all."""
+        return kwargs
+
     def numbers_from_cache(self, kwargs: dict) -> bool:
         """Whether the model will number this call's new tokens from the cache length (pressed
         coordinates) instead of the caller's mask / positions (original coordinates)."""
@@ -300,6 +307,7 @@ class Adapter:
         new_mask = new_mask.to(mask.dtype if mask is not None else torch.long)
         self.stats["pressed_seq_len"] = width
         pre = _Prefill(mask=new_mask, length=length, shift=shift)
+        kwargs = self.press_extras(kwargs, keep, visual, src, new_mask.bool(), k_total)
         return {**kwargs, "inputs_embeds": new_embeds, "attention_mask": new_mask, "position_ids": new_pos}, pre
 
     def _context(self, press: Press, embeds, visual, valid, members: list[int], text):

@@ -1,6 +1,6 @@
 """Qwen-VL family (transformers ``Qwen2VLForConditionalGeneration``,
-``Qwen2_5_VLForConditionalGeneration``): where its visual tokens are. The pressing itself is the
-shared core (``models/base.py``).
+``Qwen2_5_VLForConditionalGeneration``): where its visual tokens are and which signals its
+vision tower gives. The pressing itself is the shared core (``models/base.py``).
 
 Where the visual tokens are: the vision tower merges each 2x2 block of patches into one token,
 so an image of ``image_grid_thw`` (t, H, W) patches gives t * H/2 * W/2 tokens, written in raster
@@ -14,14 +14,51 @@ after an image keeps its own, and ``rope_deltas`` (computed on the unpressed pro
 decoding in the original coordinates, consistent with the pressed cache. ``positions="reindex"``
 is not offered: a renumbered 1-D sequence has no meaning for M-RoPE.
 
-Signals: the tower has no [CLS] token. Presses needing [CLS] attention (VisionZip, VTC-CLS,
-PruMerge, VisPruner) raise a ValueError naming the missing signal; presses using the tokens,
-the grid or the text work.
+Signals: the tower has no [CLS] token, so ``cls_attn`` is a documented substitute: the attention
+each patch RECEIVES in the last full-attention vision block (the block whose output the merger
+turns into the LM's tokens), averaged over all queries of its image (of its frame, for a video:
+Qwen attends within frames) and over heads,
+``score_j = mean_{h, i} softmax_j(q_i . k_j / sqrt(d))``. This is the no-[CLS] saliency of
+HiPrune (Liu et al., arXiv 2508.00553), whose official Qwen2.5-VL code (github.com/Danielement321/
+HiPrune, ``Qwen2_5_VL/qwen2_5_vl_HiPrune.py``, ``Qwen2_5_VisionTransformerPretrainedModel.forward``)
+takes each vision block's attention map, averages it over heads, sums it over queries, averages
+each 2x2 merge group and undoes the window permutation with ``argsort(window_index)``; we take
+the mean over queries instead of the sum (the same ranking within an image, comparable across
+images of different sizes). VisionZip's and VisPruner's official repositories
+(dvlab-research/VisionZip, Theia-4869/VisPruner) ship LLaVA code only; a community VisionZip
+port to Qwen2-VL (Hanjiangli/VisionZip-Qwen2VL) reads the attention row of patch 0 as if it were
+[CLS], which we do not follow: patch 0 is an ordinary corner patch.
+
+How: a forward pre-hook on that block's attention module takes its input hidden states,
+``cu_seqlens`` and rotary ``position_embeddings`` as transformers passes them, recomputes q and
+k as the module does (``qkv``, then the module's own ``apply_rotary_pos_emb_vision``) and the
+column means in query chunks (``models.vision.received_attention``): no attention map is
+materialised, no eager attention is needed, the tower keeps running with SDPA / FlashAttention.
+Patch scores and keys become token scores and keys by averaging each ``spatial_merge_size**2``
+consecutive patches (the merger's ``view(-1, hidden * merge**2)`` groups exactly those); keys
+are the module's rotated keys, averaged over the group and the heads (``vision_keys``, VisionZip's
+and PruMerge's similarity metric). Qwen2.5-VL runs its blocks in window order: the tokens are
+put back in raster order with ``argsort(window_index)``, as the tower does after its merger.
+Qwen2-VL attends fully in every block; Qwen2.5-VL in ``fullatt_block_indexes`` only (the last
+block in every released config; were it windowed, the last full-attention block is used).
+``layers`` of a press (VTC-CLS, PruMerge: hidden-state indices, as ``vision_feature_layer``)
+name further blocks, scored the same way within the segments that block attends over (windows,
+for a windowed Qwen2.5-VL block).
 """
 
 from __future__ import annotations
 
+import sys
+
+import torch
+from torch import Tensor
+from transformers.vision_utils import get_vision_window_index
+
 from mmpress.models.base import Adapter, Item, encoded_sources
+from mmpress.models.vision import layer_index, received_attention
+from mmpress.presses.base import Press, VisualContext
+
+Signals = dict[int, tuple[list[Tensor], list[Tensor]]]  # vision block -> per item (scores (n,), keys (n, d))
 
 
 class QwenVLAdapter(Adapter):
@@ -29,28 +66,122 @@ class QwenVLAdapter(Adapter):
 
     family = "qwen_vl"
     position_modes = ("keep",)
+    deepstack = False  # Qwen3-VL's file (qwen3_vl.py) presses DeepStack features too
 
     def __init__(self, model, positions: str = "keep"):
         super().__init__(model, positions)
         if not hasattr(self.vlm, "visual"):
             raise ValueError(f"{type(model).__name__} does not look like a transformers Qwen-VL model")
-        if getattr(self.config, "model_type", "").startswith("qwen3"):
-            raise ValueError("Qwen3-VL injects DeepStack visual features into early language-model layers at the "
-                             "visual positions; mmpress does not press them consistently yet, so it refuses rather "
-                             "than give wrong answers. Supported: qwen2_vl, qwen2_5_vl")
+        if getattr(self.config.vision_config, "deepstack_visual_indexes", None) and not self.deepstack:
+            raise ValueError("this model injects DeepStack visual features into early language-model layers at the "
+                             "visual positions; use the Qwen3-VL adapter (mmpress.models.qwen3_vl), which presses "
+                             "them with the same kept tokens")
         self.token_ids = (self.config.image_token_id, self.config.video_token_id)
         self.merge = self.config.vision_config.spatial_merge_size
         self.grids_seen: list[list[list[int]]] = []  # grid_thw of the last vision-tower calls
+        # vision signals: of the tower call in flight, per placeholder id, and per encoder output
+        # (generate encodes before the forward; its per-item features are views of one storage)
+        self._encoding: dict | None = None
+        self._expect: list[int] = []  # placeholder ids of the tower calls this forward will make
+        self._signals: dict[int, Signals | None] = {}
+        self._by_storage: dict[int, Signals] = {}
 
     def signal_hooks(self, press) -> list:
         # generate() encodes images before the forward and passes only their features: the grids
         # are recorded where the tower sees them
-        return [self.vlm.visual.register_forward_pre_hook(self._record_grids, with_kwargs=True)]
+        visual = self.vlm.visual
+        handles = [visual.register_forward_pre_hook(self._record_grids, with_kwargs=True)]
+        if {"cls_attn", "vision_keys"} & set(press.needs):
+            handles += [visual.register_forward_pre_hook(self._start_encoding),
+                        visual.register_forward_hook(self._record_output)]
+            handles += [visual.blocks[b].attn.register_forward_pre_hook(self._attention_hook(b), with_kwargs=True)
+                        for b in {self._feature_block(), *map(self._block, getattr(press, "layers", None) or ())}]
+        return handles
 
     def _record_grids(self, module, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         if grid is not None:
             self.grids_seen = [*self.grids_seen[-3:], grid.tolist()]  # before the tower's work is queued
+
+    def _start_encoding(self, module, args):
+        """A tower call begins (after ``_record_grids``): which placeholder id its items fill (None
+        when generate encodes before the forward: then its output's storage tells), and, for
+        Qwen2.5-VL, the window permutation its blocks run in (host facts, no sync)."""
+        if not self.grids_seen:
+            return
+        grid, window = self.grids_seen[-1], None
+        if hasattr(module, "fullatt_block_indexes"):
+            window, _ = get_vision_window_index(torch.tensor(grid), self.merge, module.window_size, module.patch_size)
+        self._encoding = {"token": self._expect.pop(0) if self._expect else None, "grid": grid, "window": window,
+                          "signals": {}}
+
+    def _record_output(self, module, args, output):
+        encoding, self._encoding = self._encoding, None
+        features = getattr(output, "pooler_output", None)
+        if features is None and isinstance(output, tuple) and len(output) > 1:
+            features = output[1]
+        if encoding is None or not isinstance(features, Tensor):
+            return
+        if encoding["token"] is not None:
+            self._signals[encoding["token"]] = encoding["signals"]
+        key = features.untyped_storage().data_ptr()
+        self._by_storage = {**dict(list(self._by_storage.items())[-3:]), key: encoding["signals"]}
+
+    # ---- vision signals (no [CLS]: attention received, see the module docstring) -------------
+    def _feature_block(self) -> int:
+        """The last full-attention block: the last block in Qwen2-VL and in every released
+        Qwen2.5-VL config (``fullatt_block_indexes`` ends with depth - 1)."""
+        visual = self.vlm.visual
+        full = getattr(visual, "fullatt_block_indexes", None)
+        return max(full) if full else len(visual.blocks) - 1
+
+    def _block(self, hs_index: int) -> int:
+        return layer_index(hs_index, len(self.vlm.visual.blocks))
+
+    def _attention_hook(self, block: int):
+        def hook(module, args, kwargs):
+            encoding = self._encoding
+            if encoding is None:
+                return
+            names = ("hidden_states", "cu_seqlens", "position_embeddings")
+            hidden, cu_seqlens, rotary = (kwargs.get(name, args[i] if len(args) > i else None)
+                                          for i, name in enumerate(names))
+            if cu_seqlens is None or rotary is None:
+                raise ValueError(f"{type(module).__name__} got no cu_seqlens / position_embeddings: this transformers "
+                                 "version calls the Qwen-VL vision attention differently; mmpress cannot score tokens")
+            s = hidden.shape[0]
+            q, k, _ = module.qkv(hidden).reshape(s, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision(q, k, *rotary)
+            # host boundaries: the module's own SDPA path reads cu_seqlens to the host right after
+            score = received_attention(q, k, cu_seqlens.tolist(), module.scaling)
+            unit = self.merge**2
+            score = score.view(-1, unit).mean(dim=1)
+            keys = k.float().mean(dim=1).view(-1, unit, k.shape[-1]).mean(dim=1)
+            if encoding["window"] is not None:  # window order -> raster order, as the tower does
+                order = encoding["window"].to(score.device).argsort()
+                score, keys = score[order], keys[order]
+            sizes = [self._shape(g)[0] for g in encoding["grid"]]
+            encoding["signals"][block] = (list(score.split(sizes)), list(keys.to(k.dtype).split(sizes)))
+
+        return hook
+
+    def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
+        signals = self._signals.get(items[0].token_id)
+        blocks = [self._feature_block(), *map(self._block, getattr(press, "layers", None) or ())]
+        if not signals or any(b not in signals for b in blocks):
+            raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
+        sources, n = [item.source for item in items], items[0].length
+
+        def stack(per_item: list[Tensor]) -> Tensor:
+            if max(sources) >= len(per_item) or per_item[sources[0]].shape[0] != n:
+                raise ValueError(f"vision signal covers {[t.shape[0] for t in per_item]} tokens per item, the LM "
+                                 f"sees {len(items)} items of {n}")
+            return torch.stack([per_item[s] for s in sources])  # generate repeats items per beam / sequence
+
+        scores, keys = signals[blocks[0]]
+        ctx.cls_attn, ctx.vision_keys = stack(scores), stack(keys)
+        if getattr(press, "layers", None):
+            ctx.cls_attn_layers = torch.stack([stack(signals[b][0]) for b in blocks[1:]], dim=1)
 
     def numbers_from_cache(self, kwargs: dict) -> bool:
         # without a mask or positions, Qwen numbers new tokens from the (pressed) cache length
@@ -58,6 +189,7 @@ class QwenVLAdapter(Adapter):
 
     def visual_items(self, args, kwargs) -> list[Item]:
         items = []
+        self._expect = []
         for kind, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
             pixels, grid = kwargs.get(f"pixel_values{'_videos' if kind == 'video' else ''}"), kwargs.get(f"{kind}_grid_thw")
             if pixels is not None:
@@ -65,9 +197,13 @@ class QwenVLAdapter(Adapter):
                     raise ValueError(f"pressing a Qwen-VL {kind} needs {kind}_grid_thw (the processor returns it)")
                 grids = grid.tolist()
                 items += [Item(token_id, *self._shape(g), i) for i, g in enumerate(grids)]
+                # this forward encodes images, then videos (transformers' order): their signals follow
+                self._expect.append(token_id)
+                self._signals[token_id] = None
                 continue
             encoded = self.protocol.encoded_in(kwargs, kind)  # generate() encodes first
             if encoded:
+                self._signals[token_id] = self._by_storage.get(encoded[0].untyped_storage().data_ptr())
                 sources = encoded_sources(encoded) or list(range(len(encoded)))
                 lengths = [encoded[sources.index(s)].shape[0] for s in range(max(sources) + 1)]
                 grids = next((g for g in reversed(self.grids_seen) if [self._shape(x)[0] for x in g] == lengths), None)

@@ -1,4 +1,5 @@
-"""Vision-tower signals without eager attention: [CLS] attention and keys of one layer.
+"""Vision-tower signals without eager attention: [CLS] attention and keys of one layer, and the
+attention each token receives (towers without [CLS]).
 
 The official VisionZip / VTC-CLS / PruMerge code runs the vision tower with
 ``output_attentions=True``, which forces eager attention and materialises every
@@ -10,6 +11,7 @@ and the tower keeps running with SDPA / FlashAttention.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -53,3 +55,33 @@ def cls_attention_and_keys(attn: nn.Module, hidden: Tensor) -> tuple[Tensor, Ten
     k = attn.k_proj(hidden).view(b, s, heads, -1).transpose(1, 2)  # (B, H, S, d)
     probs = ((q @ k.transpose(-1, -2)) * scale).float().softmax(dim=-1)  # (B, H, 1, S)
     return probs.mean(dim=1)[:, 0], k.mean(dim=1)
+
+
+def received_attention(q: Tensor, k: Tensor, bounds: list[int], scale: float, budget: int = 1 << 24) -> Tensor:
+    """Attention each key RECEIVES, averaged over the queries of its segment and over heads:
+    ``score_j = mean_{h, i} softmax_j(q_i . k_j * scale)`` -- the column means of the attention
+    map, the [CLS]-free saliency of towers without a [CLS] token (Qwen-VL; see ``qwen_vl.py``).
+
+    q, k: (S, H, d) queries and keys of a packed sequence; ``bounds`` (host ints, like
+    ``cu_seqlens``: 0, n1, n1 + n2, ..., S) splits it into segments that attend only within
+    themselves (images, video frames, windows). Returns (S,) float32. The map is never
+    materialised: queries go in chunks of at most ``budget`` logits (O(chunk x n) per head), and
+    runs of equal-length segments (a video's frames) are batched.
+    """
+    heads = q.shape[1]
+    out = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+    runs: list[list[int]] = []  # [start, segment length, segments]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if runs and runs[-1][1] == b - a:
+            runs[-1][2] += 1
+        elif b > a:
+            runs.append([a, b - a, 1])
+    for start, n, count in runs:
+        end = start + n * count
+        qs, ks = (t[start:end].float().view(count, n, heads, -1).transpose(1, 2) for t in (q, k))  # (G, H, n, d)
+        rows = max(1, budget // (count * heads * n))
+        total = qs.new_zeros(count, heads, n)
+        for i in range(0, n, rows):
+            total += ((qs[:, :, i : i + rows] @ ks.transpose(-1, -2)) * scale).softmax(dim=-1).sum(dim=2)
+        out[start:end] = total.mean(dim=1).reshape(-1) / n
+    return out

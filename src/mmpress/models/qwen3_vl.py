@@ -1,0 +1,34 @@
+"""Qwen3-VL (transformers ``Qwen3VLForConditionalGeneration``): the Qwen-VL family file plus
+DeepStack.
+
+Qwen3-VL adds features of several vision blocks to the hidden states of its first language-model
+layers, at the visual positions (``visual_pos_masks`` (B, L) and ``deepstack_visual_embeds``, one
+(visual tokens, D) tensor per injected layer, in row-major order of the mask). A press keeps the
+same tokens there as in the input embeddings: the pressed mask marks the kept visual tokens, and
+each layer's features are those of the kept tokens, in the same order. A merging press (ToMe,
+VisionZip's contextual tokens, PruMerge, temporal_merge) merges the input embeddings only: the
+merged token gets the DeepStack features of the token whose position it takes.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mmpress.models.qwen_vl import QwenVLAdapter
+from mmpress.ops.sequence import flat_positions, gather_rows
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Applies presses to a Qwen3-VL model, DeepStack features pressed with the same kept tokens."""
+
+    deepstack = True
+
+    def press_extras(self, kwargs: dict, keep: Tensor, visual: Tensor, src: Tensor, new_mask: Tensor,
+                     kept_visual: int) -> dict:
+        masks, features = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
+        if masks is None or features is None:
+            return kwargs
+        rank = visual.reshape(-1).cumsum(0) - 1  # index of each visual position in the features
+        kept = rank[flat_positions(keep & visual, kept_visual)]  # kept ones, row-major: the pressed order
+        return {**kwargs, "visual_pos_masks": gather_rows(keep & visual, src) & new_mask,
+                "deepstack_visual_embeds": [f.index_select(0, kept.to(f.device)) for f in features]}
