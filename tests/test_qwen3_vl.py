@@ -9,7 +9,7 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import mmpress
-from test_qwen_vl import IMAGE, PAD, RAGGED, SINGLE, VIDEO, NormPress, generate, make_batch
+from test_qwen_vl import IMAGE, PAD, RAGGED, SINGLE, VIDEO, NormPress, check_keep_all, generate, make_batch
 
 TEXT = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=12, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
@@ -33,13 +33,7 @@ def model():
 
 @pytest.mark.parametrize("rows", [SINGLE, RAGGED], ids=["single", "ragged"])
 def test_keep_all_reproduces_unpressed(model, rows):
-    batch = make_batch(model, rows)
-    with torch.no_grad():
-        reference, (ref_tokens, ref_scores) = model(**batch).logits, generate(model, batch)
-        with mmpress.get_press("none")(model):
-            assert torch.equal(model(**batch).logits, reference)
-            tokens, scores = generate(model, batch)
-    assert torch.equal(tokens, ref_tokens) and torch.equal(scores, ref_scores)
+    check_keep_all(model, make_batch(model, rows))
 
 
 def test_pressed_forward_matches_hand_built_sequence_with_deepstack(model):

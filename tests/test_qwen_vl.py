@@ -101,7 +101,11 @@ def generate(model, inputs, steps=3):
 
 @pytest.mark.parametrize("rows", [SINGLE, RAGGED, VIDEO_ROWS], ids=["single", "ragged", "video"])
 def test_keep_all_reproduces_unpressed(model, rows):
-    batch = make_batch(model, rows)
+    check_keep_all(model, make_batch(model, rows))
+
+
+def check_keep_all(model, batch):
+    """The keep-everything press gives the unpressed logits and generate scores, bit for bit."""
     with torch.no_grad():
         reference, (ref_tokens, ref_scores) = model(**batch).logits, generate(model, batch)
         with mmpress.get_press("none")(model):
