@@ -109,8 +109,9 @@ def _load(model_id: str):
 
 @app.command("list")
 def list_cmd():
-    """Table of presses: name, stage, signals it needs, video-aware, model families it runs on."""
-    from mmpress.models import FAMILY_SIGNALS
+    """Table of presses: name, stage, signals it needs, video-aware, model families it runs on;
+    under it, per family, what its signals are (e.g. Qwen-VL's substitute for [CLS] attention)."""
+    from mmpress.models import FAMILY_NOTES, FAMILY_SIGNALS
 
     table = Table(title="mmpress presses")
     wide = console.width >= 120  # the paper column only where it fits on one line
@@ -122,6 +123,8 @@ def list_cmd():
         table.add_row(name, cls.stage, " ".join(cls.needs) or "-", "yes" if cls.video else "-",
                       " ".join(families) or "-", *([cls.paper or "-"] if wide else []))
     console.print(table)
+    for family, note in FAMILY_NOTES.items():
+        console.print(f"[bold]{family}[/bold]: {note}", highlight=False)
 
 
 @app.command()
@@ -296,43 +299,86 @@ def bench_cost(
                                           show_default=False),
     keeps: Optional[str] = typer.Option(None, help=_grid_help(COST_GRIDS, "keeps", "comma-separated budgets "
                                                               "(visual tokens per image)"), show_default=False),
+    arch: str = typer.Option("llava", help="model family of the random model: llava, qwen2_vl or qwen2_5_vl"),
+    input_kind: str = typer.Option("image", "--input", help="image, or video (qwen2_vl, qwen2_5_vl)"),
     batch: int = typer.Option(1, min=1, help="batch size (rows get ragged prompt lengths)"),
     repeats: int = typer.Option(3, min=1, help="timed repeats per cell (median)"),
     lm_layers: int = typer.Option(12), lm_hidden: int = typer.Option(896), lm_intermediate: int = typer.Option(4864),
-    lm_heads: int = typer.Option(14), vision_layers: int = typer.Option(6), vision_hidden: int = typer.Option(384),
-    image_size: int = typer.Option(336), threads: Optional[int] = typer.Option(None, help="torch threads"),
+    lm_heads: int = typer.Option(14),
+    vision_layers: Optional[int] = typer.Option(None, min=1, help="default: 6 (llava), 8 (qwen)", show_default=False),
+    vision_hidden: Optional[int] = typer.Option(None, min=1, help="default: 384 (llava), 640 (qwen)",
+                                                show_default=False),
+    image_size: Optional[int] = typer.Option(None, min=1, help="image (or video frame) side in pixels; default: 336 "
+                                             "(llava), 896 (qwen image: 1024 tokens), 448 (qwen video: 256 tokens a "
+                                             "step)", show_default=False),
+    frames: int = typer.Option(16, min=1, help="video frames (two per temporal step)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads"),
     out: Optional[Path] = typer.Option(None, help="also write JSON rows here"),
 ):
-    """Prefill time of presses on a LLaVA-1.5-shaped random model: speedup vs its FLOPs limit.
+    """Prefill time of presses on a random model of a family's shape: speedup vs its FLOPs limit.
 
-    Default: 4 presses x 2 budgets, under a minute on 2 CPU cores. --full: every press x 4 budgets."""
+    Default: a LLaVA-1.5 shape, 4 presses x 2 budgets, under a minute on 2 CPU cores.
+    --arch qwen2_5_vl: a scaled Qwen2.5-VL, a 1024-token image (--input video: 16 frames x 256).
+    The vision tower is timed alone too: a press acting after it cannot remove its time.
+    --full: every press x 4 budgets."""
     import torch
     from rich.progress import Progress
 
-    from mmpress.eval.prefill import Shape, bench_prefill, llava_shaped, prompt_batch
+    from mmpress.eval.prefill import ARCHS, QwenShape, Shape, run_prefill, shaped
     from mmpress.eval.report import prefill_table
 
+    if arch not in ARCHS:
+        raise typer.BadParameter(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}", param_hint="--arch")
+    if input_kind not in ("image", "video"):
+        raise typer.BadParameter(f"expected image or video, got {input_kind!r}", param_hint="--input")
+    if arch == "llava" and input_kind == "video":
+        raise typer.BadParameter("the LLaVA-1.5 shape takes images only; video: --arch qwen2_5_vl or qwen2_vl",
+                                 param_hint="--input")
     settings = grid(COST_GRIDS, full, presses=presses, keeps=keeps)
     # the unpressed model is always timed
     names = [name for name in _press_names(settings["presses"]) if name != "none"]
     budgets = _budgets(settings["keeps"], param_hint="--keeps")
     if threads:
         torch.set_num_threads(threads)
-    shape = Shape(vision_layers=vision_layers, vision_hidden=vision_hidden, image_size=image_size,
-                  lm_layers=lm_layers, lm_hidden=lm_hidden, lm_intermediate=lm_intermediate, lm_heads=lm_heads,
-                  lm_kv_heads=max(1, lm_heads // 7))
-    model = llava_shaped(shape)
-    inputs = prompt_batch(shape, batch=batch)
-    n_img = (shape.image_size // shape.patch_size) ** 2
+    lm = dict(lm_layers=lm_layers, lm_hidden=lm_hidden, lm_intermediate=lm_intermediate, lm_heads=lm_heads,
+              lm_kv_heads=max(1, lm_heads // 7))
+    given = {k: v for k, v in (("vision_layers", vision_layers), ("vision_hidden", vision_hidden)) if v is not None}
+    if arch == "llava":
+        shape = Shape(**given, **lm, image_size=image_size or 336)
+    else:
+        side = "image_size" if input_kind == "image" else "frame_size"
+        shape = QwenShape(arch=arch, **given, **lm, frames=frames,
+                          **({side: image_size} if image_size else {}))
+        if (image_size or 28) % (shape.patch_size * shape.merge):
+            raise typer.BadParameter(f"a Qwen-VL {input_kind} side must be a multiple of "
+                                     f"{shape.patch_size * shape.merge} px, got {image_size}",
+                                     param_hint="--image-size")
+    model, inputs = shaped(arch, shape, kind=input_kind, batch=batch)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"timing rounds ({len(names)} presses)", total=repeats + 1)
-        rows = bench_prefill(model, inputs, names, budgets, repeats=repeats, progress=lambda: progress.advance(task))
-    title = f"prefill, batch {batch}, {n_img} image tokens, {torch.get_num_threads()} threads"
-    console.print(prefill_table(rows, title=title))
+        record = run_prefill(model, inputs, names, budgets, repeats=repeats, progress=lambda: progress.advance(task))
+    rows = record["rows"]
+    what = f"{input_kind} tokens" if arch == "llava" else f"{input_kind} tokens, {arch}"
+    console.print(prefill_table(rows, title=f"prefill, batch {batch}, {rows[0]['keep']} {what}, "
+                                            f"{torch.get_num_threads()} threads"))
+    console.print(_split_line(record), highlight=False, soft_wrap=True)
+    for name, reason in record["skipped"].items():
+        console.print(f"skipped {name}: {reason}", style="yellow", highlight=False, soft_wrap=True)
     if out:
         out.write_text(json.dumps(rows, indent=2))
     if not full and presses is None and keeps is None:
         console.print("every press and budget: mmpress bench-cost --full", style="dim", highlight=False)
+
+
+def _split_line(record: dict) -> str:
+    """The vision / language-model split of the unpressed prefill, and what it leaves a press
+    acting after the tower."""
+    base = record["rows"][0]["seconds"]
+    vision, share = record["vision_seconds"], record["vision_share"]
+    flops_share = record["flops"]["vision"] / (record["flops"]["vision"] + record["flops"]["language"])
+    return (f"unpressed split: vision tower + projector {vision * 1e3:.1f} ms ({share:.0%}), language model "
+            f"{(base - vision) * 1e3:.1f} ms ({1 - share:.0%}); vision FLOPs {flops_share:.0%}. A press after the "
+            f"tower is bounded by {1 / max(share, 1e-9):.2f}x.")
 
 
 def main():  # pragma: no cover

@@ -65,6 +65,59 @@ def llava_prefill_flops(config, seq_len: int, num_images: int = 1, batch: int = 
     return PrefillFlops(vision, projector, language)
 
 
+def qwen_vl_vision_flops(vision_cfg, grids_thw: list[list[int]]) -> tuple[float, float]:
+    """FLOPs of a Qwen2-VL / Qwen2.5-VL vision tower over images / videos of ``grids_thw`` (t, h, w)
+    patches: (tower, merger). Attention runs per temporal step (each of the t frames of a video is
+    its own sequence); in Qwen2.5-VL only ``fullatt_block_indexes`` attend over a whole frame, the
+    other blocks within windows of ``window_size`` pixels (``get_vision_window_index``)."""
+    merge, patch = vision_cfg.spatial_merge_size, vision_cfg.patch_size
+    qwen2_5 = hasattr(vision_cfg, "fullatt_block_indexes")
+    width = vision_cfg.hidden_size if qwen2_5 else vision_cfg.embed_dim
+    out = vision_cfg.out_hidden_size if qwen2_5 else vision_cfg.hidden_size
+    inter = vision_cfg.intermediate_size if qwen2_5 else int(width * vision_cfg.mlp_ratio)
+    depth = vision_cfg.depth
+    full = {i % depth for i in vision_cfg.fullatt_block_indexes} if qwen2_5 else set(range(depth))
+    side = max(1, vision_cfg.window_size // merge // patch) if qwen2_5 else 0  # window side, in merged tokens
+    patches = sum(t * h * w for t, h, w in grids_thw)
+    frame_sq = window_sq = 0.0  # sum of squared attention lengths, per block kind
+    for t, h, w in grids_thw:
+        frame_sq += t * (h * w) ** 2
+        if qwen2_5:
+            rows = [min(side, h // merge - i) for i in range(0, h // merge, side)]
+            cols = [min(side, w // merge - j) for j in range(0, w // merge, side)]
+            window_sq += t * sum((r * c * merge**2) ** 2 for r in rows for c in cols)
+    embed = 2.0 * patches * vision_cfg.in_channels * vision_cfg.temporal_patch_size * patch**2 * width
+    per_token = 4 * width**2 + (3 if qwen2_5 else 2) * width * inter  # qkv + proj, MLP (gated in 2.5)
+    attn = 4.0 * width * (len(full) * frame_sq + (depth - len(full)) * window_sq)  # scores + values
+    tower = embed + 2.0 * depth * patches * per_token + attn
+    merged = patches / merge**2
+    merger = 2.0 * merged * ((merge**2 * width) ** 2 + merge**2 * width * out)
+    return tower, merger
+
+
+def qwen_vl_prefill_flops(config, grids_thw: list[list[int]], seq_len: int, batch: int = 1) -> PrefillFlops:
+    """FLOPs of one Qwen-VL prefill: the tower over every image and video of the batch
+    (``grids_thw``, all rows together), the merger as the projector, and ``batch`` rows of
+    ``seq_len`` LM tokens. A press after the tower lowers only the language-model part."""
+    tower, merger = qwen_vl_vision_flops(config.vision_config, grids_thw) if grids_thw else (0.0, 0.0)
+    text_cfg = config.text_config
+    language = transformer_flops(text_cfg, seq_len, batch=batch, causal=True)
+    language += 2.0 * batch * text_cfg.hidden_size * text_cfg.vocab_size  # lm_head, last token only
+    return PrefillFlops(tower, merger, language)
+
+
+def prefill_flops(config, inputs: dict, seq_len: int) -> PrefillFlops:
+    """FLOPs of the prefill of ``inputs`` (a batch as the model takes it) with ``seq_len`` LM
+    tokens per row: Qwen-VL models (a ``spatial_merge_size`` tower) or LLaVA."""
+    batch = inputs["input_ids"].shape[0]
+    if hasattr(config.vision_config, "spatial_merge_size"):
+        grids = [g for key in ("image_grid_thw", "video_grid_thw") if inputs.get(key) is not None
+                 for g in inputs[key].tolist()]
+        return qwen_vl_prefill_flops(config, grids, seq_len, batch=batch)
+    images = inputs["pixel_values"].shape[0] / batch if inputs.get("pixel_values") is not None else 0
+    return llava_prefill_flops(config, seq_len, num_images=images, batch=batch)
+
+
 def kv_cache_bytes(text_cfg, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
     heads = text_cfg.num_attention_heads
     head_dim = _get(text_cfg, "head_dim", default=text_cfg.hidden_size // heads)

@@ -1,24 +1,30 @@
-"""Prefill speed of every press on a real-sized LLaVA-1.5-shaped model with random weights.
+"""Prefill speed of every press on real-sized random models of a family's shape.
 
 Compute cost does not depend on the weights, so a random model of the real shape times the
-same as the trained one. The default shape is the peer baseline's (shared/MEASURED.md): a CLIP
+same as the trained one. The LLaVA shape is the peer baseline's (shared/MEASURED.md): a CLIP
 tower of 6 layers x 384 at 336 px (24 x 24 = 576 patches) and a Qwen2 language model of 12
-layers x 896, with 576 image + ~33 text tokens, so figures compare like for like.
+layers x 896, with 576 image + ~33 text tokens, so figures compare like for like. The Qwen-VL
+shape scales Qwen2.5-VL-7B down the same way (:class:`QwenShape`): a windowed vision tower of
+8 x 640 and the same 12 x 896 language model with M-RoPE, fed an image of 1024 tokens or a video
+of 16 frames (8 temporal steps x 256 tokens).
 """
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-from mmpress.eval.cost import llava_prefill_flops, time_call
+from mmpress.eval.cost import prefill_flops, time_call
 from mmpress.presses.base import get_press
 
 IMAGE_TOKEN = 3
+VIDEO_TOKEN, VISION_START, VISION_END = 4, 5, 6
+ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl")
 
 
 @dataclass
@@ -66,50 +72,225 @@ def prompt_batch(shape: Shape, batch: int = 1, seed: int = 0) -> dict[str, torch
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
-def bench_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repeats: int = 5, progress=None) -> list[dict]:
+@dataclass
+class QwenShape:
+    """Qwen2.5-VL-7B (vision 32 x 1280, windows of 112 px, full attention in every 8th block;
+    LM 28 x 3584) scaled for a CPU as :class:`Shape` scales LLaVA: vision 8 x 640 with full
+    attention in blocks 3 and 7, LM 12 x 896. ``arch="qwen2_vl"`` gives Qwen2-VL's tower instead
+    (full attention everywhere, plain MLP of ``4 x vision_hidden``). An image of ``image_size`` px
+    is (image_size / 14)^2 patches, a quarter as many tokens (896 px: 1024); a video has
+    ``frames`` frames of ``frame_size`` px, two frames per temporal step (16 x 448 px: 8 x 256)."""
+
+    arch: str = "qwen2_5_vl"
+    vision_layers: int = 8
+    vision_hidden: int = 640
+    vision_intermediate: int | None = None  # None: 1710 / 1280 of the width, as in 7B
+    fullatt_blocks: tuple[int, ...] | None = None  # None: every 4th block, the last one included
+    window_size: int = 112
+    image_size: int = 896
+    frame_size: int = 448
+    frames: int = 16
+    patch_size: int = 14
+    merge: int = 2
+    temporal_patch: int = 2
+    lm_layers: int = 12
+    lm_hidden: int = 896
+    lm_intermediate: int = 4864
+    lm_heads: int = 14
+    lm_kv_heads: int = 2
+    vocab: int = 32000
+    text_tokens: int = 33
+    extra: dict = field(default_factory=dict)  # other config fields, e.g. for tests
+
+    def grid(self, kind: str) -> tuple[int, int, int]:
+        """(t, h, w) patches of one image or video."""
+        side = (self.image_size if kind == "image" else self.frame_size) // self.patch_size
+        t = 1 if kind == "image" else -(-self.frames // self.temporal_patch)
+        return t, side, side
+
+
+def qwen_shaped(shape: QwenShape = QwenShape(), seed: int = 0, attn: str = "sdpa"):
+    """A random Qwen2-VL / Qwen2.5-VL model of ``shape``."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    torch.manual_seed(seed)
+    half = shape.lm_hidden // shape.lm_heads // 2  # M-RoPE splits the rotary half of a head as 7B does
+    mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    text = dict(vocab_size=shape.vocab, hidden_size=shape.lm_hidden, intermediate_size=shape.lm_intermediate,
+                num_hidden_layers=shape.lm_layers, num_attention_heads=shape.lm_heads,
+                num_key_value_heads=shape.lm_kv_heads, max_position_embeddings=32768,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_scaling={"type": "mrope", "mrope_section": mrope})
+    vision = dict(depth=shape.vision_layers, num_heads=max(1, shape.vision_hidden // 64), patch_size=shape.patch_size,
+                  spatial_merge_size=shape.merge, temporal_patch_size=shape.temporal_patch, in_channels=3)
+    tokens = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                  vision_end_token_id=VISION_END)
+    if shape.arch == "qwen2_5_vl":
+        depth = shape.vision_layers
+        full = shape.fullatt_blocks or tuple(range(min(3, depth - 1), depth, 4))
+        inter = shape.vision_intermediate or round(shape.vision_hidden * 1710 / 1280)
+        config = Qwen2_5_VLConfig(vision_config=dict(hidden_size=shape.vision_hidden, intermediate_size=inter,
+                                                     out_hidden_size=shape.lm_hidden, window_size=shape.window_size,
+                                                     fullatt_block_indexes=list(full), **vision),
+                                  text_config=text, **tokens, **shape.extra)
+        cls = Qwen2_5_VLForConditionalGeneration
+    elif shape.arch == "qwen2_vl":
+        config = Qwen2VLConfig(vision_config=dict(embed_dim=shape.vision_hidden, hidden_size=shape.lm_hidden,
+                                                  mlp_ratio=4, **vision),
+                               text_config=text, **tokens, **shape.extra)
+        cls = Qwen2VLForConditionalGeneration
+    else:
+        raise ValueError(f"unknown Qwen-VL arch {shape.arch!r}: qwen2_vl or qwen2_5_vl")
+    config._attn_implementation = attn
+    return cls(config).eval()
+
+
+def qwen_prompt_batch(model, shape: QwenShape, kind: str = "image", batch: int = 1, seed: int = 0) -> dict:
+    """``batch`` left-padded prompts as the Qwen-VL processor lays them out: a few system tokens,
+    vision-start, the image's (or video's) tokens, vision-end, a question of ragged length; the
+    pixels as flattened patches with their ``{kind}_grid_thw``."""
+    if kind not in ("image", "video"):
+        raise ValueError(f"unknown input {kind!r}: image or video")
+    g = torch.Generator().manual_seed(seed)
+    t, h, w = shape.grid(kind)
+    token = IMAGE_TOKEN if kind == "image" else VIDEO_TOKEN
+    n_vis = t * h * w // shape.merge**2
+    lengths = [shape.text_tokens - 4 * (i % 4) for i in range(batch)]
+    width = n_vis + 2 + max(lengths)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        text = torch.randint(10, shape.vocab, (length,), generator=g)
+        visual = [torch.tensor([VISION_START]), torch.full((n_vis,), token), torch.tensor([VISION_END])]
+        row = torch.cat([text[:5], *visual, text[5:]])
+        ids[i, width - row.numel():], mask[i, width - row.numel():] = row, 1
+    patch_dim = 3 * shape.temporal_patch * shape.patch_size**2
+    pixels = torch.randn(batch * t * h * w, patch_dim, generator=g)
+    key = "pixel_values" if kind == "image" else "pixel_values_videos"
+    inputs = {"input_ids": ids, "attention_mask": mask, key: pixels,
+              f"{kind}_grid_thw": torch.tensor([[t, h, w]] * batch)}
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # transformers >= 5.24
+        inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
+    return inputs
+
+
+def shaped(arch: str, shape=None, kind: str = "image", batch: int = 1, seed: int = 0):
+    """(model, inputs) of a family: ``arch`` in :data:`ARCHS`, ``shape`` a :class:`Shape` (llava)
+    or :class:`QwenShape` (qwen2_vl, qwen2_5_vl; None: the default one), ``kind`` image or video."""
+    if arch == "llava":
+        if kind != "image":
+            raise ValueError("the LLaVA-1.5 shape takes images only: --input image")
+        shape = shape or Shape()
+        return llava_shaped(shape, seed=seed), prompt_batch(shape, batch=batch, seed=seed)
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: {', '.join(ARCHS)}")
+    shape = replace(shape or QwenShape(), arch=arch)
+    model = qwen_shaped(shape, seed=seed)
+    return model, qwen_prompt_batch(model, shape, kind=kind, batch=batch, seed=seed)
+
+
+def visual_tokens(config, inputs: dict) -> int:
+    """Visual tokens (image and video) of the row holding the most."""
+    ids = inputs["input_ids"]
+    visual = ids == config.image_token_id
+    if getattr(config, "video_token_id", None) is not None:
+        visual |= ids == config.video_token_id
+    return int(visual.sum(1).max())
+
+
+def encode_visuals(model, inputs: dict) -> None:
+    """The vision tower and projector alone (the model's ``get_image_features`` /
+    ``get_video_features``) over every image and video of ``inputs``."""
+    config = model.config
+    if inputs.get("pixel_values") is not None:
+        if "image_grid_thw" in inputs:
+            model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        else:
+            model.get_image_features(pixel_values=inputs["pixel_values"],
+                                     vision_feature_layer=config.vision_feature_layer,
+                                     vision_feature_select_strategy=config.vision_feature_select_strategy)
+    if inputs.get("pixel_values_videos") is not None:
+        model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+
+
+def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repeats: int = 5, progress=None,
+                split: bool = True) -> dict:
     """Median prefill seconds (one forward, ``logits_to_keep=1`` as generate's prefill) for the
     unpressed model and every press x budget; speedup next to its FLOPs-ratio limit, and the
     press's own overhead (time inside ``press.press``) as a fraction of the unpressed prefill.
 
     Cells are timed round-robin (one warm-up round, then ``repeats`` rounds, each timing every
-    cell once), so slow drifts of a shared machine hit the baseline and the presses alike."""
+    cell once), so slow drifts of a shared machine hit the baseline and the presses alike. With
+    ``split``, the vision tower + projector alone is one more cell: the vision / language-model
+    split of the unpressed prefill, which bounds every press acting after the tower.
+
+    Returns ``{"rows", "skipped", "vision_seconds", "vision_share", "flops"}``: ``skipped`` maps a
+    press the family cannot run (it raised a ValueError in the warm-up, e.g. a [CLS]-attention
+    press on a tower without [CLS]) to its reason; ``flops`` is the unpressed split."""
     config = model.config
-    n_img = int((inputs["input_ids"] == config.image_token_id).sum(1).max())
-    batch = inputs["input_ids"].shape[0]
-    cells = [dict(press="none", keep=n_img, obj=None, times=[])]
+    n_vis = visual_tokens(config, inputs)
+    cells = [dict(press="none", keep=n_vis, obj=None, times=[])]
     for name in presses:
         for keep in keeps:
-            if keep < n_img:
+            if keep < n_vis:
                 cells.append(dict(press=name, keep=keep, obj=_timed(get_press(name, keep=keep)), times=[]))
+    if split:
+        cells.append(dict(press="vision", keep=n_vis, obj="vision", times=[]))
 
     def forward():
         with torch.inference_mode():
             model(**inputs, logits_to_keep=1)
 
+    def vision():
+        with torch.inference_mode():
+            encode_visuals(model, inputs)
+
+    skipped = {}
     for round_ in range(repeats + 1):
-        for cell in cells:
+        for cell in list(cells):
             if cell["obj"] is None:
                 seconds = time_call(forward, repeats=1, warmup=0)
+            elif cell["obj"] == "vision":
+                seconds = time_call(vision, repeats=1, warmup=0)
             else:
-                with cell["obj"](model):
-                    seconds = time_call(forward, repeats=1, warmup=0)
+                try:
+                    with cell["obj"](model):
+                        seconds = time_call(forward, repeats=1, warmup=0)
+                except ValueError as e:
+                    if round_:
+                        raise
+                    skipped[cell["press"]] = " ".join(str(e).split())
+                    cells.remove(cell)
+                    continue
             if round_:  # round 0 warms up
                 cell["times"].append(seconds)
         if progress is not None:
             progress()
 
+    vision_seconds = statistics.median(cells.pop()["times"]) if split else None
     base = statistics.median(cells[0]["times"])
-    base_flops = llava_prefill_flops(config, inputs["input_ids"].shape[1], batch=batch).total
+    base_flops = prefill_flops(config, inputs, inputs["input_ids"].shape[1])
     rows = []
     for cell in cells:
         seconds = statistics.median(cell["times"])
         press = cell["obj"]
-        flops = base_flops if press is None else llava_prefill_flops(config, press.stats["pressed_seq_len"], batch=batch).total
-        speedup, limit = base / seconds, base_flops / flops
+        flops = base_flops if press is None else prefill_flops(config, inputs, press.stats["pressed_seq_len"])
+        speedup, limit = base / seconds, base_flops.total / flops.total
         overhead = 0.0 if press is None else statistics.median(press.spent) / base
         rows.append(dict(press=cell["press"], keep=cell["keep"], seconds=seconds, speedup=speedup, limit=limit,
                          efficiency=speedup / limit, overhead=overhead))
-    return rows
+    split_flops = dict(vision=base_flops.vision + base_flops.projector, language=base_flops.language)
+    if split:  # the unpressed row carries the split
+        rows[0].update(vision_seconds=vision_seconds, vision_share=vision_seconds / base,
+                       vision_flops_share=split_flops["vision"] / base_flops.total)
+    return dict(rows=rows, skipped=skipped, vision_seconds=vision_seconds,
+                vision_share=None if vision_seconds is None else vision_seconds / base, flops=split_flops)
+
+
+def bench_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repeats: int = 5, progress=None) -> list[dict]:
+    """:func:`run_prefill`'s rows, without the vision split."""
+    return run_prefill(model, inputs, presses, keeps, repeats=repeats, progress=progress, split=False)["rows"]
 
 
 def _timed(press):
