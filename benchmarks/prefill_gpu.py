@@ -121,15 +121,18 @@ def main():
     parser.add_argument("--presses", default="all")
     parser.add_argument("--layers", type=int, default=32, help="LM layers (32 = the 7B shape)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--cases", default="all", help="indices into CASES, e.g. 1,2 (default: all)")
+    parser.add_argument("--name", default="prefill_gpu", help="results file stem")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("prefill_gpu.py needs a CUDA GPU (benchmarks/prefill.py times the CPU)")
     presses = [p for p in mmpress.list_presses() if p != "none"] if args.presses == "all" else args.presses.split(",")
     record = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
               "dtype": "bfloat16", "attention": "sdpa", "repeats": args.repeats, "lm_layers": args.layers, "cases": []}
-    for image_size in sorted({c[0] for c in CASES}):
+    cases = CASES if args.cases == "all" else [CASES[int(i)] for i in args.cases.split(",")]
+    for image_size in sorted({c[0] for c in cases}):
         model = llava_7b_shaped(image_size, args.layers)
-        for size, keep, batch in CASES:
+        for size, keep, batch in cases:
             if size == image_size:
                 case = run_case(model, size, keep, batch, presses, args.repeats)
                 record["cases"].append(case)
@@ -140,8 +143,8 @@ def main():
         torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prefill_gpu.json").write_text(json.dumps(record, indent=2))
-    (out / "prefill_gpu.md").write_text(markdown(record))
+    (out / f"{args.name}.json").write_text(json.dumps(record, indent=2))
+    (out / f"{args.name}.md").write_text(markdown(record))
     print(markdown(record))
 
 
