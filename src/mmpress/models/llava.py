@@ -58,7 +58,7 @@ class LlavaAdapter(Adapter):
         if not {"cls_attn", "vision_keys"} & set(press.needs):
             return []
         layers = encoder_layers(self.vlm.vision_tower)
-        wanted = {self._block(self._feature_layer()), *map(self._block, getattr(press, "layers", None) or ())}
+        wanted = {self._block(self._feature_layer()), *map(self._block, press.vision_layers)}
         return [attention_module(layers[block]).register_forward_pre_hook(self._vision_hook(block), with_kwargs=True)
                 for block in wanted]
 
@@ -78,8 +78,8 @@ class LlavaAdapter(Adapter):
             raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
         attn, keys = self.vision[feature_block]
         ctx.cls_attn, ctx.vision_keys = patches(attn), patches(keys)
-        if getattr(press, "layers", None):
-            ctx.cls_attn_layers = torch.stack([patches(self.vision[self._block(i)][0]) for i in press.layers], dim=1)
+        if press.vision_layers:
+            ctx.cls_attn_layers = torch.stack([patches(self.vision[self._block(i)][0]) for i in press.vision_layers], dim=1)
 
     def _feature_layer(self) -> int:
         layer = self.config.vision_feature_layer

@@ -95,7 +95,7 @@ class QwenVLAdapter(Adapter):
             handles += [visual.register_forward_pre_hook(self._start_encoding),
                         visual.register_forward_hook(self._record_output)]
             handles += [visual.blocks[b].attn.register_forward_pre_hook(self._attention_hook(b), with_kwargs=True)
-                        for b in {self._feature_block(), *map(self._block, getattr(press, "layers", None) or ())}]
+                        for b in {self._feature_block(), *map(self._block, press.vision_layers)}]
         return handles
 
     def _record_grids(self, module, args, kwargs):
@@ -167,7 +167,7 @@ class QwenVLAdapter(Adapter):
 
     def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
         signals = self._signals.get(items[0].token_id)
-        blocks = [self._feature_block(), *map(self._block, getattr(press, "layers", None) or ())]
+        blocks = [self._feature_block(), *map(self._block, press.vision_layers)]
         if not signals or any(b not in signals for b in blocks):
             raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
         sources, n = [item.source for item in items], items[0].length
@@ -180,7 +180,7 @@ class QwenVLAdapter(Adapter):
 
         scores, keys = signals[blocks[0]]
         ctx.cls_attn, ctx.vision_keys = stack(scores), stack(keys)
-        if getattr(press, "layers", None):
+        if press.vision_layers:
             ctx.cls_attn_layers = torch.stack([stack(signals[b][0]) for b in blocks[1:]], dim=1)
 
     def numbers_from_cache(self, kwargs: dict) -> bool:

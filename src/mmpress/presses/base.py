@@ -96,6 +96,12 @@ class Press:
                                             or isinstance(self.keep_ratio, bool) or not 0 < self.keep_ratio <= 1):
             raise ValueError(f"keep_ratio must be a number in (0, 1], e.g. keep_ratio=0.25; got {self.keep_ratio!r}")
 
+    @property
+    def vision_layers(self) -> tuple[int, ...]:
+        """Vision layers (hidden-state indices) whose [CLS] attention the press reads in
+        ``ctx.cls_attn_layers`` beyond the feature layer; none by default."""
+        return ()
+
     # ---- budget -------------------------------------------------------------------------
     def budget(self, n: int) -> int:
         """Tokens to keep out of ``n``; ``n`` (a no-op) when the budget is not below it."""

@@ -54,6 +54,10 @@ class PruMergePress(Press):
     paper = "Shang et al., arXiv 2024, arXiv 2403.15388"
     needs = ("cls_attn", "vision_keys")
 
+    @property
+    def vision_layers(self) -> tuple[int, ...]:
+        return tuple(self.layers or ())
+
     def compress(self, tokens: Tensor, ctx: VisualContext, k: int) -> tuple[Tensor, Tensor]:
         attn = ctx.require("cls_attn_layers").mean(dim=1) if self.layers else ctx.require("cls_attn")
         attn = attn.float()

@@ -35,6 +35,10 @@ class VTCCLSPress(ScorerPress):
     paper = "Wang et al., arXiv 2024, arXiv 2412.05819"
     needs = ("cls_attn",)
 
+    @property
+    def vision_layers(self) -> tuple[int, ...]:
+        return tuple(self.layers or ())
+
     def score(self, tokens: Tensor, ctx: VisualContext) -> Tensor:
         if self.layers:
             return ctx.require("cls_attn_layers").sum(dim=1)  # (M, L, N) -> (M, N)
