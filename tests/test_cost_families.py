@@ -44,7 +44,7 @@ def _counted(fn) -> int:
 
 
 # ---- the FLOPs model ----------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_qwen_tower_flops_equal_the_counted_ones(arch, kind):
     """Patch embedding, blocks (full attention per frame; Qwen2.5-VL: windows elsewhere, ragged at
@@ -113,10 +113,11 @@ def test_run_prefill_splits_vision_and_skips_a_refusing_press(monkeypatch):
 
 
 # ---- the command --------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("kind,tokens", [("image", 16), ("video", 32)])
-def test_bench_cost_qwen_on_a_tiny_shape(tmp_path, kind, tokens):
+def test_bench_cost_qwen_on_a_tiny_shape(tmp_path, kind, tokens, arch):
     out = tmp_path / "rows.json"
-    result = runner.invoke(app, ["bench-cost", "--arch", "qwen2_5_vl", "--input", kind, "--presses", "random,pool",
+    result = runner.invoke(app, ["bench-cost", "--arch", arch, "--input", kind, "--presses", "random,pool",
                                  "--keeps", "8,4", *TINY_ARGS, "--out", str(out)], terminal_width=100)
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
@@ -124,7 +125,7 @@ def test_bench_cost_qwen_on_a_tiny_shape(tmp_path, kind, tokens):
                                                                           for k in (8, 4)]
     assert all(r["limit"] > 1 for r in rows[1:]) and 0 < rows[0]["vision_flops_share"] < 1
     text = result.output
-    assert f"{tokens} {kind} tokens, qwen2_5_vl" in text and "speedup" in text and "/ limit" in text
+    assert f"{tokens} {kind} tokens, {arch}" in text and "speedup" in text and "/ limit" in text
     assert "unpressed split: vision tower + projector" in text and "language model" in text
 
 
@@ -137,7 +138,7 @@ def test_bench_cost_notes_a_press_the_family_refuses(monkeypatch):
 
 
 @pytest.mark.parametrize("args,says", [
-    (["--arch", "qwen3_vl"], "unknown arch 'qwen3_vl'; choose from llava, qwen2_vl, qwen2_5_vl"),
+    (["--arch", "qwen9_vl"], "unknown arch 'qwen9_vl'; choose from llava, qwen2_vl, qwen2_5_vl, qwen3_vl"),
     (["--input", "video"], "takes images only"),
     (["--arch", "qwen2_5_vl", "--input", "audio"], "expected image or video"),
     (["--arch", "qwen2_5_vl", "--image-size", "100"], "multiple of 28 px"),

@@ -299,8 +299,8 @@ def bench_cost(
                                           show_default=False),
     keeps: Optional[str] = typer.Option(None, help=_grid_help(COST_GRIDS, "keeps", "comma-separated budgets "
                                                               "(visual tokens per image)"), show_default=False),
-    arch: str = typer.Option("llava", help="model family of the random model: llava, qwen2_vl or qwen2_5_vl"),
-    input_kind: str = typer.Option("image", "--input", help="image, or video (qwen2_vl, qwen2_5_vl)"),
+    arch: str = typer.Option("llava", help="model family of the random model: llava, qwen2_vl, qwen2_5_vl or qwen3_vl"),
+    input_kind: str = typer.Option("image", "--input", help="image, or video (qwen2_vl, qwen2_5_vl, qwen3_vl)"),
     batch: int = typer.Option(1, min=1, help="batch size (rows get ragged prompt lengths)"),
     repeats: int = typer.Option(3, min=1, help="timed repeats per cell (median)"),
     lm_layers: int = typer.Option(12), lm_hidden: int = typer.Option(896), lm_intermediate: int = typer.Option(4864),

@@ -72,9 +72,10 @@ def qwen_vl_vision_flops(vision_cfg, grids_thw: list[list[int]]) -> tuple[float,
     other blocks within windows of ``window_size`` pixels (``get_vision_window_index``)."""
     merge, patch = vision_cfg.spatial_merge_size, vision_cfg.patch_size
     qwen2_5 = hasattr(vision_cfg, "fullatt_block_indexes")
-    width = vision_cfg.hidden_size if qwen2_5 else vision_cfg.embed_dim
-    out = vision_cfg.out_hidden_size if qwen2_5 else vision_cfg.hidden_size
-    inter = vision_cfg.intermediate_size if qwen2_5 else int(width * vision_cfg.mlp_ratio)
+    qwen3 = hasattr(vision_cfg, "deepstack_visual_indexes")  # full attention, plain MLP, extra mergers
+    width = vision_cfg.embed_dim if not (qwen2_5 or qwen3) else vision_cfg.hidden_size
+    out = vision_cfg.out_hidden_size if qwen2_5 or qwen3 else vision_cfg.hidden_size
+    inter = vision_cfg.intermediate_size if qwen2_5 or qwen3 else int(width * vision_cfg.mlp_ratio)
     depth = vision_cfg.depth
     full = {i % depth for i in vision_cfg.fullatt_block_indexes} if qwen2_5 else set(range(depth))
     side = max(1, vision_cfg.window_size // merge // patch) if qwen2_5 else 0  # window side, in merged tokens
@@ -91,7 +92,8 @@ def qwen_vl_vision_flops(vision_cfg, grids_thw: list[list[int]]) -> tuple[float,
     attn = 4.0 * width * (len(full) * frame_sq + (depth - len(full)) * window_sq)  # scores + values
     tower = embed + 2.0 * depth * patches * per_token + attn
     merged = patches / merge**2
-    merger = 2.0 * merged * ((merge**2 * width) ** 2 + merge**2 * width * out)
+    mergers = 1 + (len(vision_cfg.deepstack_visual_indexes) if qwen3 else 0)  # Qwen3-VL: one per DeepStack layer
+    merger = 2.0 * mergers * merged * ((merge**2 * width) ** 2 + merge**2 * width * out)
     return tower, merger
 
 

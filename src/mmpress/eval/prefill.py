@@ -24,7 +24,7 @@ from mmpress.presses.base import get_press
 
 IMAGE_TOKEN = 3
 VIDEO_TOKEN, VISION_START, VISION_END = 4, 5, 6
-ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl")
+ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @dataclass
@@ -140,8 +140,21 @@ def qwen_shaped(shape: QwenShape = QwenShape(), seed: int = 0, attn: str = "sdpa
                                                   mlp_ratio=4, **vision),
                                text_config=text, **tokens, **shape.extra)
         cls = Qwen2VLForConditionalGeneration
+    elif shape.arch == "qwen3_vl":  # full attention, DeepStack features from 3 blocks, interleaved M-RoPE
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        depth = shape.vision_layers
+        inter = shape.vision_intermediate or shape.vision_hidden * 4
+        text["head_dim"] = shape.lm_hidden // shape.lm_heads
+        text["rope_scaling"] = {"rope_type": "default", "mrope_section": mrope, "mrope_interleaved": True}
+        config = Qwen3VLConfig(vision_config=dict(hidden_size=shape.vision_hidden, intermediate_size=inter,
+                                                  out_hidden_size=shape.lm_hidden, num_position_embeddings=2304,
+                                                  deepstack_visual_indexes=[depth // 4, depth // 2, 3 * depth // 4],
+                                                  **vision),
+                               text_config=text, **tokens, **shape.extra)
+        cls = Qwen3VLForConditionalGeneration
     else:
-        raise ValueError(f"unknown Qwen-VL arch {shape.arch!r}: qwen2_vl or qwen2_5_vl")
+        raise ValueError(f"unknown Qwen-VL arch {shape.arch!r}: qwen2_vl, qwen2_5_vl or qwen3_vl")
     config._attn_implementation = attn
     return cls(config).eval()
 
@@ -156,13 +169,17 @@ def qwen_prompt_batch(model, shape: QwenShape, kind: str = "image", batch: int =
     t, h, w = shape.grid(kind)
     token = IMAGE_TOKEN if kind == "image" else VIDEO_TOKEN
     n_vis = t * h * w // shape.merge**2
+    # Qwen3-VL lays a video out frame by frame: a timestamp token, then the frame between
+    # vision-start/end (its processor writes "<t seconds>"; one text token stands for it here)
+    steps = t if kind == "video" and shape.arch == "qwen3_vl" else 1
     lengths = [shape.text_tokens - 4 * (i % 4) for i in range(batch)]
-    width = n_vis + 2 + max(lengths)
+    width = n_vis + (3 if steps > 1 else 2) * steps + max(lengths)
     ids = torch.zeros(batch, width, dtype=torch.long)
     mask = torch.zeros(batch, width, dtype=torch.long)
     for i, length in enumerate(lengths):
         text = torch.randint(10, shape.vocab, (length,), generator=g)
-        visual = [torch.tensor([VISION_START]), torch.full((n_vis,), token), torch.tensor([VISION_END])]
+        frame = [torch.tensor([VISION_START]), torch.full((n_vis // steps,), token), torch.tensor([VISION_END])]
+        visual = frame if steps == 1 else [x for _ in range(steps) for x in (torch.tensor([11]), *frame)]
         row = torch.cat([text[:5], *visual, text[5:]])
         ids[i, width - row.numel():], mask[i, width - row.numel():] = row, 1
     patch_dim = 3 * shape.temporal_patch * shape.patch_size**2
