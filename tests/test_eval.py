@@ -12,8 +12,9 @@ import torch
 from rich.console import Console
 
 from mmpress.eval.bench import run_bench
-from mmpress.eval.metrics import accuracy, agreement, is_correct, kl_divergence, match_choice
-from mmpress.eval.report import best_per_budget, write_report
+from mmpress.eval.metrics import (accuracy, agreement, bootstrap_ci, correctness, is_correct, kl_divergence,
+                                  match_choice, paired_bootstrap_ci)
+from mmpress.eval.report import best_per_budget, paired_comparisons, print_table, to_markdown, with_ci, write_report
 from mmpress.presses.base import PRESSES, Press, ScorerPress
 from conftest import samples, tiny_llava, tiny_processor
 
@@ -58,6 +59,91 @@ def test_kl():
     hard = torch.full((1, 4), -math.inf)  # p_ref with zero-mass entries: 0 * log 0 counts 0
     hard[0, 0] = 0.0
     assert torch.isfinite(kl_divergence(hard, torch.zeros(1, 4))).all()
+
+
+# ---- confidence intervals ---------------------------------------------------------------------
+def _marks(n: int, right: float, seed: int = 1) -> list[bool]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, generator=generator) < right).tolist()
+
+
+def test_bootstrap_ci_holds_the_estimate_and_shrinks_with_n():
+    widths = []
+    for n in (24, 96, 384, 1536):
+        marks = _marks(n, 0.7)
+        low, high = bootstrap_ci(marks)
+        assert 0 <= low <= sum(marks) / n <= high <= 1
+        widths.append(high - low)
+    assert all(a > b for a, b in zip(widths, widths[1:])), widths
+    assert widths[-1] < widths[0] / 4  # ~1/sqrt(n): 64 times the questions, ~8 times narrower
+    # a binomial proportion's 95% interval is about +-1.96 sqrt(p(1-p)/n)
+    marks = _marks(1536, 0.7)
+    p = sum(marks) / len(marks)
+    assert widths[-1] == pytest.approx(2 * 1.96 * math.sqrt(p * (1 - p) / len(marks)), rel=0.15)
+
+
+def test_bootstrap_ci_is_deterministic_with_its_seed():
+    marks = _marks(96, 0.6)
+    assert bootstrap_ci(marks) == bootstrap_ci(marks) == bootstrap_ci(marks, seed=0)
+    assert bootstrap_ci(marks, seed=1) != bootstrap_ci(marks, seed=0)  # another draw, about the same interval
+    assert bootstrap_ci(marks, seed=1) == pytest.approx(bootstrap_ci(marks), abs=0.05)
+    assert bootstrap_ci([True] * 10) == (1.0, 1.0)  # no spread to resample
+    assert bootstrap_ci([None, True, False, None]) == bootstrap_ci([True, False])  # unlabelled samples left out
+    assert bootstrap_ci([None]) is None
+    with pytest.raises(ValueError):
+        bootstrap_ci(marks, level=1.5)
+    low, high = bootstrap_ci(marks, level=0.5)
+    assert bootstrap_ci(marks)[0] <= low <= high <= bootstrap_ci(marks)[1]  # a lower level, a narrower interval
+
+
+def test_paired_bootstrap_ci_of_a_difference():
+    a = _marks(96, 0.6)
+    low, high = paired_bootstrap_ci(a, a)
+    assert low == high == 0.0  # the same answers: no difference at all
+    better = [True] * 96
+    low, high = paired_bootstrap_ci(better, a)
+    assert 0 < low <= 1 - sum(a) / 96 <= high  # a clear difference: the interval excludes 0
+    # one question of 96 apart: the paired interval holds 0
+    b = list(a)
+    b[a.index(False)] = True
+    low, high = paired_bootstrap_ci(b, a)
+    assert low <= 0 <= high and low >= -1e-12
+    # pairing cancels the questions both get right or wrong: narrower than the unpaired intervals' overlap
+    ci_a, ci_b = bootstrap_ci(a), bootstrap_ci(b)
+    assert high - low < min(ci_a[1] - ci_a[0], ci_b[1] - ci_b[0])
+    with pytest.raises(ValueError, match="paired"):
+        paired_bootstrap_ci(a, a[:-1])
+
+
+def test_correctness_per_question():
+    assert correctness(["2", "blue", "x"], [{"answer": "two"}, {"answer": "red"}, {"question": "?"}]) == [True, False,
+                                                                                                         None]
+
+
+def test_with_ci_formats():
+    assert with_ci(0.8333, [0.75, 0.9062]) == "0.83 [0.75, 0.91]"
+    assert with_ci(0.8333, [0.75, 0.9062], "pm") == "0.83±0.08"
+    assert with_ci(0.875, None) == "0.875" and with_ci(None, None) == "n/a"
+    assert with_ci(0.0, [0.0, 0.0]) == "0.00 [0.00, 0.00]"
+
+
+def test_paired_comparisons_mark_the_presses_tied_with_the_best():
+    n = 48
+    good = _marks(n, 0.8, seed=3)
+    close = list(good)
+    close[good.index(True)] = False  # one question worse: within the noise
+    bad = [False] * n  # every question worse: a real difference
+    rows = [dict(press=p, keep=k, accuracy=sum(c) / n, agreement=0.5, kl=0.1, correct=c)
+            for p, k, c in (("none", None, good), ("a", 16, good), ("b", 16, close), ("c", 16, bad))]
+    record = {"labelled": True, "quality_metric": "accuracy", "rows": rows, "ci": {"seed": 0}}
+    assert paired_comparisons(record) == {16: ["a", "b"]}
+    vs_best = record["vs_best"]["16"]
+    assert vs_best["a"] == {"press": "a", "diff": 0.0, "ci": [0.0, 0.0], "tied": True}
+    assert vs_best["b"]["diff"] == pytest.approx(-1 / n) and vs_best["b"]["tied"]
+    assert not vs_best["c"]["tied"] and vs_best["c"]["ci"][1] < 0
+    assert record["vs_unpressed"]["16"]["c"]["diff"] == pytest.approx(-sum(good) / n)
+    assert all("vs_best" not in row for row in rows)  # the rows stay as measured
+    assert record["tied_with_best"] == {"16": ["a", "b"]}
 
 
 @dataclass
@@ -149,6 +235,40 @@ def test_bench_rows(bench_record):
     assert "test-bench-norm" in bench_record["_console"]
     assert bench_record["pending"] == [] and bench_record["model"]["id"] is None
     json.dumps(bench_record)  # JSON-serialisable as returned
+
+
+def test_bench_rows_carry_bootstrap_intervals(bench_record):
+    assert bench_record["ci"]["level"] == 0.95 and bench_record["ci"]["resamples"] == 1000
+    for row in bench_record["rows"]:
+        assert len(row["correct"]) == len(row["agree"]) == 6 and row["n_labelled"] == 6
+        for key in ("accuracy", "agreement"):
+            low, high = row[f"{key}_ci"]
+            assert low <= row[key] <= high, (row["press"], key)
+            assert (low, high) == bootstrap_ci(row["correct" if key == "accuracy" else "agree"])
+        assert row["accuracy"] == sum(row["correct"]) / 6
+    assert bench_record["rows"][0]["agreement_ci"] == [1.0, 1.0]
+    for keep, winner in bench_record["best"].items():
+        presses = {row["press"] for row in bench_record["rows"] if str(row["keep"]) == keep}
+        assert bench_record["vs_best"][keep].keys() == presses
+        for comparison in bench_record["vs_best"][keep].values():
+            low, high = comparison["ci"]
+            assert comparison["press"] == winner and low <= comparison["diff"] <= high
+        assert bench_record["tied_with_best"][keep][0] == winner
+
+
+def test_tables_show_the_intervals(bench_record):
+    markdown = to_markdown(bench_record)
+    assert "n=6 questions" in markdown.splitlines()[0]
+    for row in bench_record["rows"]:
+        assert with_ci(row["accuracy"], row["accuracy_ci"]) in markdown
+        if row["press"] != "none":
+            low, high = row["accuracy_ci"]
+            assert f"{row['accuracy']:.2f} [{low:.2f}, {high:.2f}]" in markdown
+    assert "percentile bootstrap interval over the n=6 questions (1000 resamples, seed 0)" in markdown
+    console = Console(width=80, record=True, file=io.StringIO())
+    print_table(bench_record, console)  # the compact table: value ± half the interval
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80 and "±" in text and "n=6" in text
 
 
 def test_bench_checkpoints_each_finished_cell(bench_record):

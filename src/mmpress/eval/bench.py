@@ -34,7 +34,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mmpress.api import ANSWER_HINT, encode
 from mmpress.eval.cost import kv_cache_bytes, llava_prefill_flops, time_call
-from mmpress.eval.metrics import accuracy, agreement, is_labelled, kl_divergence
+from mmpress.eval.metrics import (LEVEL, RESAMPLES, accuracy, agreements, bootstrap_ci, correctness, is_labelled,
+                                  kl_divergence)
 from mmpress.presses.base import PRESSES, Press, get_press
 
 BASELINE = "none"
@@ -116,7 +117,7 @@ def run_bench(
     the baseline first), ``best`` (winning press per budget), ``pending`` and ``notes``. Raises
     ValueError for an unknown press, bad budgets or an empty dataset.
     """
-    from mmpress.eval.report import best_per_budget, ordered_rows, print_table
+    from mmpress.eval.report import best_per_budget, paired_comparisons, ordered_rows, print_table
 
     if not data:
         raise ValueError("the dataset is empty: nothing to benchmark")
@@ -156,6 +157,9 @@ def run_bench(
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "peak_memory": _memory_method(device), "torch": torch.__version__, "python": platform.python_version(),
         },
+        "ci": {"level": LEVEL, "resamples": RESAMPLES, "seed": seed,
+               "method": "percentile bootstrap over the questions; vs_best: paired, the same resampled questions "
+                         "for both presses"},
         "rows": [],
         "pending": [],
         "notes": notes,
@@ -170,6 +174,7 @@ def run_bench(
         record["rows"] = ordered_rows({"rows": list(rows.values())})
         record["pending"] = [{"press": cell.press, "keep": cell.keep} for cell in pending]
         record["best"] = {str(k): v for k, v in best_per_budget(record).items()}
+        paired_comparisons(record)  # each row's paired difference to its budget's winner
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -204,7 +209,7 @@ def run_bench(
                              kl=kl_divergence(reference, logits))
                     progress.advance(task)
             progress.update(task, description=f"timing: {label}")
-            rows[(cell.press, cell.keep)] = _row(cell, data, baseline, _time_prefill(model, *first, cell, repeats))
+            rows[(cell.press, cell.keep)] = _row(cell, data, baseline, _time_prefill(model, *first, cell, repeats), seed)
             update(pending=todo[i + 1 :])
             if checkpoint is not None:
                 checkpoint(record)
@@ -391,8 +396,11 @@ def _quiet_stderr():
 
 
 # ---- the record -------------------------------------------------------------------------------
-def _row(cell: _Cell, data: list[dict], baseline: _Cell, timed: dict) -> dict:
+def _row(cell: _Cell, data: list[dict], baseline: _Cell, timed: dict, seed: int = 0) -> dict:
+    """One cell's row; ``correct`` and ``agree`` (per question, in data order) are what the
+    bootstrap intervals ``accuracy_ci`` and ``agreement_ci`` (seeded with ``seed``) resample."""
     n, is_base = len(data), cell.press == BASELINE
+    correct, agree = correctness(cell.answers, data), agreements(cell.answers, baseline.answers)
     kinds = defaultdict(list)
     for answer, sample in zip(cell.answers, data):
         kinds[sample.get("kind") or "all"].append((answer, sample))
@@ -402,8 +410,11 @@ def _row(cell: _Cell, data: list[dict], baseline: _Cell, timed: dict) -> dict:
         "keep": cell.keep,
         "kept_tokens": cell.kept / cell.images,  # mean visual tokens kept per image
         "accuracy": accuracy(cell.answers, data),
+        "accuracy_ci": _interval(bootstrap_ci(correct, seed=seed)),
+        "n_labelled": sum(c is not None for c in correct),
         "accuracy_by_kind": {k: accuracy(*zip(*pairs)) for k, pairs in sorted(kinds.items())},
-        "agreement": 1.0 if is_base else agreement(cell.answers, baseline.answers),
+        "agreement": 1.0 if is_base else sum(agree) / n,
+        "agreement_ci": [1.0, 1.0] if is_base else _interval(bootstrap_ci(agree, seed=seed)),
         "kl": 0.0 if is_base else float(torch.cat(cell.kl).mean()),
         "flops": flops,  # per sample, per stage, on the padded batches actually run
         "flops_ratio": None if flops is None else cell.flops["total"] / baseline.flops["total"],
@@ -413,7 +424,13 @@ def _row(cell: _Cell, data: list[dict], baseline: _Cell, timed: dict) -> dict:
         "peak_memory_bytes": timed["memory"],
         "kv_bytes": cell.kv_bytes / n,  # per sample
         "answers": cell.answers,
+        "correct": correct,  # per question: True, False, or None (no label)
+        "agree": agree,  # per question: the same answer as the unpressed model
     }
+
+
+def _interval(ci: tuple[float, float] | None) -> list[float] | None:
+    return None if ci is None else [float(ci[0]), float(ci[1])]
 
 
 def _model_summary(model, model_id: str | None) -> dict:

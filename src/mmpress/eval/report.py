@@ -3,7 +3,10 @@ a Pareto plot (quality vs kept tokens and vs measured prefill speedup) and a sel
 
 Every view bolds the best press at each budget, by the record's quality metric (accuracy on
 labelled data, else agreement with the unpressed model), ties broken by agreement, then by the
-lower first-token KL.
+lower first-token KL. Accuracy and agreement come with their 95% bootstrap intervals over the
+questions (``0.83 [0.75, 0.90]``; the 80-column table: ``0.83±0.08``, half the interval's width,
+and error bars in the plot), and each press with its paired difference to its budget's winner
+(``vs best``), so a reader sees which differences the sample size can tell apart.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-HEADERS = ("press", "keep", "kept/img", "accuracy", "agreement", "KL", "FLOPs/sample", "FLOPs ratio",
+HEADERS = ("press", "keep", "kept/img", "accuracy", "agreement", "vs best", "KL", "FLOPs/sample", "FLOPs ratio",
            "prefill ms", "speedup", "limit", "peak mem", "KV/sample")
 # what an 80-column terminal shows: quality next to cost; the files keep every column
 COMPACT = {"press": "press", "keep": "keep", "accuracy": "accuracy", "agreement": "agreement", "KL": "KL",
@@ -42,6 +45,50 @@ def best_per_budget(record: dict) -> dict[int, str]:
             by_keep[row["keep"]].append(row)
     return {keep: max(rows, key=lambda r: (r[key], r["agreement"], -r["kl"]))["press"]
             for keep, rows in sorted(by_keep.items(), reverse=True) if len(rows) > 1}
+
+
+def paired_comparisons(record: dict) -> dict[int, list[str]]:
+    """Compare each press with its budget's winner and with the unpressed model, on the same
+    questions: the quality difference and its paired bootstrap interval (the same resampled
+    questions for both; needs the rows' per-question ``correct`` or ``agree`` lists), ``tied`` when
+    the interval holds 0. Sets ``record["vs_best"]`` and ``record["vs_unpressed"]`` (budget as a
+    string -> press -> comparison; the rows stay as measured) and ``record["tied_with_best"]``
+    (budget -> the presses not told apart from the winner, the winner first), and returns the latter."""
+    from mmpress.eval.metrics import paired_bootstrap_ci
+
+    key = quality_key(record)
+    marks = "correct" if key == "accuracy" else "agree"
+    seed = (record.get("ci") or {}).get("seed", 0)
+    best = best_per_budget(record)
+    rows = {(r["press"], r["keep"]): r for r in record["rows"]}
+    base = rows.get(("none", None))
+
+    def versus(row: dict, other: dict | None) -> dict | None:
+        if other is None or row.get(marks) is None or other.get(marks) is None:
+            return None
+        ci = paired_bootstrap_ci(row[marks], other[marks], seed=seed)
+        if ci is None:
+            return None
+        return {"press": other["press"], "diff": row[key] - other[key], "ci": [float(ci[0]), float(ci[1])],
+                "tied": ci[0] <= 0 <= ci[1]}
+
+    vs_best, vs_base, tied = defaultdict(dict), defaultdict(dict), defaultdict(list)
+    for row in record["rows"]:
+        if row["press"] == "none":
+            continue
+        budget = "own" if row["keep"] is None else str(row["keep"])
+        if (to_base := versus(row, base)) is not None:
+            vs_base[budget][row["press"]] = to_base
+        winner = best.get(row["keep"]) if row["keep"] is not None else None
+        if winner is not None and (to_best := versus(row, rows[(winner, row["keep"])])) is not None:
+            vs_best[budget][row["press"]] = to_best
+            if to_best["tied"]:
+                tied[row["keep"]].append(row["press"])
+    out = {keep: sorted(tied[keep], key=lambda p: (p != best[keep], -rows[(p, keep)][key], p)) for keep in best
+           if tied[keep]}
+    record["vs_best"], record["vs_unpressed"] = dict(vs_best), dict(vs_base)
+    record["tied_with_best"] = {str(k): v for k, v in out.items()}
+    return out
 
 
 def ordered_rows(record: dict) -> list[dict]:
@@ -73,19 +120,48 @@ def _num(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def table_cells(record: dict) -> list[tuple[list[str], bool]]:
+def with_ci(value: float | None, ci: list[float] | None, style: str = "interval") -> str:
+    """``0.83 [0.75, 0.90]`` (``style="interval"``), ``0.83±0.08`` (``"pm"``: half the interval's
+    width), or (``"bare"``) the bare value to 3 decimals where there is no interval (an older record)."""
+    if value is None:
+        return "n/a"
+    if not ci or style == "bare":
+        return f"{value:.3f}"
+    low, high = ci
+    if style == "pm":
+        return f"{value:.2f}±{(high - low) / 2:.2f}"
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _versus(comparison: dict | None, best: bool) -> str:
+    if best:
+        return "best"
+    if not comparison:
+        return ""
+    low, high = comparison["ci"]
+    return f"{comparison['diff']:+.2f} [{low:+.2f}, {high:+.2f}]" + ("" if comparison["tied"] else " *")
+
+
+def table_cells(record: dict, ci: str = "interval") -> list[tuple[list[str], bool]]:
     """One list of formatted cells per row (in :func:`ordered_rows` order), with whether the row
-    is its budget's winner."""
-    best = best_per_budget(record)
+    is its budget's winner; ``ci``: how accuracy and agreement show their intervals
+    (:func:`with_ci`)."""
+    best, key = best_per_budget(record), quality_key(record)
+    # 80 columns hold one "value±half-width": the quality metric's; the other shows its value alone
+    styles = {name: ci if ci != "pm" or name == key else "bare" for name in ("accuracy", "agreement")}
     out = []
     for r in ordered_rows(record):
         flops = r["flops"]
+        winner = r["keep"] is not None and best.get(r["keep"]) == r["press"]
         cells = [
             r["press"] + (" (unpressed)" if r["press"] == "none" else ""),
             "all" if r["press"] == "none" else "own" if r["keep"] is None else str(r["keep"]),
             f"{r['kept_tokens']:.4g}",
-            _num(r["accuracy"], ".3f"),
-            _num(r["agreement"], ".3f"),
+            with_ci(r["accuracy"], r.get("accuracy_ci"), styles["accuracy"]),
+            # the unpressed model agrees with itself by definition: no interval to show
+            ("1.000" if styles["agreement"] == "bare" else "1.00") if r["press"] == "none" and r.get("agreement_ci") else
+            with_ci(r["agreement"], r.get("agreement_ci"), styles["agreement"]),
+            _versus((record.get("vs_best") or {}).get(str(r["keep"]), {}).get(r["press"]), winner),
             _num(r["kl"], ".4f"),
             _si(flops and flops["total"], "FLOP"),
             _num(r["flops_ratio"], ".3f"),
@@ -95,14 +171,25 @@ def table_cells(record: dict) -> list[tuple[list[str], bool]]:
             _bytes(r["peak_memory_bytes"]),
             _bytes(r["kv_bytes"]),
         ]
-        out.append((cells, r["keep"] is not None and best.get(r["keep"]) == r["press"]))
+        out.append((cells, winner))
     return out
 
 
 def _title(record: dict) -> str:
     model = record["model"]
-    return (f"{model['name']} · {record.get('dataset') or 'data'} · n={record['n']} · "
+    return (f"{model['name']} · {record.get('dataset') or 'data'} · n={record['n']} questions · "
             f"{model['visual_tokens_per_image']} visual tokens/image")
+
+
+def _has_ci(record: dict) -> bool:
+    return any(r.get("accuracy_ci") or r.get("agreement_ci") for r in record["rows"])
+
+
+def _ci_text(record: dict) -> str:
+    ci = record.get("ci") or {}
+    level, resamples = ci.get("level", 0.95), ci.get("resamples", 1000)
+    return (f"[a, b]: {level:.0%} percentile bootstrap interval over the n={record['n']} questions "
+            f"({resamples} resamples, seed {ci.get('seed', 0)})")
 
 
 def _caption(record: dict, compact: bool = False) -> str:
@@ -110,11 +197,18 @@ def _caption(record: dict, compact: bool = False) -> str:
     timed = (f"median of {settings['repeats']} forwards on a batch of {settings['timing_batch']} "
              f"({settings['device']})")
     if compact:
-        return (f"bold: best press per budget by {quality_key(record)}. KL: first answer token vs unpressed, "
+        pm = (f"±: half the {(record.get('ci') or {}).get('level', 0.95):.0%} bootstrap interval of "
+              f"{quality_key(record)}. " if _has_ci(record) else "")
+        return (f"bold: best press per budget by {quality_key(record)}. {pm}KL: first answer token vs unpressed, "
                 f"nats. FLOPs ratio: pressed / unpressed prefill. Speedup: measured prefill, {timed}; FLOPs "
                 "limit: the speedup FLOPs allow. Time, memory, KV cache: in the report.")
     memory = settings["peak_memory"] or "n/a (not measurable on this device)"
-    return (f"bold: best press per budget by {quality_key(record)} (ties: agreement, then KL). "
+    ci = ""
+    if _has_ci(record):
+        ci = (f"{_ci_text(record)}. vs best: {quality_key(record)} minus the budget's best, paired bootstrap "
+              "interval (the same resampled questions for both); * = the interval excludes 0, a real difference "
+              "at this n. ")
+    return (f"bold: best press per budget by {quality_key(record)} (ties: agreement, then KL). {ci}"
             f"KL: first answer token, KL(unpressed || pressed), nats. FLOPs: analytical prefill, per sample. "
             f"Prefill: {timed}; limit = FLOPs ratio of that batch. Peak memory: {memory}.")
 
@@ -124,11 +218,12 @@ def bench_table(record: dict, compact: bool = False) -> Table:
     """The record as a rich table, winners in bold; ``compact``: only the columns of
     :data:`COMPACT` (quality and cost side by side in 80 columns)."""
     headers = {h: COMPACT[h] for h in HEADERS if h in COMPACT} if compact else {h: h for h in HEADERS}
-    table = Table(title=_title(record), caption=_caption(record, compact), caption_justify="left")
+    table = Table(title=_title(record), caption=_caption(record, compact), caption_justify="left",
+                  pad_edge=not compact)  # compact: two more columns for the cells
     for header, shown in headers.items():
         # fold, never "…": a cut number reads as another number
         table.add_column(shown, justify="left" if header in _LEFT else "right", overflow="fold")
-    for cells, best in table_cells(record):
+    for cells, best in table_cells(record, ci="pm" if compact else "interval"):
         if compact:
             cells = [c.removesuffix(" (unpressed)") for c, h in zip(cells, HEADERS) if h in headers]
         table.add_row(*cells, style="bold" if best else None)
@@ -166,41 +261,75 @@ def plot_pareto(record: dict, path: str | Path) -> Path:
     """Two panels, quality vs kept visual tokens per image and vs measured prefill speedup; one
     line per press, the unpressed model as a horizontal line. Writes a PNG, returns its path."""
     # the Agg canvas directly, not pyplot: no global backend switch, safe in any process
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     key = quality_key(record)
     rows = [r for r in record["rows"] if r["press"] != "none"]
     base = next(r for r in record["rows"] if r["press"] == "none")
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = Figure(figsize=(12, 5), layout="constrained")
     FigureCanvasAgg(fig)
     ax_tokens, ax_speed = fig.subplots(1, 2, sharey=True)
     by_press = defaultdict(list)
     for r in rows:
         by_press[r["press"]].append(r)
-    for name, points in sorted(by_press.items()):
-        points.sort(key=lambda r: r["kept_tokens"])
-        (line,) = ax_tokens.plot([r["kept_tokens"] for r in points], [r[key] for r in points], "o-", label=name)
-        ax_speed.plot([r["speedup"] for r in points], [r[key] for r in points], "o-", color=line.get_color())
-        for r in points:
-            ax_speed.annotate(str(r["keep"] or "own"), (r["speedup"], r[key]), textcoords="offset points",
-                              xytext=(4, 4), fontsize=7, color=line.get_color())
+
+    def bars(points: list[dict]):
+        """Error bars (below, above) of the points' quality: their bootstrap interval, if any."""
+        cis = [r.get(f"{key}_ci") for r in points]
+        if not all(cis):
+            return None
+        return [[r[key] - ci[0] for r, ci in zip(points, cis)], [ci[1] - r[key] for r, ci in zip(points, cis)]]
+
+    names = sorted(by_press)
+    colors = ([matplotlib.colormaps["tab20"](i % 20) for i in range(len(names))] if len(names) > 10
+              else [None] * len(names))  # more presses than the default cycle's 10 colours
+    for i, name in enumerate(names):
+        points = sorted(by_press[name], key=lambda r: r["kept_tokens"])
+        # presses at one budget share an x: spread them a little (log axis) so the error bars stay apart
+        spread = 0.3 if len(names) <= 4 else 0.8  # octaves shared by the presses at one budget
+        dodge = 2 ** (spread * (i / max(1, len(names) - 1) - 0.5)) if len(names) > 1 else 1.0
+        ys, err = [r[key] for r in points], bars(points)
+        line = ax_tokens.errorbar([r["kept_tokens"] * dodge for r in points], ys, yerr=err, fmt="o-", capsize=2,
+                                  elinewidth=1, linewidth=0.8, markersize=4, label=name, color=colors[i])
+        color = line.lines[0].get_color()
+        ax_speed.errorbar([r["speedup"] for r in points], ys, yerr=err, fmt="o-", capsize=2, elinewidth=1,
+                          linewidth=0.8, markersize=4, color=color)
+        if len(names) <= 8:
+            for r in points:
+                ax_speed.annotate(str(r["keep"] or "own"), (r["speedup"], r[key]), textcoords="offset points",
+                                  xytext=(4, 4), fontsize=7, color=color)
+    if len(names) > 8:  # a label per point would pile up: one per budget, above its highest point
+        for keep in {r["keep"] for r in rows}:
+            top = max((r for r in rows if r["keep"] == keep), key=lambda r: r[key])
+            ax_speed.annotate(str(keep or "own"), (top["speedup"], top[key]), textcoords="offset points",
+                              xytext=(4, 8), fontsize=8)
+    base_ci = base.get(f"{key}_ci") if key == "accuracy" else None
     for ax in (ax_tokens, ax_speed):
         ax.axhline(base[key], color="black", linestyle="--", linewidth=1,
                    label=f"unpressed ({base['kept_tokens']:.0f} tokens)")
+        if base_ci:
+            ax.axhspan(*base_ci, color="black", alpha=0.07, linewidth=0)
         ax.grid(alpha=0.3)
     ax_speed.plot([1.0], [base[key]], "ks")
     values = [base[key], *(r[key] for r in rows)]
-    pad = max(0.05, 0.1 * (max(values) - min(values)))  # a flat line (all equal) still gets a visible axis
-    ax_tokens.set_ylim(min(values) - pad, max(values) + pad)
+    values += [bound for r in record["rows"] for bound in (r.get(f"{key}_ci") or [])]
+    pad = max(0.05, 0.05 * (max(values) - min(values)))  # a flat line (all equal) still gets a visible axis
+    ax_tokens.set_ylim(max(0.0, min(values) - pad) if min(values) >= 0 else min(values) - pad,
+                       min(1.0, max(values) + pad) if max(values) <= 1 else max(values) + pad)
     ax_tokens.set_xscale("log", base=2)
     ticks = sorted({round(r["kept_tokens"]) for r in rows})
     ax_tokens.set_xticks(ticks, [str(t) for t in ticks])
     ax_tokens.minorticks_off()
     ax_tokens.set_xlabel("visual tokens kept per image")
-    ax_tokens.set_ylabel(key)
+    interval = _has_ci(record) and f"{(record.get('ci') or {}).get('level', 0.95):.0%} bootstrap interval"
+    ax_tokens.set_ylabel(f"{key} (bars: {interval})" if interval else key)
     ax_speed.set_xlabel("measured prefill speedup (x, labels: budget)")
-    ax_tokens.legend(fontsize=8)
+    if len(names) > 8:  # beside the panels: inside, it would hide points
+        fig.legend(*ax_tokens.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+    else:
+        ax_tokens.legend(fontsize=8)
     fig.suptitle(_title(record), fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -217,6 +346,11 @@ def to_markdown(record: dict, image: str | None = None) -> str:
     best = best_per_budget(record)
     if best:
         lines += ["", "Best per budget: " + ", ".join(f"{k}: {p}" for k, p in best.items()) + "."]
+    tied = record.get("tied_with_best") or {}
+    if any(len(presses) > 1 for presses in tied.values()):
+        lines += ["", "Not told apart from the best at this n (paired interval holds 0): " + "; ".join(
+            f"{keep}: {', '.join(p for p in presses if p != best.get(int(keep)))}"
+            for keep, presses in tied.items() if len(presses) > 1) + "."]
     lines += [f"- note: {note}" for note in record.get("notes", [])]
     if image:
         lines += ["", f"![quality vs cost]({image})"]
@@ -282,5 +416,5 @@ def write_report(record: dict, out: str | Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["bench_table", "best_per_budget", "ordered_rows", "plot_pareto", "prefill_table", "print_table",
-           "quality_key", "save_json", "table_cells", "to_html", "to_markdown", "write_report"]
+__all__ = ["bench_table", "best_per_budget", "ordered_rows", "paired_comparisons", "plot_pareto", "prefill_table",
+           "print_table", "quality_key", "save_json", "table_cells", "to_html", "to_markdown", "with_ci", "write_report"]
