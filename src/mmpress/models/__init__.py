@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from mmpress.models.llava import LlavaAdapter
 from mmpress.models.qwen3_vl import Qwen3VLAdapter
 from mmpress.models.qwen_vl import QwenVLAdapter
+from mmpress.registry import ADAPTERS, get_adapter
 
-# transformers model_type -> adapter
-ADAPTERS = {"llava": LlavaAdapter, "qwen2_vl": QwenVLAdapter, "qwen2_5_vl": QwenVLAdapter,
-            "qwen3_vl": Qwen3VLAdapter}
+ADAPTERS.update({"llava": LlavaAdapter, "qwen2_vl": QwenVLAdapter, "qwen2_5_vl": QwenVLAdapter,
+                 "qwen3_vl": Qwen3VLAdapter})
 
 # the signals each family's adapter provides (a press runs on a family that has all it needs)
 FAMILY_SIGNALS = {"llava": {"grid", "cls_attn", "vision_keys", "text"},
@@ -21,17 +19,6 @@ FAMILY_NOTES = {
     "qwen_vl": "no [CLS]: cls_attn = mean attention each token receives in the last full-attention vision block "
                "(HiPrune's no-[CLS] saliency, arXiv 2508.00553); vision_keys = that block's rotated keys",
 }
-
-
-def get_adapter(model: nn.Module, **options):
-    """The adapter for ``model`` (a transformers vision-language model)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTERS:
-        raise ValueError(
-            f"unsupported model {type(model).__name__} (model_type={model_type!r}); "
-            f"mmpress supports these families: {', '.join(sorted(ADAPTERS))}"
-        )
-    return ADAPTERS[model_type](model, **options)
 
 
 __all__ = ["ADAPTERS", "FAMILY_NOTES", "FAMILY_SIGNALS", "LlavaAdapter", "Qwen3VLAdapter", "QwenVLAdapter", "get_adapter"]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from mmpress.ops.select import gather_tokens, topk_indices
+from mmpress.registry import get_adapter
 
 #: signals a press may declare in ``needs``; adapters compute only the declared ones
 SIGNALS = ("grid", "cls_attn", "vision_keys", "text")
@@ -139,8 +140,6 @@ class Press:
     def __call__(self, model: torch.nn.Module, **adapter_options) -> Iterator[torch.nn.Module]:
         """Hooks this press into ``model``; ``adapter_options`` go to the model's adapter
         (e.g. ``positions="reindex"``). Hooks are removed on exit, exception or not."""
-        from mmpress.models import get_adapter
-
         with get_adapter(model, **adapter_options).apply(self):
             yield model
 
