@@ -276,7 +276,7 @@ class Adapter:
             flat = torch.stack([flats[i] for i in members])  # (G, n)
             n = flat.shape[1]
             tokens = embeds.view(b * length, dim)[flat]
-            ctx, text = self._context(press, embeds, visual, valid, members, text)
+            ctx, text = self._context(press, embeds, visual, valid, members, flat[:, 0] // length, text)
             kept, index = press.press(tokens, ctx)
             k = index.shape[1]
             n_total, k_total = n_total + n * len(members), k_total + k * len(members)
@@ -310,9 +310,9 @@ class Adapter:
         kwargs = self.press_extras(kwargs, keep, visual, src, new_mask.bool(), k_total)
         return {**kwargs, "inputs_embeds": new_embeds, "attention_mask": new_mask, "position_ids": new_pos}, pre
 
-    def _context(self, press: Press, embeds, visual, valid, members: list[int], text):
-        """The signals ``press.needs`` for one group of items of equal shape; ``text`` caches the
-        padded text of every row across groups."""
+    def _context(self, press: Press, embeds, visual, valid, members: list[int], owner: Tensor, text):
+        """The signals ``press.needs`` for one group of items of equal shape (``owner``: the row
+        of each, on the device); ``text`` caches the padded text of every row across groups."""
         needs, items = set(press.needs), [self.state.items[i] for i in members]
         ctx = VisualContext()
         grid = items[0].grid
@@ -327,7 +327,6 @@ class Adapter:
             if text is None:
                 src, text_mask = compact_index(valid & ~visual, self._text_width)
                 text = gather_rows(embeds, src), text_mask
-            owner = torch.tensor([self.state.rows[i] for i in members], device=embeds.device)
             ctx.text, ctx.text_mask = text[0][owner], text[1][owner]
         return ctx, text
 

@@ -71,6 +71,8 @@ class LlavaAdapter(Adapter):
             if max(sources) >= t.shape[0] or t.shape[1] != n:
                 raise ValueError(f"vision signal covers {tuple(t.shape[:2])} tokens, the LM sees "
                                  f"({len(items)}, {n})")
+            if sources == list(range(t.shape[0])):
+                return t  # the common case: no index tensor to copy to the device
             return t[sources]  # generate encodes each image once, then repeats it per beam / sequence
 
         feature_block = self._block(self._feature_layer())
