@@ -50,6 +50,15 @@ def make_batch(prompt_lens=(5,), images_per_row=None, n_tokens=64, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
+@pytest.fixture
+def one_thread():
+    """A tiny model only loses to thread synchronisation on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", params=["clip", "dinov2"])
 def model(request):
     return tiny_llava(request.param)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -24,13 +23,7 @@ from conftest import samples, tiny_llava, tiny_processor
 runner = CliRunner()  # click >= 8.2 keeps stderr (weight-loading bars) out of result.stdout
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model only loses to thread synchronisation on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")

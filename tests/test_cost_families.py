@@ -29,12 +29,7 @@ TINY_ARGS = ["--lm-layers", "1", "--lm-hidden", "64", "--lm-intermediate", "128"
              "--repeats", "1", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def _counted(fn) -> int:

@@ -28,11 +28,10 @@ ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @dataclass
-class Shape:
-    vision_layers: int = 6
-    vision_hidden: int = 384
-    image_size: int = 336
-    patch_size: int = 14
+class LMShape:
+    """The language model both families' CPU shapes share: a Qwen2 of 12 x 896, and the prompt's
+    text tokens."""
+
     lm_layers: int = 12
     lm_hidden: int = 896
     lm_intermediate: int = 4864
@@ -40,6 +39,14 @@ class Shape:
     lm_kv_heads: int = 2
     vocab: int = 32000
     text_tokens: int = 33
+
+
+@dataclass
+class Shape(LMShape):
+    vision_layers: int = 6
+    vision_hidden: int = 384
+    image_size: int = 336
+    patch_size: int = 14
 
 
 def llava_shaped(shape: Shape = Shape(), seed: int = 0, attn: str = "sdpa") -> LlavaForConditionalGeneration:
@@ -73,7 +80,7 @@ def prompt_batch(shape: Shape, batch: int = 1, seed: int = 0) -> dict[str, torch
 
 
 @dataclass
-class QwenShape:
+class QwenShape(LMShape):
     """Qwen2.5-VL-7B (vision 32 x 1280, windows of 112 px, full attention in every 8th block;
     LM 28 x 3584) scaled for a CPU as :class:`Shape` scales LLaVA: vision 8 x 640 with full
     attention in blocks 3 and 7, LM 12 x 896. ``arch="qwen2_vl"`` gives Qwen2-VL's tower instead
@@ -93,13 +100,6 @@ class QwenShape:
     patch_size: int = 14
     merge: int = 2
     temporal_patch: int = 2
-    lm_layers: int = 12
-    lm_hidden: int = 896
-    lm_intermediate: int = 4864
-    lm_heads: int = 14
-    lm_kv_heads: int = 2
-    vocab: int = 32000
-    text_tokens: int = 33
     extra: dict = field(default_factory=dict)  # other config fields, e.g. for tests
 
     def grid(self, kind: str) -> tuple[int, int, int]:
