@@ -20,8 +20,6 @@ from mmpress.models.base import Adapter, Item, encoded_sources
 from mmpress.models.vision import attention_module, cls_attention_and_keys, encoder_layers, layer_index
 from mmpress.presses.base import Press, VisualContext
 
-POSITIONS = ("keep", "reindex")
-
 
 class LlavaAdapter(Adapter):
     """Applies presses to a LLaVA model. ``positions``: "keep" (default) or "reindex"."""
@@ -45,7 +43,7 @@ class LlavaAdapter(Adapter):
             n = h * w + (self.config.vision_feature_select_strategy == "full")
             grid = (1, h, w) if n == h * w else None
             return [Item(token, n, grid, i) for i in range(pixel_values.shape[0])]
-        encoded = self.protocol.images_in(kwargs)  # generate() encodes images first
+        encoded = self.protocol.encoded_in(kwargs, "image")  # generate() encodes images first
         if not encoded:
             return []
         sources = encoded_sources(encoded) or list(range(len(encoded)))

@@ -77,9 +77,6 @@ class Protocol:
         output = (encoded or {}).get(modality)
         return None if output is None else list(output.pooler_output)
 
-    def images_in(self, kwargs: dict) -> list | None:
-        return self.encoded_in(kwargs, "image")
-
 
 def protocol(vlm: nn.Module, language_model: nn.Module) -> Protocol:
     lm_params = inspect.signature(language_model.forward).parameters
