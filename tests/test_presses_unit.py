@@ -16,7 +16,8 @@ from mmpress.presses import PRESSES, ScorerPress, SelectorPress, VisualContext, 
 
 M, H, W, D, T = 3, 6, 8, 16, 7
 N = H * W
-NAMES = list_presses()
+ALL = list_presses()
+NAMES = list_presses("pre_llm")  # in-LLM and KV presses: tests/test_stages.py
 BUDGETED = [name for name in NAMES if PRESSES[name].needs_budget]
 
 
@@ -55,7 +56,7 @@ def make(name, **budget):
     return get_press(name) if not PRESSES[name].needs_budget else get_press(name, **budget)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_press_declares_itself(name):
     cls = PRESSES[name]
     assert cls.name == name and cls.paper and cls.__doc__

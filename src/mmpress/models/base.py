@@ -37,8 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from mmpress.models.protocol import CACHE_NAMES, cache_length, protocol
+from mmpress.models.stages import KVStage, LayerStage, Layout
 from mmpress.ops.sequence import compact_index, flat_positions, gather_rows
-from mmpress.presses.base import Press, VisualContext
+from mmpress.presses.base import STAGES, Press, VisualContext
 
 CONTINUE = ("A pressed cache holds fewer entries than the tokens it stands for, so generate(past_key_values=...) "
             "on the whole conversation would feed the wrong tokens. Run generate on the whole conversation under "
@@ -63,9 +64,11 @@ class Item:
 class _Prefill:
     """What decoding needs to know about a pressed prefill (one per pressed KV cache)."""
 
-    mask: Tensor  # (B, L') attention mask of the pressed prompt
+    mask: Tensor | None  # (B, L') attention mask of the prompt every layer's cache holds; None: unpressed
     length: int  # L, the unpressed prompt length (with padding)
-    shift: Tensor  # (B,) subtracted from original position ids (0 with positions="keep")
+    shift: Tensor | None  # (B,) subtracted from original position ids (0 with positions="keep")
+    cuts: list = field(default_factory=list)  # in_llm: from layer k on, the cache holds these columns
+    width: int = 0  # prompt columns the language model's input had (what ``cuts`` index)
 
 
 @dataclass
@@ -75,6 +78,7 @@ class _State:
     rows: list[int] = field(default_factory=list)  # the batch row of each item (host integers)
     positions_from_cache: bool = False  # the model numbers new tokens from the (pressed) cache length
     pending: _Prefill | None = None  # a pressed prefill whose KV cache the language model returns
+    layout: Layout | None = None  # the visual tokens of the language model's input, for later stages
 
 
 def encoded_sources(encoded: list[Tensor]) -> list[int] | None:
@@ -111,6 +115,8 @@ class Adapter:
         self.state = _State()
         self.pressed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> _Prefill
         self.stats: dict[str, int] = {}
+        self.stage_objs: list = []  # the in_llm / kv stages of the press applied now
+        self.outer = None  # the press (or composition) applied now
 
     # ---- what a family file says ------------------------------------------------------------
     token_ids: tuple[int, ...] = ()  # placeholder ids of the visual tokens (set by the family)
@@ -133,6 +139,9 @@ class Adapter:
         prompt, ``src``/``new_mask`` the compaction, ``kept_visual`` kept visual tokens in all."""
         return kwargs
 
+    def check_stages(self, stages: dict[str, Press]) -> None:
+        """Raise if this family cannot run a press at its stage (default: every stage runs)."""
+
     def numbers_from_cache(self, kwargs: dict) -> bool:
         """Whether the model will number this call's new tokens from the cache length (pressed
         coordinates) instead of the caller's mask / positions (original coordinates)."""
@@ -140,27 +149,56 @@ class Adapter:
 
     # ---- hooks ------------------------------------------------------------------------------
     @contextmanager
-    def apply(self, press: Press):
-        if press.stage != "pre_llm":
-            raise ValueError(f"the {self.family} adapter does not support stage {press.stage!r} yet")
+    def apply(self, press):
+        """Hooks ``press`` (or a composition: ``mmpress.compose``) into the model for the block."""
+        stages = self._stages(press)
+        self.check_stages(stages)
+        self.outer = press
         if self.vlm in _PRESSED_MODELS:
             raise ValueError("a press is already applied to this model: presses do not nest (the second would "
-                             "see the first's tokens or none); exit the first `with press(model):` block first")
+                             "see the first's tokens or none); exit the first `with press(model):` block first; "
+                             "to chain presses of different stages use mmpress.compose(...)")
         lm = self.vlm.language_model
+        self.stage_objs = [cls(self, stages[name]) for name, cls in (("in_llm", LayerStage), ("kv", KVStage))
+                           if name in stages]
+        if self.stage_objs and self.positions != "keep":
+            raise ValueError("in-LLM and KV presses keep position ids (the layers before them saw the original "
+                             "ones): use positions='keep'")
         handles = [
             self.vlm.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
-            lm.register_forward_pre_hook(lambda m, a, kw: self._language_model_hook(press, a, kw), with_kwargs=True),
+            lm.register_forward_pre_hook(lambda m, a, kw: self._language_model_hook(stages.get("pre_llm"), a, kw),
+                                         with_kwargs=True),
             lm.register_forward_hook(self._capture_cache),
         ]
         _PRESSED_MODELS.add(self.vlm)
         try:
-            handles += self.signal_hooks(press)
+            for stage in self.stage_objs:
+                handles += stage.hooks()
+            if "pre_llm" in stages:
+                handles += self.signal_hooks(stages["pre_llm"])
             yield self
         finally:
             for handle in handles:
                 handle.remove()
             _PRESSED_MODELS.discard(self.vlm)
             self.state = _State()
+            self.stage_objs = []
+
+    def _stages(self, press) -> dict[str, Press]:
+        """The presses of a press or composition, by stage (at most one each, in stage order)."""
+        presses = list(getattr(press, "presses", (press,)))
+        stages = {}
+        for p in presses:
+            if p.stage not in STAGES:
+                raise ValueError(f"unknown stage {p.stage!r} of {type(p).__name__}")
+            if p.stage in stages or (stages and STAGES.index(p.stage) < max(map(STAGES.index, stages))):
+                raise ValueError("compose presses of different stages in the order a forward meets them: at most "
+                                 "one each of pre_llm, in_llm, kv, in that order")
+            stages[p.stage] = p
+        if "in_llm" in stages and "kv" in stages:
+            raise ValueError("an in_llm press and a kv press do not compose (their caches would differ in length "
+                             "per layer); compose a pre_llm press with one of them")
+        return stages
 
     def _capture_inputs(self, module, args, kwargs):
         """Records the prompt and checks it against the visual items, before any GPU work of this
@@ -213,7 +251,9 @@ class Adapter:
                                  f"placeholder (the processor expands each to its token count)")
         return rows
 
-    def _language_model_hook(self, press: Press, args, kwargs):
+    def _language_model_hook(self, press: Press | None, args, kwargs):
+        for stage in self.stage_objs:
+            stage.begin_call()
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return None
@@ -221,19 +261,69 @@ class Adapter:
         past = cache_length(cache)
         if past:  # decoding, or a later turn appended to a cache
             pre = self.pressed.get(cache)
-            return None if pre is None else (args, self._map_decoding(pre, kwargs, embeds, past))
+            return None if pre is None or pre.mask is None else (args, self._map_decoding(pre, kwargs, embeds, past))
         if not self.state.rows:
             return None
-        kwargs, self.state.pending = self._press_prefill(press, kwargs, embeds)
+        self.state.layout = None
+        if press is not None:
+            kwargs, self.state.pending = self._press_prefill(press, kwargs, embeds)
+        elif self.stage_objs:
+            self.state.layout = self._layout(kwargs, embeds)
+        for stage in self.stage_objs:
+            stage.start(self.state.layout, kwargs["inputs_embeds"])
         return args, kwargs
+
+    def _layout(self, kwargs: dict, embeds: Tensor) -> Layout:
+        """The visual tokens of an unpressed language-model input."""
+        ids, items, mask = self.state.input_ids, self.state.items, kwargs.get("attention_mask")
+        visual = torch.zeros_like(ids, dtype=torch.bool)
+        for token_id in self.token_ids:
+            visual |= ids == token_id
+        valid = torch.ones_like(visual) if mask is None or mask.ndim != 2 else mask.bool()
+        n = sum(i.length for i in items)
+        self.stats = {"images": len(items), "visual_tokens": n, "kept_visual_tokens": n,
+                      "seq_len": ids.shape[1], "pressed_seq_len": ids.shape[1]}
+        return Layout(ids.masked_fill(~visual, -1), valid, [i.token_id for i in items], [i.length for i in items],
+                      list(self.state.rows), True)
 
     def _capture_cache(self, module, args, output):
         """Remembers which KV cache holds a pressed prefill, so that decoding steps and later
         turns on that cache (and only those) are mapped onto it."""
         pre, self.state.pending = self.state.pending, None
+        pre = self._finish_stages(pre)
+        if self.stats:
+            self.outer.stats = self.stats
         cache = next((c for c in (getattr(output, name, None) for name in CACHE_NAMES) if c is not None), None)
         if pre is not None and cache is not None:
             self.pressed[cache] = pre
+
+    def _finish_stages(self, pre: _Prefill | None) -> _Prefill | None:
+        """Adds what the in-LLM / KV stage did in this prefill to what decoding needs."""
+        layout, self.state.layout = self.state.layout, None
+        for stage in self.stage_objs:
+            done = stage.finish()
+            if isinstance(stage, LayerStage) and done[0]:
+                cuts, counts = done
+                n_layers, visual = len(stage.layers), self.stats["kept_visual_tokens"]
+                per_layer = [visual] * n_layers
+                for layer, kept in counts:
+                    per_layer[layer:] = [kept] * (n_layers - layer)
+                self.stats.update(layer_kept=[(layer, kept) for layer, kept in counts], kept_visual_tokens=counts[-1][1],
+                                  layer_avg_visual_tokens=sum(per_layer) / n_layers,
+                                  layer_seq_len=[(c.start, c.cols.shape[1]) for c in cuts])
+                width = layout.ids.shape[1]
+                pre = pre or _Prefill(mask=None, length=width, shift=None)
+                pre.cuts, pre.width = cuts, (width if pre.mask is None else pre.mask.shape[1])
+            elif isinstance(stage, KVStage) and done and done["mask"] is not None:
+                b = done["mask"].shape[0]
+                length = pre.length if pre is not None else layout.ids.shape[1]
+                shift = pre.shift if pre is not None else None
+                pre = _Prefill(mask=done["mask"].long(), length=length,
+                               shift=shift if shift is not None else torch.zeros(b, dtype=torch.long,
+                                                                                  device=done["mask"].device))
+                self.stats.update(kept_visual_tokens=done["kept"], kv_len=done["mask"].shape[1],
+                                  layer_avg_visual_tokens=float(done["kept"]))
+        return pre
 
     # ---- prefill ----------------------------------------------------------------------------
     def _press_prefill(self, press: Press, kwargs: dict, embeds: Tensor) -> tuple[dict, _Prefill | None]:
@@ -271,6 +361,7 @@ class Adapter:
             groups[(item.token_id, item.length, item.grid)].append(i)
         dropped_per_row = [0] * b
         kept_flat, kept_values, n_total, k_total = [], [], 0, 0
+        kept_lengths = [item.length for item in items]
         text = None
         for members in groups.values():
             flat = torch.stack([flats[i] for i in members])  # (G, n)
@@ -282,11 +373,14 @@ class Adapter:
             n_total, k_total = n_total + n * len(members), k_total + k * len(members)
             for i in members:
                 dropped_per_row[rows[i]] += n - k
+                kept_lengths[i] = k
             kept_flat.append(flat.gather(1, index).reshape(-1))  # whole items too: their tokens stay
             kept_values.append(kept.reshape(-1, dim).to(embeds.dtype))
         self.stats = press.stats = {"images": len(items), "visual_tokens": n_total, "kept_visual_tokens": k_total,
                                     "seq_len": length, "pressed_seq_len": length}
         if k_total == n_total:  # keep-all: leave the call untouched, bit-identical to the unpressed model
+            if self.stage_objs:
+                self.state.layout = self._layout(kwargs, embeds)
             return kwargs, None
 
         kept_flat_all = torch.cat(kept_flat)
@@ -307,6 +401,10 @@ class Adapter:
         new_mask = new_mask.to(mask.dtype if mask is not None else torch.long)
         self.stats["pressed_seq_len"] = width
         pre = _Prefill(mask=new_mask, length=length, shift=shift)
+        if self.stage_objs:  # later stages find the kept visual tokens here
+            ids_kept = gather_rows(ids.masked_fill(~(keep & visual), -1), src).masked_fill(~new_mask.bool(), -1)
+            self.state.layout = Layout(ids_kept, new_mask.bool(), [i.token_id for i in items], kept_lengths,
+                                       list(rows), True)
         kwargs = self.press_extras(kwargs, keep, visual, src, new_mask.bool(), k_total)
         return {**kwargs, "inputs_embeds": new_embeds, "attention_mask": new_mask, "position_ids": new_pos}, pre
 

@@ -23,6 +23,13 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     deepstack = True
 
+    def check_stages(self, stages: dict) -> None:
+        press = stages.get("in_llm")
+        injected = len(self.config.vision_config.deepstack_visual_indexes or ())
+        if press is not None and press.layers()[0] < injected:
+            raise ValueError(f"Qwen3-VL adds DeepStack features to the visual tokens entering layers 1..{injected}: "
+                             f"an in-LLM press must act at layer {injected} or later (got layer {press.layers()[0]})")
+
     def press_extras(self, kwargs: dict, keep: Tensor, visual: Tensor, src: Tensor, new_mask: Tensor,
                      kept_visual: int) -> dict:
         masks, features = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")

@@ -1,11 +1,13 @@
 """Presses: one module per method family. Importing this package registers every press."""
 
 from mmpress.presses import (  # noqa: F401
-    baselines, cdpruner, dart, divprune, evs, fastvid, holov, mmtok, prumerge, temporal_merge, tome, visionzip,
-    vispruner, vtc_cls,
+    baselines, cdpruner, dart, divprune, evs, fastv, fastvid, holov, lookm, mmtok, pdrop, prumerge, snapkv, sparsevlm,
+    temporal_merge, tome, visionzip, vispruner, vtc_cls, vtw,
 )
 from mmpress.presses.base import (
     PRESSES,
+    KVPress,
+    LayerPress,
     Press,
     ScorerPress,
     SelectorPress,
@@ -14,7 +16,9 @@ from mmpress.presses.base import (
     list_presses,
     register,
 )
+from mmpress.presses.compose import ComposedPress, compose
 
 __all__ = [
-    "PRESSES", "Press", "ScorerPress", "SelectorPress", "VisualContext", "get_press", "list_presses", "register",
+    "PRESSES", "ComposedPress", "KVPress", "LayerPress", "Press", "ScorerPress", "SelectorPress", "VisualContext",
+    "compose", "get_press", "list_presses", "register",
 ]

@@ -25,7 +25,9 @@ from mmpress.ops.select import gather_tokens, topk_indices
 from mmpress.registry import get_adapter
 
 #: signals a press may declare in ``needs``; adapters compute only the declared ones
-SIGNALS = ("grid", "cls_attn", "vision_keys", "text")
+SIGNALS = ("grid", "cls_attn", "vision_keys", "text", "llm_attn", "llm_keys", "visual_inputs")
+#: where a press acts, in the order a forward meets them (a composition follows this order)
+STAGES = ("pre_llm", "in_llm", "kv")
 
 
 @dataclass
@@ -44,6 +46,20 @@ class VisualContext:
     vision_keys:  (M, N, d) that layer's attention keys, averaged over heads (VisionZip's metric).
     text:         (M, T, D) input embeddings of the text tokens of the sample owning each image.
     text_mask:    (M, T) True where ``text`` holds a real token (prompts are ragged).
+
+    Language-model signals (``in_llm`` and ``kv`` presses), at the press's signal layer:
+    llm_attn:     (M, N) softmax attention the tokens receive from the press's query rows (last
+                  token, text tokens or an observation window), mean over query rows and heads;
+                  for a per-head KV press, M = images x KV heads and the mean is over the query
+                  heads sharing each KV head.
+    llm_attn_rows: (M, T, N) in-LLM presses whose query rows are the text tokens: each text row's
+                  attention over the tokens (head mean); rows as in ``text_mask``.
+    llm_keys:     (M, N, d) the tokens' rotated keys at that layer (per KV head for a per-head KV
+                  press, else concatenated over KV heads); ``llm_text_keys`` (M, T, d) the text's.
+    text_hidden:  (M, T, D) in-LLM: the text tokens' hidden states entering the pressed layer
+                  (``text`` stays their input embeddings, as for a pre-LLM press).
+    visual_inputs: (M, N0, D) in-LLM: the input embeddings of every visual token of the image as
+                  it entered the language model (before any in-LLM stage dropped some).
     """
 
     grid: tuple[int, int] | None = None
@@ -53,6 +69,12 @@ class VisualContext:
     vision_keys: Tensor | None = None
     text: Tensor | None = None
     text_mask: Tensor | None = None
+    llm_attn: Tensor | None = None
+    llm_attn_rows: Tensor | None = None
+    llm_keys: Tensor | None = None
+    llm_text_keys: Tensor | None = None
+    text_hidden: Tensor | None = None
+    visual_inputs: Tensor | None = None
 
     def require(self, name: str) -> Tensor | tuple[int, int]:
         value = getattr(self, name)
@@ -119,13 +141,16 @@ class Press:
         return k
 
     # ---- what to keep -------------------------------------------------------------------
-    def press(self, tokens: Tensor, ctx: VisualContext) -> tuple[Tensor, Tensor]:
-        """Compress ``tokens`` (M, N, D) to (M, k, D). Returns the tokens and, per kept token,
-        the index (M, k) of the original token whose position it takes (sorted ascending)."""
+    def press(self, tokens: Tensor, ctx: VisualContext, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """Compress ``tokens`` (M, N, D) to (M, k, D) (``k``: the budget unless a stage gives one).
+        Returns the tokens and, per kept token, the index (M, k) of the original token whose
+        position it takes (sorted ascending)."""
         m, n, _ = tokens.shape
-        k = self.budget(n)
+        k = self.budget(n) if k is None else k
         if k >= n:
             return tokens, torch.arange(n, device=tokens.device).expand(m, n)
+        if k == 0:
+            return tokens[:, :0], torch.zeros(m, 0, dtype=torch.long, device=tokens.device)
         out, index = self.compress(tokens, ctx, k)
         if out.shape[:2] != (m, k) or index.shape != (m, k):
             raise RuntimeError(f"{type(self).__name__} returned {tuple(out.shape)}, expected ({m}, {k}, D)")
@@ -168,6 +193,83 @@ class SelectorPress(Press):
         return gather_tokens(tokens, index), index
 
 
+@dataclass
+class LayerPress(ScorerPress):
+    """An ``in_llm`` press: drops visual hidden states entering decoder layer ``layer`` (or each
+    layer of ``layers()``); the dropped tokens are gone for every later layer and from those
+    layers' KV cache, layers before keep their full cache. Kept tokens keep their position ids.
+
+    ``score`` reads ``ctx.llm_attn``: the attention the visual tokens receive from the ``query``
+    rows ("last": the last token; "text": every text token; "window": the last ``window`` tokens)
+    at decoder layer ``signal_layer(layer)``, from its queries and keys (the model keeps running
+    with SDPA). The budget counts visual tokens per image from ``layer`` on; the bench reports
+    it with the layer-averaged count.
+    """
+
+    stage = "in_llm"
+    needs = ("llm_attn",)
+    query: ClassVar[str] = "last"
+    window: ClassVar[int] = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        layers = self.layers()
+        if not layers or any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in layers) \
+                or list(layers) != sorted(set(layers)):
+            raise ValueError(f"layers must be ascending ints >= 1 (decoder layers; layer 0 is the pre_llm stage), "
+                             f"got {layers!r}")
+
+    def layers(self) -> tuple[int, ...]:
+        """Decoder layers whose input this press presses, ascending (default: ``self.layer``)."""
+        return (self.layer,)
+
+    def budgets(self, n: int) -> tuple[int, ...]:
+        """Visual tokens of an image of ``n`` (as it enters the LM) kept at each of ``layers()``."""
+        return (self.budget(n),)
+
+    def signal_layer(self, layer: int) -> int:
+        """The decoder layer whose attention scores the tokens pressed at ``layer``."""
+        return layer
+
+    def score(self, tokens: Tensor, ctx: VisualContext) -> Tensor:
+        return ctx.require("llm_attn")
+
+
+@dataclass
+class KVPress(ScorerPress):
+    """A ``kv`` press: after prefill, evicts (or merges) the visual entries of every layer's KV
+    cache, keeping ``keep`` per image in each layer (per KV head when ``per_head``); decoding then
+    reads the shorter cache. The prefill itself (and so the first generated token) is unpressed.
+
+    ``press_kv`` receives one layer's keys and values of the visual tokens, (M, N, d) with M =
+    images x KV heads (per-head) and ``ctx.llm_attn`` (M, N) from the last ``window`` tokens.
+    """
+
+    window: int = 32
+
+    stage = "kv"
+    needs = ("llm_attn",)
+    query: ClassVar[str] = "window"
+    per_head: ClassVar[bool] = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
+            raise ValueError(f"window must be a positive int (query rows), got {self.window!r}")
+
+    def score(self, tokens: Tensor, ctx: VisualContext) -> Tensor:
+        return ctx.require("llm_attn")
+
+    def press_kv(self, keys: Tensor, values: Tensor, ctx: VisualContext, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(M, N, d) keys and values -> (M, k, d) each and the (M, k) index of the entry each
+        takes the place of (sorted ascending). Default: the k best-scored entries."""
+        index = topk_indices(self.score(keys, ctx), k)
+        return gather_tokens(keys, index), gather_tokens(values, index), index
+
+
 # ---- registry ---------------------------------------------------------------------------
 PRESSES: dict[str, type[Press]] = {}
 
@@ -179,9 +281,9 @@ def register(cls: type[Press]) -> type[Press]:
     return cls
 
 
-def list_presses() -> list[str]:
-    """Sorted names of every registered press."""
-    return sorted(PRESSES)
+def list_presses(stage: str | None = None) -> list[str]:
+    """Sorted names of every registered press (of ``stage`` only, if given)."""
+    return sorted(name for name, cls in PRESSES.items() if stage in (None, cls.stage))
 
 
 def get_press(name: str, **kwargs) -> Press:

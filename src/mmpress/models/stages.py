@@ -1,0 +1,395 @@
+"""The ``in_llm`` and ``kv`` stages: small classes that own their hooks on the language model's
+decoder layers. Family-neutral (the language model is reached through ``models/lm.py``); the
+adapter core starts them on a fresh prefill with visual tokens and keeps what decoding needs.
+
+``in_llm`` (:class:`LayerStage`): a forward pre-hook on decoder layer k takes the visual hidden
+states out of the layer's input, presses each image's tokens (its score: the attention they
+receive at the press's signal layer, from its query rows), and hands layer k and every later
+layer the compacted sequence with its attention mask, rotary embeddings and position ids cut to
+the kept columns (rows re-padded on the left, as the pre-LLM core does). Layers before k keep
+their full KV cache, layers from k on hold only the kept entries; kept tokens keep their
+position ids, so decoding runs in the original coordinates and only the mask of layers >= k is
+cut to their shorter cache.
+
+``kv`` (:class:`KVStage`): a forward hook on each decoder layer, after the layer has written the
+prompt into the KV cache, scores the visual entries by the attention of the last ``window``
+query rows (the layer's own queries, the cache's rotated keys), keeps or merges ``keep`` per
+image (per KV head for a per-head press) and compacts that layer's cache. Every layer keeps the
+same number of entries per row, so one (B, L') mask serves every layer and every head while
+decoding: what the pre-LLM core already maps decoding onto.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from mmpress.models.lm import cut_mask, decode_cut, decoder_layers, queries_keys
+from mmpress.ops.attention import attention_rows, received_attention
+from mmpress.ops.sequence import compact_index, flat_positions, gather_rows
+from mmpress.presses.base import KVPress, LayerPress, VisualContext
+
+
+@dataclass
+class Layout:
+    """Where the visual tokens of a prompt sit in the sequence the language model runs on.
+
+    ids (B, W): the placeholder id of each visual column, -1 elsewhere; valid (B, W): False in
+    padding; token_ids / lengths: per item (placeholder order), its id and token count (host)."""
+
+    ids: Tensor
+    valid: Tensor
+    token_ids: list[int]
+    lengths: list[int]
+    rows: list[int]
+    uniform: bool  # no row is padded (the model's mask may be None: SDPA runs causal)
+
+    def flats(self) -> list[Tensor]:
+        """Flat index into (B * W) of each item's tokens, in order (no host sync)."""
+        out: list[Tensor] = [None] * len(self.lengths)  # type: ignore[list-item]
+        for token_id in dict.fromkeys(self.token_ids):
+            mine = [i for i, t in enumerate(self.token_ids) if t == token_id]
+            sizes = [self.lengths[i] for i in mine]
+            for i, chunk in zip(mine, flat_positions(self.ids == token_id, sum(sizes)).split(sizes)):
+                out[i] = chunk
+        return out
+
+    def query_rows(self, query: str, window: int) -> tuple[Tensor, Tensor]:
+        """(B, R) columns of the query rows and (B, R) their validity: the last token ("last"),
+        the last ``window`` tokens ("window"), every text token ("text") or every token ("all")."""
+        b, w = self.valid.shape
+        cols = torch.arange(w, device=self.valid.device)
+        if query == "all":
+            return cols.expand(b, w), self.valid
+        last = cols.masked_fill(~self.valid, -1).amax(dim=1, keepdim=True)  # (B, 1)
+        if query in ("last", "window"):
+            size = 1 if query == "last" else min(window, w)
+            rows = last - torch.arange(size - 1, -1, -1, device=last.device)
+            ok = rows >= 0
+            rows = rows.clamp(min=0)
+            return rows, ok & self.valid.gather(1, rows)
+        if query == "text":
+            text = self.valid & (self.ids < 0)
+            per_row = defaultdict(int)
+            for row, n in zip(self.rows, self.lengths):
+                per_row[row] += n
+            width = w - min(per_row[r] for r in range(b))
+            return compact_index(text, width)
+        raise ValueError(f"unknown query rows {query!r}: use 'last', 'window', 'text' or 'all'")
+
+    def attention(self, layer, hidden: Tensor, position_embeddings, query: str, window: int,
+                  keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(B, Hkv, W) attention each column receives from the query rows at ``layer``, and the
+        (B, Hkv, W, d) rotated keys (``keys``, if the cache holds them, else recomputed)."""
+        rows, ok = self.query_rows(query, window)
+        q, k, scaling = queries_keys(layer, hidden, position_embeddings, rows, keys=keys is None)
+        k = keys if keys is not None else k
+        return received_attention(q, k, rows, ok, self.valid, scaling), k
+
+
+def _group(layout: Layout, extra: list | None = None) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (token_id, n) in enumerate(zip(layout.token_ids, layout.lengths)):
+        groups[(token_id, n, *(extra[i] if extra else ()))].append(i)
+    return groups
+
+
+def _heads_last(x: Tensor) -> Tensor:
+    """(B, Hkv, W, ...) -> (B * W, Hkv, ...): one row per column, as flat indices address them."""
+    return x.transpose(1, 2).reshape(x.shape[0] * x.shape[2], x.shape[1], *x.shape[3:])
+
+
+@dataclass
+class _Cut:
+    """From decoder layer ``start`` on, the layers see the prompt columns ``cols`` (B, W) of the
+    language model's input (``valid``: False in padding)."""
+
+    start: int
+    cols: Tensor
+    valid: Tensor
+
+
+@dataclass
+class _Run:
+    """An in-LLM prefill in flight."""
+
+    layout: Layout
+    first: list[int]  # visual tokens of each item as it entered the language model
+    first_flats: list[Tensor]  # their flat positions in the language model's input
+    embeds: Tensor  # the language model's input embeddings
+    cols: Tensor
+    dropped: list[int]  # tokens each row has lost so far (host)
+    recorded: dict[int, tuple] = field(default_factory=dict)  # signal layer -> (hidden, rotary)
+    cuts: list[_Cut] = field(default_factory=list)
+    memo: dict = field(default_factory=dict)  # (kwarg, id(value), cuts) -> its cut
+    counts: list[tuple[int, int]] = field(default_factory=list)  # (layer, visual tokens kept)
+
+
+class LayerStage:
+    """``in_llm``: presses the hidden states entering the press's layers (see the module doc)."""
+
+    def __init__(self, adapter, press: LayerPress):
+        self.adapter, self.press = adapter, press
+        self.layers = decoder_layers(adapter.vlm.language_model)
+        starts = press.layers()
+        n = len(self.layers)
+        if list(starts) != sorted(set(starts)) or starts[-1] >= n:
+            raise ValueError(f"{type(press).__name__} presses at layers {starts}, but the language model has {n} "
+                             f"decoder layers (0..{n - 1}): pick ascending layers below {n}")
+        self.signal = {s: press.signal_layer(s) for s in starts}
+        for prev, s in zip((-1, *starts), starts):
+            if not max(prev, 0) <= self.signal[s] <= s:
+                raise ValueError(f"the signal layer of layer {s} must lie in [{max(prev, 0)}, {s}]")
+        self.starts = starts
+        impl = getattr(adapter.vlm.language_model.config, "_attn_implementation", "sdpa") or "sdpa"
+        self.flash = "flash" in impl
+        self.run: _Run | None = None
+        self.memo: dict = {}
+
+    def hooks(self) -> list:
+        watch = sorted(set(range(self.starts[0], len(self.layers))) | set(self.signal.values()))
+        return [self.layers[i].register_forward_pre_hook(partial(self._hook, i), with_kwargs=True) for i in watch]
+
+    def start(self, layout: Layout, embeds: Tensor) -> None:
+        b, w = layout.ids.shape
+        cols = torch.arange(w, device=layout.ids.device).expand(b, w)
+        self.run = _Run(layout, list(layout.lengths), layout.flats(), embeds, cols, [0] * b)
+        self.memo = {}
+
+    def begin_call(self) -> None:
+        self.run, self.memo = None, {}
+
+    def finish(self) -> tuple[list[_Cut], list[tuple[int, int]]]:
+        run, self.run = self.run, None
+        return ([], []) if run is None else (run.cuts, run.counts)
+
+    # ---- the hook ---------------------------------------------------------------------------
+    def _hook(self, i: int, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.run is None:
+            return self._decoding(i, args, hidden, kwargs)
+        run, given = self.run, kwargs
+        kwargs = self._cut_inputs(run, given)
+        if i in self.starts:
+            hidden = self._press_at(i, run, hidden, kwargs)
+            kwargs = self._cut_inputs(run, given)
+        if any(sig == i != start for start, sig in self.signal.items()):  # a later stage scores with layer i
+            run.recorded[i] = (hidden, kwargs["position_embeddings"])
+        if not run.cuts:
+            return None
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def _cut_inputs(self, run: _Run, kwargs: dict) -> dict:
+        """The layer's mask / rotary embeddings / position ids (as the model loop passes every
+        layer: for its input's full width) cut to the current columns, once per stage."""
+        if not run.cuts:
+            return kwargs
+        cut, out = run.cuts[-1], dict(kwargs)
+        b = cut.cols.shape[0]
+        for name, value in kwargs.items():
+            key = (name, id(value), len(run.cuts))
+            if key not in run.memo:
+                if name == "attention_mask":
+                    run.memo[key] = cut_mask(value, cut.cols, cut.valid, cut.cols, self.flash,
+                                             square_causal_ok=run.layout.uniform)
+                elif name == "position_embeddings" and value is not None:  # (cos, sin): (B, W, d)
+                    run.memo[key] = tuple(gather_rows(t.expand(b, *t.shape[1:]), cut.cols) for t in value)
+                elif name == "position_ids" and isinstance(value, Tensor):  # (..., B, W)
+                    lead = value.shape[:-2]
+                    run.memo[key] = value.expand(*lead, b, value.shape[-1]).gather(-1, cut.cols.expand(*lead, b, -1))
+                else:
+                    continue
+            out[name] = run.memo[key]
+        return out
+
+    def _signals(self, i: int, run: _Run, hidden: Tensor, kwargs: dict) -> dict:
+        """What ``press.needs`` at layer ``i``, per column of the current sequence."""
+        press, layout, needs = self.press, run.layout, set(self.press.needs)
+        s = self.signal[i]
+        sig_hidden, sig_pe = (hidden, kwargs["position_embeddings"]) if s == i else run.recorded.pop(s)
+        b, w, _ = hidden.shape
+        out: dict = {}
+        if needs & {"llm_attn", "llm_keys"}:
+            rows, ok = layout.query_rows(press.query, press.window)
+            q, k, scaling = queries_keys(self.layers[s], sig_hidden, sig_pe, rows)
+            out["attn"] = received_attention(q, k, rows, ok, layout.valid, scaling).mean(dim=1).reshape(-1)
+            if press.query == "text":  # each text row's attention (SparseVLM's raters)
+                out["rows"] = attention_rows(q, k, rows, layout.valid, scaling)
+            out["keys"] = _heads_last(k).flatten(1)  # (B * W, Hkv * d)
+        if needs & {"text", "llm_keys"}:
+            rows, ok = layout.query_rows("text", 0)
+            out["text_rows"], out["text_mask"] = rows, ok
+            out["text"] = gather_rows(run.embeds, run.cols.gather(1, rows))  # input embeddings, as pre_llm
+            out["text_hidden"] = gather_rows(hidden, rows)
+            if "keys" in out:
+                out["text_keys"] = gather_rows(out["keys"].view(b, w, -1), rows)
+        return out
+
+    def _context(self, signals: dict, run: _Run, flat: Tensor, first: Tensor, w: int) -> VisualContext:
+        ctx, owner = VisualContext(), flat[:, 0] // w
+        if "attn" in signals:
+            ctx.llm_attn, ctx.llm_keys = signals["attn"][flat], signals["keys"][flat]
+        if "rows" in signals:  # (G, R, n)
+            ctx.llm_attn_rows = signals["rows"][owner].gather(2, (flat % w)[:, None].expand(-1, signals["rows"].shape[1], -1))
+        if "text" in signals:
+            ctx.text, ctx.text_mask = signals["text"][owner], signals["text_mask"][owner]
+            ctx.text_hidden = signals["text_hidden"][owner]
+            if "text_keys" in signals:
+                ctx.llm_text_keys = signals["text_keys"][owner]
+        if "visual_inputs" in self.press.needs:
+            ctx.visual_inputs = run.embeds.reshape(-1, run.embeds.shape[-1])[first]
+        return ctx
+
+    def _press_at(self, i: int, run: _Run, hidden: Tensor, kwargs: dict) -> Tensor:
+        """Press every item at layer ``i``; returns the compacted hidden states."""
+        press, layout = self.press, run.layout
+        signals = self._signals(i, run, hidden, kwargs)
+        b, w, dim = hidden.shape
+        stage = self.starts.index(i)
+        flat_all = layout.flats()
+        values = hidden.reshape(b * w, dim)
+        kept_flat, kept_values, new_lengths = [], [], list(layout.lengths)
+        dropped = [0] * b
+        for (_, n, n0), members in _group(layout, [(f,) for f in run.first]).items():
+            flat = torch.stack([flat_all[m] for m in members])
+            first = torch.stack([run.first_flats[m] for m in members])
+            ctx = self._context(signals, run, flat, first, w)
+            k = min(press.budgets(n0)[stage], n)
+            kept, index = press.press(values[flat], ctx, k)
+            for m in members:
+                new_lengths[m] = k
+                dropped[layout.rows[m]] += n - k
+            kept_flat.append(flat.gather(1, index).reshape(-1))
+            kept_values.append(kept.reshape(-1, dim).to(hidden.dtype))
+        run.counts.append((i, sum(new_lengths)))
+        if not any(dropped):  # keep-all: the layers run unchanged, bit-identical to the unpressed model
+            return hidden
+        kept_all = torch.cat(kept_flat)
+        values = values.index_copy(0, kept_all, torch.cat(kept_values))
+        keep = (layout.valid & (layout.ids < 0)).view(-1).index_fill(0, kept_all, True).view(b, w)
+        width = w - min(dropped)
+        src, valid = compact_index(keep, width)
+        ids = gather_rows(layout.ids.masked_fill(~keep, -1), src).masked_fill(~valid, -1)
+        run.dropped = [a + d for a, d in zip(run.dropped, dropped)]
+        run.layout = Layout(ids, valid, layout.token_ids, new_lengths, layout.rows,
+                            layout.uniform and len(set(run.dropped)) == 1)
+        run.cols = run.cols.gather(1, src)
+        run.cuts.append(_Cut(i, run.cols, valid))
+        return gather_rows(values.view(b, w, dim), src)
+
+    # ---- decoding ---------------------------------------------------------------------------
+    def _decoding(self, i: int, args, hidden: Tensor, kwargs: dict):
+        cache = self.adapter.protocol.cache_of(kwargs)
+        pre = self.adapter.pressed.get(cache) if cache is not None else None
+        cut = None if pre is None else next((c for c in reversed(pre.cuts) if c.start <= i), None)
+        if cut is None:
+            return None
+        mask, q = kwargs.get("attention_mask"), hidden.shape[1]
+        if mask is not None:
+            kv = mask.shape[-1]
+        else:  # no mask: the prompt columns, the tokens appended since and this call's
+            kv = pre.width + cache.layers[i].get_seq_length() - cut.cols.shape[1] + q
+        key = (id(mask), cut.start, kv)
+        if key not in self.memo:
+            self.memo[key] = decode_cut(mask, cut.cols, cut.valid, pre.width, kv, q, self.flash)
+        return args, {**kwargs, "attention_mask": self.memo[key]}
+
+
+class KVStage:
+    """``kv``: evicts / merges the visual entries of each layer's KV cache after it is written."""
+
+    def __init__(self, adapter, press: KVPress):
+        self.adapter, self.press = adapter, press
+        self.layers = decoder_layers(adapter.vlm.language_model)
+        self.run: dict | None = None
+
+    def hooks(self) -> list:
+        out = []
+        for i, layer in enumerate(self.layers):
+            out.append(layer.register_forward_pre_hook(partial(self._record, i), with_kwargs=True))
+            out.append(layer.register_forward_hook(partial(self._evict, i), with_kwargs=True))
+        return out
+
+    def start(self, layout: Layout, embeds: Tensor) -> None:
+        self.run = {"layout": layout, "inputs": None, "mask": None, "kept": 0}
+
+    def begin_call(self) -> None:
+        self.run = None
+
+    def finish(self):
+        run, self.run = self.run, None
+        return run
+
+    def _record(self, i: int, module, args, kwargs):
+        if self.run is not None:
+            self.run["inputs"] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
+
+    def _evict(self, i: int, module, args, kwargs, output):
+        run = self.run
+        if run is None:
+            return
+        cache = self.adapter.protocol.cache_of(kwargs)
+        if cache is None:
+            return
+        entry = cache.layers[i]
+        if type(entry).__name__ != "DynamicLayer":
+            raise ValueError(f"KV presses evict from a DynamicCache (the default cache); this cache's layer is a "
+                             f"{type(entry).__name__}: pass no cache_implementation / past_key_values")
+        press, layout = self.press, run["layout"]
+        hidden, pe = run["inputs"]
+        keys, values = entry.keys, entry.values
+        b, heads, w, d = keys.shape
+        attn, _ = layout.attention(self.layers[i], hidden, pe, press.query, press.window, keys=keys)
+        per_head = press.per_head
+        attn_rows = _heads_last(attn)  # (B * W, Hkv)
+        key_rows, value_rows = _heads_last(keys), _heads_last(values)  # (B * W, Hkv, d)
+        flat_all = layout.flats()
+        dropped = [0] * b
+        dest, new_k, new_v = [], [], []
+        base = torch.arange(heads, device=keys.device) * w  # (Hkv,)
+        kept_total = 0
+        for (_, n), members in _group(layout).items():
+            flat = torch.stack([flat_all[m] for m in members])  # (G, n) into B * W
+            g = flat.shape[0]
+            k = press.budget(n)
+            ctx = VisualContext()
+            if per_head:  # (G * Hkv, n, ...): each KV head an item of its own
+                ctx.llm_attn = attn_rows[flat].permute(0, 2, 1).reshape(g * heads, n)
+                kk = key_rows[flat].transpose(1, 2).reshape(g * heads, n, d)
+                vv = value_rows[flat].transpose(1, 2).reshape(g * heads, n, d)
+            else:
+                ctx.llm_attn = attn_rows[flat].mean(dim=-1)
+                kk, vv = key_rows[flat].flatten(2), value_rows[flat].flatten(2)
+            ctx.llm_keys = kk
+            if k >= n:
+                index = torch.arange(n, device=keys.device).expand(kk.shape[0], n)
+                ko, vo = kk, vv
+            else:
+                ko, vo, index = press.press_kv(kk, vv, ctx, k)
+            index = index.view(g, heads, -1) if per_head else index[:, None].expand(g, heads, index.shape[1])
+            ko = ko.view(g, heads, -1, d) if per_head else ko.view(g, -1, heads, d).transpose(1, 2)
+            vo = vo.view(g, heads, -1, d) if per_head else vo.view(g, -1, heads, d).transpose(1, 2)
+            pos = flat[:, None, :].expand(g, heads, n).gather(2, index)  # (G, Hkv, k) flat b * W + col
+            dest.append(((pos // w) * heads * w + base[None, :, None] + pos % w).reshape(-1))  # into (B*Hkv*W)
+            new_k.append(ko.reshape(-1, d))
+            new_v.append(vo.reshape(-1, d))
+            kk_n = index.shape[2]
+            kept_total += kk_n * g
+            for m in members:
+                dropped[layout.rows[m]] += n - kk_n
+        dest_all = torch.cat(dest)
+        keys = keys.reshape(-1, d).index_copy(0, dest_all, torch.cat(new_k).to(keys.dtype))
+        values = values.reshape(-1, d).index_copy(0, dest_all, torch.cat(new_v).to(values.dtype))
+        text = (layout.valid & (layout.ids < 0))[:, None, :].expand(b, heads, w).reshape(-1)
+        keep = text.index_fill(0, dest_all, True).view(b * heads, w)
+        width = w - min(dropped)
+        src, mask = compact_index(keep, width)
+        entry.keys = gather_rows(keys.view(b * heads, w, d), src).view(b, heads, width, d)
+        entry.values = gather_rows(values.view(b * heads, w, d), src).view(b, heads, width, d)
+        run["mask"], run["kept"] = mask.view(b, heads, width)[:, 0], kept_total
