@@ -83,3 +83,22 @@ def test_attention_presses_run_on_qwen3(model, name):
     with torch.no_grad(), press(model):
         logits = model(**batch).logits
     assert press.stats["kept_visual_tokens"] < press.stats["visual_tokens"] and torch.isfinite(logits).all()
+
+
+def test_in_llm_press_after_deepstack_and_kv_press(model):
+    """An in-LLM press runs once DeepStack has added its features (layer >= injected layers; earlier
+    raises); a KV press runs at any layer. Keep-all is the unpressed model."""
+    batch = make_batch(model, RAGGED)
+    with pytest.raises(ValueError, match="DeepStack"):
+        with mmpress.get_press("fastv", keep=4, layer=1)(model):
+            pass
+    with torch.no_grad():
+        reference = model(**batch).logits
+        for press in (mmpress.get_press("fastv", keep=4, layer=2), mmpress.get_press("snapkv", keep=4, window=4)):
+            with press(model):
+                logits = model(**batch).logits
+                tokens, _ = generate(model, batch)
+            assert logits.isfinite().all() and tokens.shape[0] == batch["input_ids"].shape[0]
+            assert press.stats["kept_visual_tokens"] < press.stats["visual_tokens"]
+        with pytest.warns(UserWarning), mmpress.get_press("fastv", keep=1000, layer=2)(model):
+            assert torch.equal(model(**batch).logits, reference)

@@ -390,3 +390,46 @@ def test_pressed_generate_adds_no_host_syncs(name):
         with make("llava", name)(model):
             pressed = count_syncs(lambda: model.generate(**batch, max_new_tokens=2, do_sample=False))
     assert pressed == baseline, name
+
+
+@pytest.mark.parametrize("name", ["divprune", "fastv", "pdrop", "snapkv"])
+def test_generate_continues_a_pressed_cache(kind, model, name):
+    """A later turn with ``generate(whole conversation, past_key_values=pressed cache)`` (the
+    transformers chat idiom) equals feeding the new tokens onto the pressed cache step by step."""
+    batch = batches(kind, model)["ragged"]
+    press = mmpress.get_press("divprune", keep=presses(kind)["fastv"]["keep"]) if name == "divprune" else make(kind, name)
+    if kind != "llava":  # Qwen-VL generate recomputes M-RoPE ids from the cache length: refused, clearly
+        batch = batches(kind, model)["single"]
+        with torch.no_grad(), press(model):
+            out = model.generate(**batch, max_new_tokens=2, return_dict_in_generate=True, suppress_tokens=VISUAL_IDS)
+            ids = torch.cat([out.sequences, NEW], dim=1)
+            with pytest.raises(ValueError, match="cannot continue a pressed KV cache"):
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=out.past_key_values,
+                               max_new_tokens=2)
+        return
+    rows = batch["input_ids"].shape[0]
+    new = NEW.expand(rows, -1)
+
+    def first_turn():
+        out = model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                             return_dict_in_generate=True, suppress_tokens=VISUAL_IDS)
+        ids = torch.cat([out.sequences, new], dim=1)
+        mask = torch.cat([batch["attention_mask"], torch.ones(rows, ids.shape[1] - batch["input_ids"].shape[1],
+                                                              dtype=torch.long)], dim=1)
+        return out.past_key_values, ids, mask
+
+    with torch.no_grad(), press(model):
+        cache, ids, mask = first_turn()
+        got = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3,
+                             min_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             suppress_tokens=VISUAL_IDS)
+        cache, ids, mask = first_turn()  # the same first turn, fed by hand: last answer token + the new text
+        fed = ids[:, -(new.shape[1] + 1):]
+        logits = []
+        for t in range(3):  # teacher-forced with generate's tokens
+            step = model(input_ids=fed, attention_mask=mask, past_key_values=cache,
+                         position_ids=mask.sum(1, keepdim=True) - fed.shape[1] + torch.arange(fed.shape[1]))
+            logits.append(step.logits[:, -1])
+            fed = got.sequences[:, ids.shape[1] + t:ids.shape[1] + t + 1]
+            mask = torch.cat([mask, torch.ones_like(fed)], dim=1)
+    torch.testing.assert_close(torch.stack(got.logits, 1), torch.stack(logits, 1), atol=1e-4, rtol=1e-4)

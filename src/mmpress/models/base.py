@@ -41,9 +41,8 @@ from mmpress.models.stages import KVStage, LayerStage, Layout
 from mmpress.ops.sequence import compact_index, flat_positions, gather_rows
 from mmpress.presses.base import STAGES, Press, VisualContext
 
-CONTINUE = ("A pressed cache holds fewer entries than the tokens it stands for, so generate(past_key_values=...) "
-            "on the whole conversation would feed the wrong tokens. Run generate on the whole conversation under "
-            "the press without past_key_values, or feed only the new turn's tokens: "
+CONTINUE = ("A pressed cache holds fewer entries than the tokens it stands for. Run generate on the whole "
+            "conversation under the press without past_key_values, or feed only the new turn's tokens: "
             "model(input_ids=new_ids, attention_mask=full_mask, past_key_values=cache)")
 _PRESSED_MODELS: weakref.WeakSet = weakref.WeakSet()  # models a press is applied to right now
 
@@ -97,6 +96,8 @@ class Adapter:
 
     family: ClassVar[str] = ""
     position_modes: ClassVar[tuple[str, ...]] = ("keep", "reindex")
+    #: generate(whole conversation, past_key_values=pressed cache) continues it (see _continue_generate)
+    continues_generate: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, positions: str = "keep"):
         # after each pressed prefill, ``self.stats`` (also set as ``press.stats``) holds the
@@ -210,14 +211,15 @@ class Adapter:
         state.input_ids, state.items, state.rows = input_ids, items, []
         cache = self.protocol.cache_of(kwargs)
         state.positions_from_cache = False
-        if cache_length(cache):  # decoding or a later turn: no new images expected
-            if cache in self.pressed and self.protocol.starts_generate(kwargs):
-                raise ValueError(f"generate() was called on a pressed KV cache. {CONTINUE}")
+        past = cache_length(cache)
+        if past:  # decoding or a later turn: no new images expected
             if items:
                 raise ValueError("mmpress presses images in a fresh prefill; this call continues a non-empty KV "
                                  "cache with images: run generate on the whole conversation without "
                                  "past_key_values (the press then presses every image), or pass only new text")
             state.positions_from_cache = cache in self.pressed and self.numbers_from_cache(kwargs)
+            if cache in self.pressed and self.protocol.starts_generate(kwargs):
+                return args, self._continue_generate(self.pressed[cache], kwargs, past)
             return
         if input_ids is None:
             if items:
@@ -231,6 +233,34 @@ class Adapter:
                                  "(one image per <image> placeholder)")
             return
         state.rows = self._rows(items, dict(zip(self.token_ids, counts)))
+
+    def _continue_generate(self, pre: _Prefill, kwargs: dict, past: int) -> dict:
+        """``generate(whole conversation, attention_mask, past_key_values=pressed cache)``: generate
+        cut the conversation at the pressed cache's length, which is shorter than the tokens it
+        stands for, so this first call also holds ``L - L'`` tokens the cache already has: drop them.
+        (A call with only the new tokens and the whole mask needs nothing.)"""
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if not self.continues_generate:
+            raise ValueError(f"generate() cannot continue a pressed KV cache of a {self.family} model yet. {CONTINUE}")
+        if ids is None or mask is None or mask.ndim != 2:
+            raise ValueError(f"generate() was called on a pressed KV cache without input_ids and a 2-D attention "
+                             f"mask. {CONTINUE}")
+        width = pre.mask.shape[1] if pre.mask is not None else pre.length  # prompt entries in layer 0's cache
+        prior = pre.length + past - width  # tokens the cache stands for
+        trim = prior - (mask.shape[1] - ids.shape[1])
+        if trim == 0:
+            return kwargs
+        if not 0 < trim < ids.shape[1]:
+            raise ValueError(f"generate() continues a pressed cache standing for {prior} tokens with {ids.shape[1]} "
+                             f"new input ids and a {mask.shape[1]}-column mask: they do not line up. {CONTINUE}")
+        out = dict(kwargs)
+        for name in ("input_ids", "mm_token_type_ids", "token_type_ids"):
+            if isinstance(kwargs.get(name), Tensor):
+                out[name] = kwargs[name][:, trim:]
+        if isinstance(kwargs.get("position_ids"), Tensor):
+            out["position_ids"] = kwargs["position_ids"][..., trim:]
+        self.state.input_ids = out["input_ids"]
+        return out
 
     @staticmethod
     def _rows(items: list[Item], counts: dict[int, list[int]]) -> list[int]:

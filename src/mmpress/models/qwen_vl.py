@@ -66,6 +66,9 @@ class QwenVLAdapter(Adapter):
 
     family = "qwen_vl"
     position_modes = ("keep",)
+    # generate() recomputes M-RoPE ids of a continued conversation from the cache length: not
+    # mapped yet, so a later turn feeds the new text with model(...) (see Adapter._continue_generate)
+    continues_generate = False
     deepstack = False  # Qwen3-VL's file (qwen3_vl.py) presses DeepStack features too
 
     def __init__(self, model, positions: str = "keep"):
