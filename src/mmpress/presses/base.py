@@ -8,6 +8,13 @@ visual tokens and a :class:`VisualContext` holding only the signals it declared 
     press = DivPrunePress(keep=64)
     with press(model):            # hooks registered ...
         model.generate(**inputs)  # ... and always removed on exit, exception or not
+
+Stages: ``pre_llm`` presses the visual tokens before the language model; ``in_llm``
+(:class:`LayerPress`) drops visual hidden states entering a decoder layer; ``kv``
+(:class:`KVPress`) evicts visual KV-cache entries after prefill; ``mmpress.compose`` chains a
+pre-LLM press with a later one. Later turns: a conversation continued on a pressed cache keeps
+the first turn's selection (the cache holds only the kept tokens); a press whose selection reads
+the prompt's text says so in its docstring.
 """
 
 from __future__ import annotations

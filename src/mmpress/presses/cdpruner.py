@@ -44,6 +44,9 @@ class CDPrunerPress(SelectorPress):
     k > D), remaining picks follow the last residuals (``greedy_dpp_map``; official: NaN).
     (5) S_ii is set to exactly 1 (official: the rounded self-cosine), so tokens of equal
     quality tie exactly and go to the lower index on every device.
+    A later turn: the selection made with the first prompt's text stays (a continued cache holds
+    only the kept tokens); a new question re-selects only when the conversation is re-run under
+    the press without the old cache.
     """
 
     theta: float | None = None

@@ -35,6 +35,9 @@ class DARTPress(SelectorPress):
     token of the prompt (``ctx.text``, ragged rows masked; official: the text after the image);
     an image whose prompt has fewer text tokens than ``text_pivots`` spreads its budget over
     fewer pivots. Batched over M images with per-image budgets (official: batch 1).
+    A later turn: the selection made with the first prompt's text stays (a continued cache holds
+    only the kept tokens); a new question re-selects only when the conversation is re-run under
+    the press without the old cache.
     """
 
     image_pivots: int = 4
@@ -100,6 +103,7 @@ class DARTLLMPress(LayerPress):
     which only rescales each channel; text pivots come from every text token of the prompt
     (official: the text after the image); the budget is ``keep`` per image (official
     ``max_num_trunction // 8`` per pivot + the 4 visual pivots). ``dart`` is the pre-LLM variant.
+    A later turn's question does not re-select: the tokens dropped at layer K stay dropped there.
     """
 
     layer: int = 2

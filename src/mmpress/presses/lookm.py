@@ -31,6 +31,7 @@ class LookMPress(KVPress):
     Deviations: the budget is ``keep`` visual entries per image (official: 10% of the prompt as
     heavy hitters + a 10% recent window, which with the text prior also keeps text only);
     grouped-query attention averages the query heads of a KV head (official: MHA only).
+    A later turn's question does not re-select: evicted entries are gone (merged into kept ones).
     """
 
     merge: str | None = "pivot"

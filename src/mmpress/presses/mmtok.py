@@ -36,6 +36,9 @@ class MMTokPress(SelectorPress):
     (2) Q uses the projected tokens; the official code uses the CLIP features before the
     projector (``hidden_states[-2]``), a signal the adapters do not provide. (3) T counts each
     image's real text tokens; with none, only the visual coverage term remains.
+    A later turn: the selection made with the first prompt's text stays (a continued cache holds
+    only the kept tokens); a new question re-selects only when the conversation is re-run under
+    the press without the old cache.
     """
 
     alpha: float = 0.5

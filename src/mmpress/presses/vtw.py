@@ -20,6 +20,7 @@ class VTWPress(LayerPress):
     tokens withdrawn, is within KL <= eta (0.003 for LLaVA-1.5-7B) of the full model's on a few
     samples (official ``--findk``); here K is a parameter (search it with ``mmpress bench``).
     It takes no budget: it keeps no visual token from layer K on.
+    A later turn: its tokens see the image in layers 0..K-1 only, as the first turn's did.
     """
 
     layer: int = 15
