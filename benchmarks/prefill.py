@@ -3,12 +3,15 @@
 Builds the LLaVA-1.5-shaped random model (mmpress.eval.prefill.Shape: CLIP 6x384 @ 336 px,
 Qwen2 12x896, 576 image + ~33 text tokens), times the prefill (median of --repeats) unpressed and
 for every press x budget, at batch 1 and batch 8 with ragged prompts, and writes
-benchmarks/results/prefill.json and prefill.md.
+benchmarks/results/prefill.json and prefill.md. In-LLM presses (keep@Lk) are listed with the
+visual tokens averaged over the LM's layers, and their FLOPs limit counts each layer at its own
+length; with --decode-steps (default: 8 when a KV press runs), the KV cache each press leaves and
+greedy decode tokens/s, pressed vs unpressed, from the same rounds.
 
 Targets: at 64/576 tokens, measured speedup >= 90% of the FLOPs-ratio limit; press overhead
 <= 3% of the unpressed prefill.
 
-    python benchmarks/prefill.py [--repeats 5] [--batches 1,8] [--keeps 192,128,64]
+    python benchmarks/prefill.py [--repeats 5] [--batches 1,8] [--keeps 192,128,64] [--decode-steps 8]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 import mmpress
 from mmpress.eval.prefill import Shape, bench_prefill, llava_shaped, prompt_batch
+from mmpress.eval.report import keep_text
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -33,19 +37,26 @@ def main():
     parser.add_argument("--keeps", default="192,128,64")
     parser.add_argument("--batch8-keeps", default="64", help="budgets timed at batch > 1 (slow on CPU)")
     parser.add_argument("--presses", default="all")
+    parser.add_argument("--decode-steps", type=int, default=None,
+                        help="greedy decode steps timed after each prefill (default: 8 with a KV press, else 0)")
     args = parser.parse_args()
 
     presses = [p for p in mmpress.list_presses() if p != "none"] if args.presses == "all" else args.presses.split(",")
+    decode_steps = args.decode_steps
+    if decode_steps is None:
+        decode_steps = 8 if any(mmpress.PRESSES[p].stage == "kv" for p in presses) else 0
     shape = Shape()
     model = llava_shaped(shape)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     record = {"shape": shape.__dict__, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": args.repeats, "runs": []}
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": args.repeats,
+              "decode_steps": decode_steps, "runs": []}
     for batch in map(int, args.batches.split(",")):
         keeps = args.keeps if batch == 1 else args.batch8_keeps
         inputs = {k: v.to(device) for k, v in prompt_batch(shape, batch=batch).items()}
-        rows = bench_prefill(model, inputs, presses, [int(k) for k in keeps.split(",")], repeats=args.repeats)
+        rows = bench_prefill(model, inputs, presses, [int(k) for k in keeps.split(",")], repeats=args.repeats,
+                             decode_steps=decode_steps)
         record["runs"].append({"batch": batch, "rows": rows})
         print(f"batch {batch}: done")
 
@@ -53,14 +64,20 @@ def main():
     (RESULTS / "prefill.json").write_text(json.dumps(record, indent=2))
     lines = [f"# Prefill: LLaVA-1.5-shaped random model, {record['device']}, {record['threads']} threads, "
              f"median of {args.repeats}", ""]
+    decode = decode_steps > 0
     for run in record["runs"]:
         lines += [f"## batch {run['batch']} (ragged prompts)", "",
-                  "| press | keep | prefill ms | speedup | FLOPs limit | speedup/limit | press overhead |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| press | keep | avg tokens | prefill ms | speedup | FLOPs limit | speedup/limit | press overhead |"
+                  + (" KV cache | decode tok/s | decode speedup |" if decode else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if decode else "")]
         for r in run["rows"]:
-            lines.append(f"| {r['press']} | {r['keep']} | {r['seconds'] * 1e3:.1f} | {r['speedup']:.2f}x | "
-                         f"{r['limit']:.2f}x | {r['efficiency']:.0%} | {r['overhead']:.1%} |")
-        lines.append("")
+            line = (f"| {r['press']} | {keep_text(r)} | {r['avg_tokens']:.0f} | {r['seconds'] * 1e3:.1f} | "
+                    f"{r['speedup']:.2f}x | {r['limit']:.2f}x | {r['efficiency']:.0%} | {r['overhead']:.1%} |")
+            if decode:
+                line += f" {r['kv_bytes'] / 2**20:.2f} MiB | {r['decode_tok_s']:.1f} | {r['decode_speedup']:.2f}x |"
+            lines.append(line)
+        lines += ["", "keep@Lk: an in-LLM press, from decoder layer k on (avg tokens: over the LM's layers); "
+                  "keep@KV: a KV-cache press (its prefill unpressed).", ""]
     (RESULTS / "prefill.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

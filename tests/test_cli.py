@@ -18,6 +18,7 @@ import mmpress.cli
 import mmpress.eval.bench
 from mmpress.cli import BENCH_GRIDS, COST_GRIDS, app
 from mmpress.eval.report import prefill_table, print_table
+from mmpress.presses.base import PRESSES
 from conftest import samples, tiny_llava, tiny_processor
 
 runner = CliRunner()  # click >= 8.2 keeps stderr (weight-loading bars) out of result.stdout
@@ -279,12 +280,14 @@ def _fits_80_columns(lines: list[str]) -> None:
 
 
 def _bench_record() -> dict:
-    """A record of every registered press at two budgets, with wide numbers."""
-    row = dict(kept_tokens=64.0, accuracy=0.875, agreement=0.4375, kl=12.34567, flops={"total": 7.95e10},
-               flops_ratio=0.4545, prefill_s=12.3456, speedup=10.25, speedup_limit=12.5,
+    """A record of every registered press at two budgets (and a KV press), with wide numbers."""
+    row = dict(kept_tokens=64.0, avg_tokens=160.25, accuracy=0.875, agreement=0.4375, kl=12.34567,
+               flops={"total": 7.95e10}, flops_ratio=0.4545, prefill_s=12.3456, speedup=10.25, speedup_limit=12.5,
                peak_memory_bytes=2**31, kv_bytes=2**25, answers=[])
-    rows = [dict(row, press="none", keep=None, kept_tokens=256.0)]
-    rows += [dict(row, press=name, keep=keep) for name in mmpress.list_presses() if name != "none" for keep in (64, 16)]
+    rows = [dict(row, press="none", keep=None, stage="none", kept_tokens=256.0, avg_tokens=256.0)]
+    presses = [(name, PRESSES[name].stage) for name in mmpress.list_presses() if name != "none"] + [("snapkv", "kv")]
+    rows += [dict(row, press=name, keep=keep, stage=stage, layer_kept=[[12, keep]] if stage == "in_llm" else None)
+             for name, stage in presses for keep in (64, 16)]
     return {"model": {"name": "/root/.cache/mmpress/demo-v1", "visual_tokens_per_image": 256},
             "dataset": "easy-vqa:test", "n": 24, "labelled": True, "quality_metric": "accuracy", "rows": rows,
             "notes": ["keep=256 skipped: not below the model's 256 visual tokens per image"],
@@ -296,24 +299,29 @@ def test_bench_table_fits_80_columns():
     lines = _rendered(lambda console: print_table(record, console))
     _fits_80_columns(lines)
     text = "\n".join(lines)
-    for header in ("accuracy", "agreement", "KL", "ratio", "speedup", "limit"):  # quality and cost side by side
+    for header in ("avg", "accuracy", "agreement", "KL", "speedup", "limit"):  # quality and cost side by side
         assert header in text
-    for cell in ("0.875", "0.438", "12.3457", "0.455", "10.25x", "12.50x", "vispruner", "visionzip"):
+    for cell in ("0.875", "0.438", "12.3457", "160", "10.25x", "12.50x", "vispruner", "visionzip", "64@L12",
+                 "16@KV"):
         assert cell in text
-    wide = Console(width=200, record=True, file=io.StringIO())
+    wide = Console(width=250, record=True, file=io.StringIO())
     print_table(record, wide)
     text = wide.export_text()
-    assert "kept/img" in text and "peak mem" in text and "none (unpressed)" in text  # a wide terminal: every column
+    assert "kept/img" in text and "avg/img" in text and "FLOPs ratio" in text and "0.455" in text
+    assert "peak mem" in text and "none (unpressed)" in text  # a wide terminal: every column
 
 
 def test_bench_cost_table_fits_80_columns():
     rows = [dict(press="none", keep=576, seconds=12.3456, speedup=1.0, limit=1.0, efficiency=1.0, overhead=0.0)]
-    rows += [dict(press=name, keep=keep, seconds=0.4407, speedup=10.6, limit=12.04, efficiency=0.8804, overhead=0.123)
-             for name in mmpress.list_presses() if name != "none" for keep in (128, 64)]
+    presses = [(name, PRESSES[name].stage) for name in mmpress.list_presses() if name != "none"] + [("snapkv", "kv")]
+    rows += [dict(press=name, keep=keep, stage=stage, layer_kept=[[12, keep]] if stage == "in_llm" else None,
+                  avg_tokens=346.7, seconds=0.4407, speedup=10.6, limit=12.04, efficiency=0.8804, overhead=0.123)
+             for name, stage in presses for keep in (128, 64)]
     lines = _rendered(lambda console: console.print(prefill_table(rows, title="prefill, batch 1, 576 image tokens")))
     _fits_80_columns(lines)
     text = "\n".join(lines)
-    for cell in ("speedup", "/ limit", "overhead", "12345.6", "10.60x", "12.04x", "88%", "100%", "12.3%"):
+    for cell in ("speedup", "/ limit", "overhead", "12345.6", "10.60x", "12.04x", "88%", "100%", "12.3%", "347",
+                 "128@L12", "64@KV"):
         assert cell in text
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from mmpress.eval.bench import run_bench
+from mmpress.eval.bench import _plan, run_bench
 from mmpress.eval.metrics import (accuracy, agreement, bootstrap_ci, correctness, is_correct, kl_divergence,
                                   match_choice, paired_bootstrap_ci)
 from mmpress.eval.report import best_per_budget, paired_comparisons, print_table, to_markdown, with_ci, write_report
-from mmpress.presses.base import PRESSES, Press, ScorerPress
+from mmpress.presses.base import PRESSES, KVPress, Press, ScorerPress
+from mmpress.presses.fastv import FastVPress
 from conftest import samples, tiny_llava, tiny_processor
 
 N = 64  # visual tokens per image of the tiny model
@@ -365,3 +366,92 @@ def test_bench_times_the_first_timing_batch_samples():
     finally:
         torch.set_num_threads(threads)
         PRESSES.pop(NormPress.name, None)
+
+
+# ---- in-LLM and KV presses in the bench ---------------------------------------------------------
+@dataclass
+class FastVAtLayer1(FastVPress):
+    """FastV at the tiny LM's layer 1 of 2: layer 0 sees every token, layer 1 the kept ones."""
+
+    name = "test-bench-fastv"
+    layer: int = 1
+
+
+@dataclass
+class TopAttentionKV(KVPress):
+    """Test KV press: the default eviction (the entries the last ``window`` queries attend most)."""
+
+    name = "test-bench-kv"
+    window: int = 4
+
+
+STAGE_PRESSES = (NormPress, FastVAtLayer1, TopAttentionKV)
+
+
+@pytest.fixture(scope="module")
+def stage_record():
+    """A pre-LLM, an in-LLM and a KV press at 16 of 64 tokens per image, on 3 samples."""
+    for cls in STAGE_PRESSES:
+        PRESSES[cls.name] = cls
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield run_bench(tiny_llava(), tiny_processor(), [cls.name for cls in STAGE_PRESSES], [16], samples(3),
+                        batch_size=3, max_new_tokens=3, console=Console(file=io.StringIO(), width=200), repeats=1)
+    finally:
+        torch.set_num_threads(threads)
+        for cls in STAGE_PRESSES:
+            PRESSES.pop(cls.name, None)
+
+
+def test_bench_plan_skips_a_budget_a_press_refuses(monkeypatch):
+    """Found when planning, as a note, before any cell runs (SparseVLM takes its paper's budgets only)."""
+
+    @dataclass
+    class OfficialBudgetsOnly(NormPress):
+        name = "test-bench-official"
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.keep != 32:
+                raise ValueError(f"takes keep=32 only, got keep={self.keep}")
+
+    for cls in (OfficialBudgetsOnly, TopAttentionKV):
+        monkeypatch.setitem(PRESSES, cls.name, cls)
+    notes = []
+    cells = _plan([OfficialBudgetsOnly.name, TopAttentionKV.name], [64, 32, 16], N, notes)
+    assert [(cell.press, cell.keep) for cell in cells] == [(OfficialBudgetsOnly.name, 32), (TopAttentionKV.name, 32),
+                                                           (TopAttentionKV.name, 16)]
+    assert f"{OfficialBudgetsOnly.name} keep=16 skipped: takes keep=32 only, got keep=16" in notes
+    assert any(note.startswith("keep=64 skipped") for note in notes)
+    assert any(note.startswith(f"{TopAttentionKV.name}: KV presses evict") for note in notes)
+
+
+def test_bench_rows_of_in_llm_and_kv_presses(stage_record):
+    rows = {r["press"]: r for r in stage_record["rows"]}
+    base, pre, fastv, kv = (rows[name] for name in ("none", NormPress.name, FastVAtLayer1.name, TopAttentionKV.name))
+    assert (base["stage"], pre["stage"], fastv["stage"], kv["stage"]) == ("none", "pre_llm", "in_llm", "kv")
+    # in-LLM: 16 kept from layer 1 on, 40 on average over the 2 layers; charged its full layer 0
+    assert fastv["kept_tokens"] == 16 and fastv["layer_kept"] == [[1, 16.0]] and fastv["avg_tokens"] == (N + 16) / 2
+    assert pre["flops_ratio"] < fastv["flops_ratio"] < 1 and 1 < fastv["speedup_limit"] < pre["speedup_limit"]
+    assert fastv["flops"]["vision"] == base["flops"]["vision"]
+    assert fastv["flops"]["language"] < base["flops"]["language"]
+    assert pre["kv_bytes"] < fastv["kv_bytes"] < base["kv_bytes"]  # layer 0's cache holds every token
+    assert pre["avg_tokens"] == pre["kept_tokens"] == 16 and base["avg_tokens"] == N
+    # KV: an unpressed prefill (FLOPs, first token), a cache as short as the pre-LLM press's
+    assert kv["kept_tokens"] == kv["avg_tokens"] == 16 and kv["flops_ratio"] == 1.0 and kv["speedup_limit"] == 1.0
+    assert kv["kl"] == pytest.approx(0.0, abs=1e-6) and kv["kv_bytes"] == pre["kv_bytes"]
+    assert any(note.startswith(f"{TopAttentionKV.name}: KV presses evict") for note in stage_record["notes"])
+    json.dumps(stage_record)
+
+
+def test_bench_tables_show_the_stages(stage_record, tmp_path):
+    console = Console(width=80, record=True, file=io.StringIO())
+    print_table(stage_record, console)  # compact: keep@stage next to the layer-averaged tokens
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80 and "16@L1" in text and "16@KV" in text and "avg" in text
+    fastv_line = next(line for line in text.splitlines() if "16@L1" in line)
+    assert fastv_line.split("│")[3].strip() == "40"
+    markdown = to_markdown(stage_record)
+    assert "| kept/img | avg/img |" in markdown and "| 16@L1 | 16 | 40 |" in markdown
+    assert write_report(stage_record, tmp_path)["png"].stat().st_size > 10_000

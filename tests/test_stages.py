@@ -433,3 +433,14 @@ def test_generate_continues_a_pressed_cache(kind, model, name):
             fed = got.sequences[:, ids.shape[1] + t:ids.shape[1] + t + 1]
             mask = torch.cat([mask, torch.ones_like(fed)], dim=1)
     torch.testing.assert_close(torch.stack(got.logits, 1), torch.stack(logits, 1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "snapkv", "lookm"])
+def test_beam_search_and_sampling_run_under_later_stages(name):
+    """Beams reorder the cache rows (each beam of a prompt holds the same kept tokens); sampling
+    draws from the pressed model's distribution."""
+    model, batch = deep("llava"), batches("llava", None)["ragged"]
+    with torch.no_grad(), make("llava", name)(model):
+        beams = model.generate(**batch, max_new_tokens=3, num_beams=2, do_sample=False)
+        sampled = model.generate(**batch, max_new_tokens=3, do_sample=True, top_k=5)
+    assert beams.shape == sampled.shape == (3, batch["input_ids"].shape[1] + 3)

@@ -143,7 +143,7 @@ def run(
     from PIL import Image
 
     from mmpress.api import ask, encode
-    from mmpress.eval.cost import llava_prefill_flops, time_call
+    from mmpress.eval.cost import llava_prefill_flops, stats_lengths, time_call
 
     pressor = get_press(press, **_budget(keep, keep_ratio))
     with Image.open(image) as opened:  # not an image: PIL's OSError, one line
@@ -162,7 +162,8 @@ def run(
     with pressor(vlm):
         seconds = time_call(prefill, repeats=3)
     stats = pressor.stats
-    flops = llava_prefill_flops(vlm.config, stats["pressed_seq_len"]).total
+    seq_len, cuts = stats_lengths(stats)  # in-LLM presses: each layer at its own length
+    flops = llava_prefill_flops(vlm.config, seq_len, layer_seq_len=cuts).total
     base_flops = llava_prefill_flops(vlm.config, stats["seq_len"]).total
     record = {
         "answer": answer,
@@ -312,6 +313,9 @@ def bench_cost(
                                              "(llava), 896 (qwen image: 1024 tokens), 448 (qwen video: 256 tokens a "
                                              "step)", show_default=False),
     frames: int = typer.Option(16, min=1, help="video frames (two per temporal step)"),
+    decode_steps: Optional[int] = typer.Option(None, min=0, help="greedy decode steps timed after each prefill "
+                                               "(KV cache, decode tokens/s); default: 8 when a KV press runs, else "
+                                               "0 (none)", show_default=False),
     threads: Optional[int] = typer.Option(None, help="torch threads"),
     out: Optional[Path] = typer.Option(None, help="also write JSON rows here"),
 ):
@@ -320,12 +324,14 @@ def bench_cost(
     Default: a LLaVA-1.5 shape, 4 presses x 2 budgets, under a minute on 2 CPU cores.
     --arch qwen2_5_vl: a scaled Qwen2.5-VL, a 1024-token image (--input video: 16 frames x 256).
     The vision tower is timed alone too: a press acting after it cannot remove its time.
+    In-LLM presses (keep@Lk) show the visual tokens averaged over the LM's layers; with a KV press
+    (keep@KV) a second table shows the KV cache and decode tokens/s, pressed vs unpressed.
     --full: every press x 4 budgets."""
     import torch
     from rich.progress import Progress
 
     from mmpress.eval.prefill import ARCHS, QwenShape, Shape, run_prefill, shaped
-    from mmpress.eval.report import prefill_table
+    from mmpress.eval.report import decode_table, prefill_table
 
     if arch not in ARCHS:
         raise typer.BadParameter(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}", param_hint="--arch")
@@ -338,6 +344,11 @@ def bench_cost(
     # the unpressed model is always timed
     names = [name for name in _press_names(settings["presses"]) if name != "none"]
     budgets = _budgets(settings["keeps"], param_hint="--keeps")
+    if decode_steps is None:
+        decode_steps = 8 if any(PRESSES[name].stage == "kv" for name in names) else 0
+    if decode_steps == 1:
+        raise typer.BadParameter("time 0 or >= 2 decode steps (the first token comes from the prefill)",
+                                 param_hint="--decode-steps")
     if threads:
         torch.set_num_threads(threads)
     lm = dict(lm_layers=lm_layers, lm_hidden=lm_hidden, lm_intermediate=lm_intermediate, lm_heads=lm_heads,
@@ -356,12 +367,15 @@ def bench_cost(
     model, inputs = shaped(arch, shape, kind=input_kind, batch=batch)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"timing rounds ({len(names)} presses)", total=repeats + 1)
-        record = run_prefill(model, inputs, names, budgets, repeats=repeats, progress=lambda: progress.advance(task))
+        record = run_prefill(model, inputs, names, budgets, repeats=repeats, progress=lambda: progress.advance(task),
+                             decode_steps=decode_steps)
     rows = record["rows"]
     what = f"{input_kind} tokens" if arch == "llava" else f"{input_kind} tokens, {arch}"
-    console.print(prefill_table(rows, title=f"prefill, batch {batch}, {rows[0]['keep']} {what}, "
-                                            f"{torch.get_num_threads()} threads"))
+    setting = f"batch {batch}, {rows[0]['keep']} {what}, {torch.get_num_threads()} threads"
+    console.print(prefill_table(rows, title=f"prefill, {setting}"))
     console.print(_split_line(record), highlight=False, soft_wrap=True)
+    if decode_steps:
+        console.print(decode_table(rows, title=f"KV cache and decode ({decode_steps} steps), {setting}"))
     for name, reason in record["skipped"].items():
         console.print(f"skipped {name}: {reason}", style="yellow", highlight=False, soft_wrap=True)
     if out:

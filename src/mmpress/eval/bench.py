@@ -7,10 +7,13 @@ first-answer-token distribution (KL to the unpressed model), and its row is fina
 save the record after each cell (``checkpoint``), and resume an interrupted run (``previous``).
 
 Cost comes from the same runs: the adapter's token counts of each pressed prefill give the
-analytical FLOPs per stage (``eval/cost.py``) and the KV-cache bytes; prefill time (time to first
-token: one forward with ``logits_to_keep=1``, as generate's prefill) and peak memory are measured
-on the first batch (or the first ``timing_batch`` samples), each press in alternation with the
-unpressed model.
+visual tokens per image (kept after the last stage, and averaged over the LM's layers), the
+analytical FLOPs per stage (``eval/cost.py``, each decoder layer at its own length, so an in-LLM
+press is charged its full first layers) and the KV-cache bytes (per layer: an in-LLM press's
+early layers keep every token; a KV press evicts after an unpressed prefill); prefill time (time
+to first token: one forward with ``logits_to_keep=1``, as generate's prefill) and peak memory are
+measured on the first batch (or the first ``timing_batch`` samples), each press in alternation
+with the unpressed model.
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmpress.api import ANSWER_HINT, encode
-from mmpress.eval.cost import kv_cache_bytes, llava_prefill_flops, time_call
+from mmpress.eval.cost import kv_cache_bytes, prefill_flops, stats_lengths, time_call
 from mmpress.eval.metrics import (LEVEL, RESAMPLES, accuracy, agreements, bootstrap_ci, correctness, is_labelled,
                                   kl_divergence)
 from mmpress.presses.base import PRESSES, Press, get_press
 
 BASELINE = "none"
 STAGES = ("vision", "projector", "language", "total")
+FLOPS_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # model types eval/cost.py counts
 
 
 @dataclass
@@ -53,7 +57,9 @@ class _Cell:
     kl: list[torch.Tensor] = field(default_factory=list)
     flops: dict[str, float] | None = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     kv_bytes: int = 0
-    kept: int = 0  # visual tokens kept, summed over images
+    kept: int = 0  # visual tokens kept after the last stage, summed over images
+    avg: float = 0.0  # visual tokens averaged over the LM's layers, summed over images
+    layer_kept: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # in_llm: layer -> kept, summed
     images: int = 0
 
     def make(self) -> Press:
@@ -70,6 +76,9 @@ class _Cell:
             self.kl.append(kl)
         self.kv_bytes += kv
         self.kept += stats["kept_visual_tokens"]
+        self.avg += stats.get("layer_avg_visual_tokens", stats["kept_visual_tokens"])
+        for layer, kept in stats.get("layer_kept") or ():
+            self.layer_kept[layer] += kept
         self.images += stats["images"]
         if flops is None or self.flops is None:
             self.flops = None
@@ -183,8 +192,7 @@ def run_bench(
         for samples in batches:
             inputs = inputs_of(samples)
             answers, logits, stats = _generate(model, processor, inputs, baseline.make(), max_new_tokens)
-            baseline.add(answers, stats, _flops(model.config, stats, len(samples)),
-                         _kv_bytes(model, stats["seq_len"], len(samples)))
+            baseline.add(answers, stats, _flops(model.config, inputs, stats), _kv_bytes(model, stats, len(samples)))
             references.append(logits)
             first = first or (inputs, stats)  # the timing batch, and its token counts unpressed
             progress.advance(task)
@@ -204,8 +212,7 @@ def run_bench(
                 for samples, reference in zip(batches, references):
                     inputs = inputs_of(samples)
                     answers, logits, stats = _generate(model, processor, inputs, cell.make(), max_new_tokens)
-                    cell.add(answers, stats, _flops(model.config, stats, len(samples)),
-                             _kv_bytes(model, stats["pressed_seq_len"], len(samples)),
+                    cell.add(answers, stats, _flops(model.config, inputs, stats), _kv_bytes(model, stats, len(samples)),
                              kl=kl_divergence(reference, logits))
                     progress.advance(task)
             progress.update(task, description=f"timing: {label}")
@@ -252,7 +259,20 @@ def _plan(presses: list[str], keeps: list[int], n_visual: int, notes: list[str])
     if any(map(_takes_budget, presses)):
         notes += [f"keep={k} skipped: not below the model's {n_visual} visual tokens per image"
                   for k in keeps if k >= n_visual]
-    return [_Cell(name, keep) for name in presses for keep in (usable if _takes_budget(name) else [None])]
+    kv = [name for name in presses if PRESSES[name].stage == "kv"]
+    if kv:
+        notes.append(f"{', '.join(kv)}: KV presses evict after an unpressed prefill, so their first answer token "
+                     "(KL 0) and prefill FLOPs are the unpressed model's (eviction adds time); they act from the "
+                     "second token on")
+    cells = []
+    for cell in (_Cell(name, keep) for name in presses for keep in (usable if _takes_budget(name) else [None])):
+        try:
+            cell.make()
+        except ValueError as e:  # a budget this press refuses (e.g. SparseVLM's official settings only)
+            notes.append(f"{cell.press} keep={cell.keep} skipped: {' '.join(str(e).split())}")
+            continue
+        cells.append(cell)
+    return cells
 
 
 # ---- running ----------------------------------------------------------------------------------
@@ -277,18 +297,20 @@ def _unpressed_stats(model, inputs: dict) -> dict:
     return dict(press.stats)
 
 
-def _flops(config, stats: dict, batch: int):
-    """Analytical prefill FLOPs of one batch on its actual (pressed, padded) length; None for a
-    model family the cost model does not cover."""
-    if getattr(config, "model_type", None) != "llava":
+def _flops(config, inputs: dict, stats: dict):
+    """Analytical prefill FLOPs of one batch on its actual (pressed, padded) lengths, each decoder
+    layer at its own; None for a model family the cost model does not cover."""
+    if getattr(config, "model_type", None) not in FLOPS_FAMILIES:
         return None
-    # images per row may differ between rows; vision and projector FLOPs scale with the total
-    return llava_prefill_flops(config, stats["pressed_seq_len"], num_images=stats["images"] / batch, batch=batch)
+    seq_len, layer_seq_len = stats_lengths(stats)
+    return prefill_flops(config, inputs, seq_len, layer_seq_len=layer_seq_len)
 
 
-def _kv_bytes(model, seq_len: int, batch: int) -> int:
-    text_config = model.config.get_text_config()
-    return kv_cache_bytes(text_config, seq_len, batch=batch, dtype=next(model.parameters()).dtype)
+def _kv_bytes(model, stats: dict, batch: int) -> int:
+    """Bytes of the prompt's KV cache after a (pressed) prefill, each layer at its own length."""
+    seq_len, layer_seq_len = stats_lengths(stats, cache=True)
+    return kv_cache_bytes(model.config.get_text_config(), seq_len, batch=batch, dtype=next(model.parameters()).dtype,
+                          layer_seq_len=layer_seq_len)
 
 
 def _time_prefill(model, inputs: dict, base_stats: dict, cell: _Cell, repeats: int) -> dict:
@@ -321,9 +343,9 @@ def _time_prefill(model, inputs: dict, base_stats: dict, cell: _Cell, repeats: i
     median = {side: statistics.median(seconds) for side, seconds in times.items()}
     seconds = median.get("pressed", median[BASELINE])
 
-    batch, device = inputs["input_ids"].shape[0], inputs["input_ids"].device
-    base_flops = _flops(model.config, base_stats, batch)
-    flops = base_flops if press is None else _flops(model.config, press.stats, batch)
+    device = inputs["input_ids"].device
+    base_flops = _flops(model.config, inputs, base_stats)
+    flops = base_flops if press is None else _flops(model.config, inputs, press.stats)
     return dict(seconds=seconds, speedup=median[BASELINE] / seconds,
                 limit=None if flops is None else base_flops.total / flops.total,
                 memory=under(press, lambda: _peak_memory(prefill, device)))
@@ -408,7 +430,10 @@ def _row(cell: _Cell, data: list[dict], baseline: _Cell, timed: dict, seed: int 
     return {
         "press": cell.press,
         "keep": cell.keep,
-        "kept_tokens": cell.kept / cell.images,  # mean visual tokens kept per image
+        "stage": "none" if is_base else PRESSES[cell.press].stage,
+        "kept_tokens": cell.kept / cell.images,  # mean visual tokens kept per image, after the last stage
+        "avg_tokens": cell.avg / cell.images,  # the same, averaged over the LM's layers
+        "layer_kept": [[layer, kept / cell.images] for layer, kept in sorted(cell.layer_kept.items())] or None,
         "accuracy": accuracy(cell.answers, data),
         "accuracy_ci": _interval(bootstrap_ci(correct, seed=seed)),
         "n_labelled": sum(c is not None for c in correct),
@@ -422,7 +447,7 @@ def _row(cell: _Cell, data: list[dict], baseline: _Cell, timed: dict, seed: int 
         "speedup": timed["speedup"],  # over the unpressed model timed in alternation with it
         "speedup_limit": timed["limit"],
         "peak_memory_bytes": timed["memory"],
-        "kv_bytes": cell.kv_bytes / n,  # per sample
+        "kv_bytes": cell.kv_bytes / n,  # per sample: the prompt's cache after the prefill
         "answers": cell.answers,
         "correct": correct,  # per question: True, False, or None (no label)
         "agree": agree,  # per question: the same answer as the unpressed model

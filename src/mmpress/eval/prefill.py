@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-from mmpress.eval.cost import prefill_flops, time_call
-from mmpress.presses.base import get_press
+from mmpress.eval.cost import decode_seconds, kv_cache_bytes, prefill_flops, stats_lengths, time_call
+from mmpress.presses.base import PRESSES, get_press
 
 IMAGE_TOKEN = 3
 VIDEO_TOKEN, VISION_START, VISION_END = 4, 5, 6
@@ -232,26 +232,51 @@ def encode_visuals(model, inputs: dict) -> None:
 
 
 def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repeats: int = 5, progress=None,
-                split: bool = True) -> dict:
+                split: bool = True, decode_steps: int = 0) -> dict:
     """Median prefill seconds (one forward, ``logits_to_keep=1`` as generate's prefill) for the
-    unpressed model and every press x budget; speedup next to its FLOPs-ratio limit, and the
-    press's own overhead (time inside ``press.press``) as a fraction of the unpressed prefill.
+    unpressed model and every press x budget (a press that sets its own budget: once, ``keep``
+    None); speedup next to its FLOPs-ratio limit (each decoder layer at its own length: an
+    ``in_llm`` press's layers after its cut count the cut width), and the press's own overhead
+    (time inside ``press.press`` / ``press_kv``, summed per forward; not the attention an in-LLM or
+    KV press reads) as a fraction of the unpressed prefill.
 
     Cells are timed round-robin (one warm-up round, then ``repeats`` rounds, each timing every
     cell once), so slow drifts of a shared machine hit the baseline and the presses alike. With
     ``split``, the vision tower + projector alone is one more cell: the vision / language-model
-    split of the unpressed prefill, which bounds every press acting after the tower.
+    split of the unpressed prefill, which bounds every press acting after the tower. With
+    ``decode_steps`` (>= 2), each round also times that many greedy decode steps after a prefill
+    (:func:`~mmpress.eval.cost.decode_seconds`, under the press): decode tokens/s and its speedup
+    over the unpressed model, where a ``kv`` press (its prefill unpressed) gains.
+
+    Each row: ``press``, ``keep``, ``stage``, ``seconds``, ``speedup``, ``limit``, ``efficiency``,
+    ``overhead``; ``kept_tokens`` (visual tokens per image after the last stage), ``avg_tokens``
+    (per image, averaged over the decoder layers), ``layer_kept`` (in_llm: ``[layer, kept per
+    image]``), ``kv_bytes`` / ``kv_ratio`` (the prompt's KV cache after the prefill, each layer at
+    its own length); with ``decode_steps``: ``decode_s`` (per step), ``decode_tok_s`` (all rows)
+    and ``decode_speedup``.
 
     Returns ``{"rows", "skipped", "vision_seconds", "vision_share", "flops"}``: ``skipped`` maps a
     press the family cannot run (it raised a ValueError in the warm-up, e.g. a [CLS]-attention
-    press on a tower without [CLS]) to its reason; ``flops`` is the unpressed split."""
+    press on a tower without [CLS], or an in-LLM press at a layer the model lacks), or ``"name
+    keep=k"`` for a budget the press refuses, to its reason; ``flops`` is the unpressed split."""
+    if decode_steps and (not isinstance(decode_steps, int) or decode_steps < 2):
+        raise ValueError(f"decode_steps must be 0 or an int >= 2, got {decode_steps!r}")
     config = model.config
     n_vis = visual_tokens(config, inputs)
-    cells = [dict(press="none", keep=n_vis, obj=None, times=[])]
+    batch, width = inputs["input_ids"].shape
+    cells = [dict(press="none", keep=n_vis, obj=None, times=[], decode=[], spent=[], stats=None)]
+    skipped = {}
     for name in presses:
-        for keep in keeps:
-            if keep < n_vis:
-                cells.append(dict(press=name, keep=keep, obj=_timed(get_press(name, keep=keep)), times=[]))
+        own = name in PRESSES and not PRESSES[name].needs_budget  # e.g. PDrop's ratios, VTW: one cell, keep None
+        for keep in [None] if own else [k for k in keeps if k < n_vis]:
+            try:
+                press = get_press(name) if own else get_press(name, keep=keep)
+            except ValueError as e:  # a budget this press refuses (e.g. SparseVLM's official settings only)
+                if name not in PRESSES:
+                    raise
+                skipped[f"{name} keep={keep}"] = " ".join(str(e).split())
+                continue
+            cells.append(dict(press=name, keep=keep, obj=_timed(press), times=[], decode=[], spent=[], stats=None))
     if split:
         cells.append(dict(press="vision", keep=n_vis, obj="vision", times=[]))
 
@@ -263,40 +288,63 @@ def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repea
         with torch.inference_mode():
             encode_visuals(model, inputs)
 
-    skipped = {}
+    def decode():
+        return decode_seconds(model, inputs, decode_steps) if decode_steps else None
+
     for round_ in range(repeats + 1):
         for cell in list(cells):
-            if cell["obj"] is None:
-                seconds = time_call(forward, repeats=1, warmup=0)
-            elif cell["obj"] == "vision":
-                seconds = time_call(vision, repeats=1, warmup=0)
+            press = cell["obj"]
+            if press is None:  # the baseline runs with no hooks at all: the true unpressed model
+                seconds, step = time_call(forward, repeats=1, warmup=0), decode()
+            elif press == "vision":
+                seconds, step = time_call(vision, repeats=1, warmup=0), None
             else:
                 try:
-                    with cell["obj"](model):
+                    with press(model):
+                        spent = press.spent_s
                         seconds = time_call(forward, repeats=1, warmup=0)
+                        spent, cell["stats"] = press.spent_s - spent, dict(press.stats)
+                        step = decode()
                 except ValueError as e:
                     if round_:
                         raise
                     skipped[cell["press"]] = " ".join(str(e).split())
                     cells.remove(cell)
                     continue
+                if round_:
+                    cell["spent"].append(spent)
             if round_:  # round 0 warms up
                 cell["times"].append(seconds)
+                if step is not None:
+                    cell["decode"].append(step)
         if progress is not None:
             progress()
 
     vision_seconds = statistics.median(cells.pop()["times"]) if split else None
     base = statistics.median(cells[0]["times"])
-    base_flops = prefill_flops(config, inputs, inputs["input_ids"].shape[1])
+    base_decode = statistics.median(cells[0]["decode"]) if decode_steps else None
+    base_flops = prefill_flops(config, inputs, width)
+    text_config, dtype = config.get_text_config(), next(model.parameters()).dtype
+    base_kv = kv_cache_bytes(text_config, width, batch=batch, dtype=dtype)
     rows = []
     for cell in cells:
         seconds = statistics.median(cell["times"])
-        press = cell["obj"]
-        flops = base_flops if press is None else prefill_flops(config, inputs, press.stats["pressed_seq_len"])
+        press, stats = cell["obj"], cell["stats"]
+        flops = base_flops if press is None else prefill_flops(config, inputs, *stats_lengths(stats))
+        if press is None:
+            kv = base_kv
+        else:
+            cache_len, cache_layers = stats_lengths(stats, cache=True)
+            kv = kv_cache_bytes(text_config, cache_len, batch=batch, dtype=dtype, layer_seq_len=cache_layers)
         speedup, limit = base / seconds, base_flops.total / flops.total
-        overhead = 0.0 if press is None else statistics.median(press.spent) / base
-        rows.append(dict(press=cell["press"], keep=cell["keep"], seconds=seconds, speedup=speedup, limit=limit,
-                         efficiency=speedup / limit, overhead=overhead))
+        overhead = 0.0 if press is None else statistics.median(cell["spent"]) / base
+        row = dict(press=cell["press"], keep=cell["keep"], stage="none" if press is None else press.stage,
+                   seconds=seconds, speedup=speedup, limit=limit, efficiency=speedup / limit, overhead=overhead,
+                   **_tokens(cell["keep"], stats), kv_bytes=kv, kv_ratio=kv / base_kv)
+        if decode_steps:
+            step = statistics.median(cell["decode"])
+            row.update(decode_s=step, decode_tok_s=batch / step, decode_speedup=base_decode / step)
+        rows.append(row)
     split_flops = dict(vision=base_flops.vision + base_flops.projector, language=base_flops.language)
     if split:  # the unpressed row carries the split
         rows[0].update(vision_seconds=vision_seconds, vision_share=vision_seconds / base,
@@ -305,20 +353,44 @@ def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repea
                 vision_share=None if vision_seconds is None else vision_seconds / base, flops=split_flops)
 
 
-def bench_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repeats: int = 5, progress=None) -> list[dict]:
+def _tokens(keep: int, stats: dict | None) -> dict:
+    """Visual tokens per image of a row: after the last stage, averaged over the decoder layers, and
+    (in_llm) from each pressed layer on; ``stats`` None: the unpressed model (``keep``: all)."""
+    if stats is None:
+        return dict(kept_tokens=float(keep), avg_tokens=float(keep), layer_kept=None)
+    images, kept = max(1, stats["images"]), stats["kept_visual_tokens"]
+    layer_kept = [[layer, n / images] for layer, n in stats.get("layer_kept") or ()] or None
+    return dict(kept_tokens=kept / images, avg_tokens=stats.get("layer_avg_visual_tokens", kept) / images,
+                layer_kept=layer_kept)
+
+
+def bench_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repeats: int = 5, progress=None,
+                  decode_steps: int = 0) -> list[dict]:
     """:func:`run_prefill`'s rows, without the vision split."""
-    return run_prefill(model, inputs, presses, keeps, repeats=repeats, progress=progress, split=False)["rows"]
+    return run_prefill(model, inputs, presses, keeps, repeats=repeats, progress=progress, split=False,
+                       decode_steps=decode_steps)["rows"]
 
 
 def _timed(press):
-    """Times the press's own work (``press.press``) inside the real run, in ``press.spent``."""
-    inner, press.spent = press.press, []
+    """Adds the seconds of the press's own work (``press.press``, and ``press_kv`` of a KV press)
+    inside the real run to ``press.spent_s``; a call nested in another (a ``press_kv`` that calls
+    ``press``) counts once."""
+    press.spent_s, busy = 0.0, []
+    for method in ("press", "press_kv"):
+        inner = getattr(press, method, None)
+        if inner is None:
+            continue
 
-    def timed(tokens, ctx):
-        start = time.perf_counter()
-        out = inner(tokens, ctx)
-        press.spent.append(time.perf_counter() - start)
-        return out
+        def timed(*args, _inner=inner, **kwargs):
+            if busy:
+                return _inner(*args, **kwargs)
+            busy.append(True)
+            start = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                press.spent_s += time.perf_counter() - start
+                busy.pop()
 
-    press.press = timed  # an instance attribute shadows the method
+        setattr(press, method, timed)  # an instance attribute shadows the method
     return press

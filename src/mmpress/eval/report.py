@@ -21,12 +21,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
-HEADERS = ("press", "keep", "kept/img", "accuracy", "agreement", "vs best", "KL", "FLOPs/sample", "FLOPs ratio",
-           "prefill ms", "speedup", "limit", "peak mem", "KV/sample")
-# what an 80-column terminal shows: quality next to cost; the files keep every column
-COMPACT = {"press": "press", "keep": "keep", "accuracy": "accuracy", "agreement": "agreement", "KL": "KL",
-           "FLOPs ratio": "FLOPs\nratio", "speedup": "speedup", "limit": "FLOPs\nlimit"}
+HEADERS = ("press", "keep", "kept/img", "avg/img", "accuracy", "agreement", "vs best", "KL", "FLOPs/sample",
+           "FLOPs ratio", "prefill ms", "speedup", "limit", "peak mem", "KV/sample")
+# what an 80-column terminal shows: quality next to cost; the files keep every column (the FLOPs
+# ratio there: the FLOPs limit is its inverse on the timed batch)
+COMPACT = {"press": "press", "keep": "keep", "avg/img": "avg\ntok", "accuracy": "accuracy", "agreement": "agreement",
+           "KL": "KL", "speedup": "speedup", "limit": "FLOPs\nlimit"}
 _LEFT = {"press"}
 
 
@@ -120,6 +122,25 @@ def _num(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def stage_mark(row: dict) -> str:
+    """Where a row's press acts, after its budget: ``@L2`` (an in-LLM press, from decoder layer 2
+    on: the first layer it cuts at), ``@KV`` (a KV-cache press), nothing before the LM."""
+    stage = row.get("stage") or ""
+    if "in_llm" in stage and row.get("layer_kept"):
+        return f"@L{row['layer_kept'][0][0]}"
+    return "@KV" if "kv" in stage.split("+") else ""
+
+
+def keep_text(row: dict) -> str:
+    """A row's budget and where it applies: ``64``, ``own`` (a press that sets its own), ``16@L2``."""
+    return ("own" if row["keep"] is None else str(row["keep"])) + stage_mark(row)
+
+
+def avg_tokens(row: dict) -> float | None:
+    """Visual tokens per image averaged over the LM's layers (a record without it: the kept ones)."""
+    return row.get("avg_tokens", row.get("kept_tokens"))
+
+
 def with_ci(value: float | None, ci: list[float] | None, style: str = "interval") -> str:
     """``0.83 [0.75, 0.90]`` (``style="interval"``), ``0.83±0.08`` (``"pm"``: half the interval's
     width), or (``"bare"``) the bare value to 3 decimals where there is no interval (an older record)."""
@@ -155,8 +176,9 @@ def table_cells(record: dict, ci: str = "interval") -> list[tuple[list[str], boo
         winner = r["keep"] is not None and best.get(r["keep"]) == r["press"]
         cells = [
             r["press"] + (" (unpressed)" if r["press"] == "none" else ""),
-            "all" if r["press"] == "none" else "own" if r["keep"] is None else str(r["keep"]),
+            "all" if r["press"] == "none" else keep_text(r),
             f"{r['kept_tokens']:.4g}",
+            _num(avg_tokens(r), ".0f"),
             with_ci(r["accuracy"], r.get("accuracy_ci"), styles["accuracy"]),
             # the unpressed model agrees with itself by definition: no interval to show
             ("1.000" if styles["agreement"] == "bare" else "1.00") if r["press"] == "none" and r.get("agreement_ci") else
@@ -192,6 +214,9 @@ def _ci_text(record: dict) -> str:
             f"({resamples} resamples, seed {ci.get('seed', 0)})")
 
 
+_STAGES_TEXT = "keep@Lk: an in-LLM press, from decoder layer k on; keep@KV: a KV-cache press."
+
+
 def _caption(record: dict, compact: bool = False) -> str:
     settings = record["settings"]
     timed = (f"median of {settings['repeats']} forwards on a batch of {settings['timing_batch']} "
@@ -199,9 +224,10 @@ def _caption(record: dict, compact: bool = False) -> str:
     if compact:
         pm = (f"±: half the {(record.get('ci') or {}).get('level', 0.95):.0%} bootstrap interval of "
               f"{quality_key(record)}. " if _has_ci(record) else "")
-        return (f"bold: best press per budget by {quality_key(record)}. {pm}KL: first answer token vs unpressed, "
-                f"nats. FLOPs ratio: pressed / unpressed prefill. Speedup: measured prefill, {timed}; FLOPs "
-                "limit: the speedup FLOPs allow. Time, memory, KV cache: in the report.")
+        return (f"bold: best press per budget by {quality_key(record)}. {pm}{_STAGES_TEXT} avg tok: visual tokens "
+                f"per image averaged over the LM's layers. KL: first answer token vs unpressed, nats. Speedup: "
+                f"measured prefill, {timed}; FLOPs limit: the speedup FLOPs allow. Time, memory, KV cache: in the "
+                "report.")
     memory = settings["peak_memory"] or "n/a (not measurable on this device)"
     ci = ""
     if _has_ci(record):
@@ -209,8 +235,11 @@ def _caption(record: dict, compact: bool = False) -> str:
               "interval (the same resampled questions for both); * = the interval excludes 0, a real difference "
               "at this n. ")
     return (f"bold: best press per budget by {quality_key(record)} (ties: agreement, then KL). {ci}"
-            f"KL: first answer token, KL(unpressed || pressed), nats. FLOPs: analytical prefill, per sample. "
-            f"Prefill: {timed}; limit = FLOPs ratio of that batch. Peak memory: {memory}.")
+            f"{_STAGES_TEXT} kept/img: visual tokens per image after the last stage; avg/img: averaged over the "
+            "LM's layers (what its cost follows). KL: first answer token, KL(unpressed || pressed), nats (a KV "
+            "press's prefill is unpressed: KL 0). FLOPs: analytical prefill, per sample, each LM layer at its own "
+            f"length. Prefill: {timed}; limit = FLOPs ratio of that batch. Peak memory: {memory}. KV: the prompt's "
+            "cache after the prefill, per sample.")
 
 
 # ---- terminal ---------------------------------------------------------------------------------
@@ -218,7 +247,8 @@ def bench_table(record: dict, compact: bool = False) -> Table:
     """The record as a rich table, winners in bold; ``compact``: only the columns of
     :data:`COMPACT` (quality and cost side by side in 80 columns)."""
     headers = {h: COMPACT[h] for h in HEADERS if h in COMPACT} if compact else {h: h for h in HEADERS}
-    table = Table(title=_title(record), caption=_caption(record, compact), caption_justify="left",
+    # the caption as plain text: its "[a, b]" is no rich markup
+    table = Table(title=_title(record), caption=Text(_caption(record, compact)), caption_justify="left",
                   pad_edge=not compact)  # compact: two more columns for the cells
     for header, shown in headers.items():
         # fold, never "…": a cut number reads as another number
@@ -246,19 +276,40 @@ def print_table(record: dict, console: Console | None = None) -> None:
 def prefill_table(rows: list[dict], title: str) -> Table:
     """``mmpress bench-cost``'s rows (:func:`mmpress.eval.prefill.bench_prefill`) as a rich table
     that fits 80 columns."""
-    table = Table(title=title, caption="speedup / limit: the share of the FLOPs limit reached; press overhead: "
-                  "time inside the press, as a share of the unpressed prefill.", caption_justify="left")
-    for header in ("press", "keep", "prefill\nms", "speedup", "FLOPs\nlimit", "speedup\n/ limit", "press\noverhead"):
+    table = Table(title=title, caption=f"{_STAGES_TEXT} avg tok: visual tokens per image averaged over the LM's "
+                  "layers. FLOPs limit: each LM layer at its own length. speedup / limit: the share of the FLOPs "
+                  "limit reached; press overhead: time inside the press (in-LLM / KV presses: their selection, not "
+                  "the attention they read), as a share of the unpressed prefill.", caption_justify="left",
+                  pad_edge=False)
+    for header in ("press", "keep", "avg\ntok", "prefill\nms", "speedup", "FLOPs\nlimit", "speedup\n/ limit",
+                   "press\noverhead"):
         table.add_column(header, justify="left" if header == "press" else "right", overflow="fold")
     for r in rows:
-        table.add_row(r["press"], str(r["keep"]), f"{r['seconds'] * 1e3:.1f}", f"{r['speedup']:.2f}x",
-                      f"{r['limit']:.2f}x", f"{r['efficiency']:.0%}", f"{r['overhead']:.1%}")
+        table.add_row(r["press"], keep_text(r), _num(avg_tokens(r), ".0f"),
+                      f"{r['seconds'] * 1e3:.1f}", f"{r['speedup']:.2f}x", f"{r['limit']:.2f}x",
+                      f"{r['efficiency']:.0%}", f"{r['overhead']:.1%}")
+    return table
+
+
+def decode_table(rows: list[dict], title: str) -> Table:
+    """``mmpress bench-cost``'s KV cache and decode columns (rows timed with ``decode_steps``) as a
+    rich table that fits 80 columns."""
+    table = Table(title=title, caption="KV cache: the prompt's keys and values after the prefill, all rows, every "
+                  "layer at its own length. Decode: greedy steps after the prefill (the first token excluded), "
+                  "tokens/s over all rows, timed in the same rounds as the prefill; speedup over the unpressed model.",
+                  caption_justify="left", pad_edge=False)
+    for header in ("press", "keep", "KV cache", "KV\nratio", "decode\nms/step", "decode\ntok/s", "decode\nspeedup"):
+        table.add_column(header, justify="left" if header == "press" else "right", overflow="fold")
+    for r in rows:
+        table.add_row(r["press"], keep_text(r), _bytes(r["kv_bytes"]), f"{r['kv_ratio']:.2f}",
+                      f"{r['decode_s'] * 1e3:.2f}", f"{r['decode_tok_s']:.1f}", f"{r['decode_speedup']:.2f}x")
     return table
 
 
 # ---- plot -------------------------------------------------------------------------------------
 def plot_pareto(record: dict, path: str | Path) -> Path:
-    """Two panels, quality vs kept visual tokens per image and vs measured prefill speedup; one
+    """Two panels, quality vs visual tokens per image (averaged over the LM's layers: for a press
+    before the LM, the kept ones) and vs measured prefill speedup; one
     line per press, the unpressed model as a horizontal line. Writes a PNG, returns its path."""
     # the Agg canvas directly, not pyplot: no global backend switch, safe in any process
     import matplotlib
@@ -286,12 +337,12 @@ def plot_pareto(record: dict, path: str | Path) -> Path:
     colors = ([matplotlib.colormaps["tab20"](i % 20) for i in range(len(names))] if len(names) > 10
               else [None] * len(names))  # more presses than the default cycle's 10 colours
     for i, name in enumerate(names):
-        points = sorted(by_press[name], key=lambda r: r["kept_tokens"])
+        points = sorted(by_press[name], key=avg_tokens)
         # presses at one budget share an x: spread them a little (log axis) so the error bars stay apart
         spread = 0.3 if len(names) <= 4 else 0.8  # octaves shared by the presses at one budget
         dodge = 2 ** (spread * (i / max(1, len(names) - 1) - 0.5)) if len(names) > 1 else 1.0
         ys, err = [r[key] for r in points], bars(points)
-        line = ax_tokens.errorbar([r["kept_tokens"] * dodge for r in points], ys, yerr=err, fmt="o-", capsize=2,
+        line = ax_tokens.errorbar([avg_tokens(r) * dodge for r in points], ys, yerr=err, fmt="o-", capsize=2,
                                   elinewidth=1, linewidth=0.8, markersize=4, label=name, color=colors[i])
         color = line.lines[0].get_color()
         ax_speed.errorbar([r["speedup"] for r in points], ys, yerr=err, fmt="o-", capsize=2, elinewidth=1,
@@ -319,10 +370,11 @@ def plot_pareto(record: dict, path: str | Path) -> Path:
     ax_tokens.set_ylim(max(0.0, min(values) - pad) if min(values) >= 0 else min(values) - pad,
                        min(1.0, max(values) + pad) if max(values) <= 1 else max(values) + pad)
     ax_tokens.set_xscale("log", base=2)
-    ticks = sorted({round(r["kept_tokens"]) for r in rows})
+    ticks = sorted({round(avg_tokens(r)) for r in rows})
     ax_tokens.set_xticks(ticks, [str(t) for t in ticks])
     ax_tokens.minorticks_off()
-    ax_tokens.set_xlabel("visual tokens kept per image")
+    # an in-LLM press keeps every token in its first layers: placed by the tokens its layers see on average
+    ax_tokens.set_xlabel("visual tokens per image (averaged over the LM's layers)")
     interval = _has_ci(record) and f"{(record.get('ci') or {}).get('level', 0.95):.0%} bootstrap interval"
     ax_tokens.set_ylabel(f"{key} (bars: {interval})" if interval else key)
     ax_speed.set_xlabel("measured prefill speedup (x, labels: budget)")
@@ -416,5 +468,6 @@ def write_report(record: dict, out: str | Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["bench_table", "best_per_budget", "ordered_rows", "paired_comparisons", "plot_pareto", "prefill_table",
-           "print_table", "quality_key", "save_json", "table_cells", "to_html", "to_markdown", "with_ci", "write_report"]
+__all__ = ["avg_tokens", "bench_table", "best_per_budget", "decode_table", "keep_text", "ordered_rows",
+           "paired_comparisons", "plot_pareto", "prefill_table", "print_table", "quality_key", "save_json",
+           "stage_mark", "table_cells", "to_html", "to_markdown", "with_ci", "write_report"]
