@@ -12,6 +12,9 @@ Targets: at 64/576 tokens, measured speedup >= 90% of the FLOPs-ratio limit; pre
 <= 3% of the unpressed prefill.
 
     python benchmarks/prefill.py [--repeats 5] [--batches 1,8] [--keeps 192,128,64] [--decode-steps 8]
+    python benchmarks/prefill.py --name prefill_stages --lm-layers 32 --lm-hidden 512 --lm-intermediate 1536 \
+        --lm-heads 8 --presses fastv,pdrop,vtw,dart_llm,sparsevlm,snapkv,lookm,divprune --keeps 64 --batches 1,4 \
+        --batch8-keeps 64 --repeats 3   # the in-LLM and KV presses at their default layers
 """
 
 from __future__ import annotations
@@ -39,13 +42,20 @@ def main():
     parser.add_argument("--presses", default="all")
     parser.add_argument("--decode-steps", type=int, default=None,
                         help="greedy decode steps timed after each prefill (default: 8 with a KV press, else 0)")
+    parser.add_argument("--lm-layers", type=int, default=Shape.lm_layers, help="e.g. 32 (LLaVA-1.5-7B's depth) "
+                        "for the in-LLM presses' default layers")
+    parser.add_argument("--lm-hidden", type=int, default=Shape.lm_hidden)
+    parser.add_argument("--lm-intermediate", type=int, default=Shape.lm_intermediate)
+    parser.add_argument("--lm-heads", type=int, default=Shape.lm_heads)
+    parser.add_argument("--name", default="prefill", help="results/<name>.json and .md")
     args = parser.parse_args()
 
     presses = [p for p in mmpress.list_presses() if p != "none"] if args.presses == "all" else args.presses.split(",")
     decode_steps = args.decode_steps
     if decode_steps is None:
         decode_steps = 8 if any(mmpress.PRESSES[p].stage == "kv" for p in presses) else 0
-    shape = Shape()
+    shape = Shape(lm_layers=args.lm_layers, lm_hidden=args.lm_hidden, lm_intermediate=args.lm_intermediate,
+                  lm_heads=args.lm_heads)
     model = llava_shaped(shape)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
@@ -61,9 +71,11 @@ def main():
         print(f"batch {batch}: done")
 
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prefill.json").write_text(json.dumps(record, indent=2))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=2))
     lines = [f"# Prefill: LLaVA-1.5-shaped random model, {record['device']}, {record['threads']} threads, "
-             f"median of {args.repeats}", ""]
+             f"median of {args.repeats}", "",
+             f"LM: {shape.lm_layers} layers x {shape.lm_hidden} (Qwen2, {shape.lm_heads} heads / "
+             f"{shape.lm_kv_heads} KV heads); CLIP {shape.vision_layers} x {shape.vision_hidden} @ {shape.image_size} px.", ""]
     decode = decode_steps > 0
     for run in record["runs"]:
         lines += [f"## batch {run['batch']} (ragged prompts)", "",
@@ -78,7 +90,7 @@ def main():
             lines.append(line)
         lines += ["", "keep@Lk: an in-LLM press, from decoder layer k on (avg tokens: over the LM's layers); "
                   "keep@KV: a KV-cache press (its prefill unpressed).", ""]
-    (RESULTS / "prefill.md").write_text("\n".join(lines))
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -324,8 +324,8 @@ def bench_cost(
     Default: a LLaVA-1.5 shape, 4 presses x 2 budgets, under a minute on 2 CPU cores.
     --arch qwen2_5_vl: a scaled Qwen2.5-VL, a 1024-token image (--input video: 16 frames x 256).
     The vision tower is timed alone too: a press acting after it cannot remove its time.
-    In-LLM presses (keep@Lk) show the visual tokens averaged over the LM's layers; with a KV press
-    (keep@KV) a second table shows the KV cache and decode tokens/s, pressed vs unpressed.
+    In-LLM presses (keep@Lk) show the visual tokens averaged over the LM's layers.
+    KV presses (keep@KV) add a table: KV cache and decode tokens/s, pressed vs unpressed.
     --full: every press x 4 budgets."""
     import torch
     from rich.progress import Progress
