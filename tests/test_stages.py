@@ -57,7 +57,9 @@ def presses(kind: str) -> dict:
 
 
 NAMES = list(presses("llava"))
-DROPPING = ["fastv", "pdrop", "vtw", "dart_llm", "snapkv"]  # pure eviction: an attention mask is their oracle
+# pure eviction (the merging presses with merging off): an attention mask is their oracle
+DROPPING = {"fastv": {}, "pdrop": {}, "vtw": {}, "dart_llm": {}, "sparsevlm": dict(recycle=False), "snapkv": {},
+            "lookm": dict(merge=None)}
 
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen2_5_vl"])
@@ -241,7 +243,7 @@ def test_pressed_forward_generate_and_later_turn_match_oracle(kind, model, name,
     """Prefill, greedy decoding and new text on the pressed cache all equal the unpressed model
     whose layers see only the kept prompt keys (from the press's layer on / per KV head)."""
     batch = batches(kind, model)[rows]
-    press = make(kind, name)
+    press = make(kind, name, **DROPPING[name])
     out, pre = prefill_record(model, batch, press)
     length = batch["input_ids"].shape[1]
     if press.stage == "in_llm":
@@ -278,6 +280,50 @@ def test_pressed_forward_generate_and_later_turn_match_oracle(kind, model, name,
         got = model(input_ids=new, past_key_values=out.past_key_values, **kw).logits
     expected = oracle_logits(model, batch, allowed, new, kv=press.stage == "kv")[:, -3:]  # same prompt: same keys
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", ["single", "ragged"])
+@pytest.mark.parametrize("name", ["sparsevlm", "lookm"])
+def test_merging_presses_forward_generate_and_later_turn(kind, model, name, rows):
+    """The merging variants (SparseVLM's recycled tokens, LOOK-M's pivot merge) change values, so
+    no mask is their oracle: they run every call, change the logits, and keep them finite."""
+    batch = batches(kind, model)[rows]
+    press = make(kind, name)
+    with torch.no_grad():
+        reference = model(**batch, use_cache=True)
+        with press(model):
+            out = model(**batch, use_cache=True)
+            tokens = model.generate(**batch, max_new_tokens=3, do_sample=False)
+            single = batches(kind, model)["single"]
+            first = model(**single, use_cache=True) if kind != "llava" else out
+            kw = {} if kind != "llava" else {"attention_mask": torch.cat(
+                [batch["attention_mask"], torch.ones(batch["input_ids"].shape[0], 3, dtype=torch.long)], dim=1)}
+            new = NEW if kind != "llava" else NEW.expand(batch["input_ids"].shape[0], -1)
+            later = model(input_ids=new, past_key_values=first.past_key_values, **kw).logits
+    assert tokens.shape[1] == batch["input_ids"].shape[1] + 3 and later.isfinite().all()
+    if name == "sparsevlm":  # pressed in the prefill (a text-only row keeps the batch's width)
+        assert press.stats["kept_visual_tokens"] < press.stats["visual_tokens"]
+        assert out.logits.shape[1] <= reference.logits.shape[1]
+    else:  # KV: the prefill is unpressed, the cache is not
+        torch.testing.assert_close(out.logits, reference.logits)
+        assert out.past_key_values.get_seq_length() <= reference.past_key_values.get_seq_length()
+        assert press.stats["kept_visual_tokens"] < press.stats["visual_tokens"]
+
+
+def test_a_second_generate_on_the_longer_conversation_re_prefills(kind, model):
+    """Turn 2 as a fresh generate on the whole conversation (no cache) under the same press gives
+    what a fresh `with` block gives: nothing of turn 1 leaks into it."""
+    batch = batches(kind, model)["single"]
+    for name in ("fastv", "snapkv"):
+        press = make(kind, name)
+        with torch.no_grad(), press(model):
+            first = model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                                   suppress_tokens=VISUAL_IDS)
+            longer = full_inputs(model, batch, torch.cat([first[:, -2:], NEW], dim=1))
+            again = model.generate(**longer, max_new_tokens=3, do_sample=False, suppress_tokens=VISUAL_IDS)
+        with torch.no_grad(), press(model):
+            fresh = model.generate(**longer, max_new_tokens=3, do_sample=False, suppress_tokens=VISUAL_IDS)
+        assert torch.equal(again, fresh)
 
 
 @pytest.mark.parametrize("name", NAMES)
