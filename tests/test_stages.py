@@ -490,3 +490,42 @@ def test_beam_search_and_sampling_run_under_later_stages(name):
         beams = model.generate(**batch, max_new_tokens=3, num_beams=2, do_sample=False)
         sampled = model.generate(**batch, max_new_tokens=3, do_sample=True, top_k=5)
     assert beams.shape == sampled.shape == (3, batch["input_ids"].shape[1] + 3)
+
+
+# ---- the masks a cut layer gets, for every attention implementation's mask format ---------------
+def test_cut_masks_agree_across_formats():
+    """SDPA's bool mask, eager's additive mask and FlashAttention's 2-D mask, cut to the same
+    columns, allow the same keys; a padded query row stays finite (sees every key)."""
+    from mmpress.models.lm import cut_mask, decode_cut
+
+    g = torch.Generator().manual_seed(0)
+    b, length, width = 3, 9, 6
+    valid_in = torch.ones(b, length, dtype=torch.bool)
+    valid_in[0, :2] = False  # left padding
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    bool_mask = (causal[None, None] & valid_in[:, None, None, :])
+    float_mask = torch.zeros(bool_mask.shape).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
+    cols = torch.sort(torch.rand(b, length, generator=g).argsort(1)[:, :width], dim=1).values
+    valid = valid_in.gather(1, cols) & (torch.rand(b, width, generator=g) > 0.2)
+    as_bool = cut_mask(bool_mask, cols, valid, cols, flash=False)
+    as_float = cut_mask(float_mask, cols, valid, cols, flash=False)
+    assert torch.equal(as_bool, as_float == 0)
+    expected = (cols[:, :, None] >= cols[:, None, :]) & valid[:, None, :] & valid_in.gather(1, cols)[:, None, :]
+    real = valid[:, :, None].expand_as(expected)
+    assert torch.equal(as_bool[:, 0][real], expected[real])
+    assert as_bool[:, 0][~real].all()  # padded query rows: every key, no NaN
+    assert torch.equal(cut_mask(valid_in.long(), cols, valid, cols, flash=True), valid.long())
+    built = cut_mask(None, cols, valid, cols, flash=False)  # no mask given (SDPA, no padding): built
+    assert torch.equal(built[:, 0][real], ((torch.arange(width)[:, None] >= torch.arange(width)) & valid[:, None, :])[real])
+    assert cut_mask(None, cols, valid, cols, flash=False, square_causal_ok=True) is None
+    # decoding: q new tokens after 2 appended ones; the mask covers the prompt + appended + new
+    q, grown = 1, 2
+    kv = length + grown + q
+    step = torch.ones(b, 1, q, kv, dtype=torch.bool)
+    step[0, ..., :2] = False
+    out = decode_cut(step, cols, valid, length, kv, q, flash=False)
+    assert torch.equal(out[:, 0, 0], torch.cat([valid & valid_in.gather(1, cols), torch.ones(b, grown + q, dtype=torch.bool)], 1))
+    assert torch.equal(decode_cut(None, cols, valid, length, kv, q, flash=False)[:, 0, 0],
+                       torch.cat([valid, torch.ones(b, grown + q, dtype=torch.bool)], 1))
+    assert torch.equal(decode_cut(None, cols, valid, length, kv, q, flash=True),
+                       torch.cat([valid, torch.ones(b, grown + q, dtype=torch.bool)], 1).long())
