@@ -36,7 +36,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from mmpress.models.protocol import CACHE_NAMES, cache_length, protocol
+from mmpress.models.protocol import cache_length, protocol
 from mmpress.models.stages import KVStage, LayerStage, Layout
 from mmpress.ops.sequence import compact_index, flat_positions, gather_rows
 from mmpress.presses.base import STAGES, Press, VisualContext
@@ -323,7 +323,7 @@ class Adapter:
         pre = self._finish_stages(pre)
         if self.stats:
             self.outer.stats = self.stats
-        cache = next((c for c in (getattr(output, name, None) for name in CACHE_NAMES) if c is not None), None)
+        cache = getattr(output, self.protocol.cache, None)  # (not the deprecated alias: it warns)
         if pre is not None and cache is not None:
             self.pressed[cache] = pre
 
