@@ -59,7 +59,7 @@ def presses(kind: str) -> dict:
 NAMES = list(presses("llava"))
 # pure eviction (the merging presses with merging off): an attention mask is their oracle
 DROPPING = {"fastv": {}, "pdrop": {}, "vtw": {}, "dart_llm": {}, "sparsevlm": dict(recycle=False), "snapkv": {},
-            "lookm": dict(merge=None)}
+            "lookm": dict(merge=None), "divprune@2": {}, "mmtok@2": {}}
 
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen2_5_vl"])
@@ -73,6 +73,9 @@ def model(kind):
 
 
 def make(kind, name, **override):
+    if "@" in name:  # a pre-LLM selector run in the LM: "divprune@2"
+        inner, layer = name.split("@")
+        return mmpress.at_layer(mmpress.get_press(inner, keep=presses(kind)["fastv"]["keep"]), layer=int(layer))
     kw = {**presses(kind)[name], **override}
     return mmpress.get_press(name, **kw)
 
@@ -404,6 +407,15 @@ def test_composition_runs_and_reports_both_stages(kind, model):
         assert press.stats["pressed_seq_len"] < press.stats["seq_len"]
         assert press.stats["kept_visual_tokens"] < press.stats["visual_tokens"]
         assert gen.shape[1] == batch["input_ids"].shape[1] + 2 and later_turn.isfinite().all()
+
+
+def test_at_layer_refuses_what_the_layer_cannot_give():
+    with pytest.raises(ValueError, match="cls_attn"):
+        mmpress.at_layer(mmpress.get_press("visionzip", keep=4), layer=2)
+    with pytest.raises(ValueError, match="pre-LLM press"):
+        mmpress.at_layer(mmpress.get_press("fastv", keep=4), layer=2)
+    with pytest.raises(ValueError, match="grid"):
+        mmpress.at_layer(mmpress.get_press("uniform", keep=4), layer=2)
 
 
 def test_stage_errors(model):

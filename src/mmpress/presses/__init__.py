@@ -16,9 +16,9 @@ from mmpress.presses.base import (
     list_presses,
     register,
 )
-from mmpress.presses.compose import ComposedPress, compose
+from mmpress.presses.compose import AtLayerPress, ComposedPress, at_layer, compose
 
 __all__ = [
-    "PRESSES", "ComposedPress", "KVPress", "LayerPress", "Press", "ScorerPress", "SelectorPress", "VisualContext",
-    "compose", "get_press", "list_presses", "register",
+    "PRESSES", "AtLayerPress", "ComposedPress", "KVPress", "LayerPress", "Press", "ScorerPress", "SelectorPress", "VisualContext",
+    "at_layer", "compose", "get_press", "list_presses", "register",
 ]
