@@ -207,6 +207,10 @@ def test_scores_equal_eager_attention(kind, query):
     weight = ok.float() / ok.sum(1, keepdim=True)
     expected = (picked.mean(1) * weight[..., None]).sum(1)  # (B, L)
     torch.testing.assert_close(got.mean(1), expected, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # the layer's own q_proj output, kept by a hook, gives the same scores
+        projected = lm_layer.self_attn.q_proj(lm_layer.input_layernorm(seen["hidden"]))
+        again, _ = layout.attention(lm_layer, seen["hidden"], seen["pe"], query, 4, projected=projected)
+    torch.testing.assert_close(again, got)
 
 
 def test_received_attention_chunks_equal_one_pass():

@@ -27,10 +27,11 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
 
 
 def queries_keys(layer: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor],
-                 rows: Tensor, keys: bool = True) -> tuple[Tensor, Tensor | None, float]:
+                 rows: Tensor, keys: bool = True, projected: Tensor | None = None) -> tuple[Tensor, Tensor | None, float]:
     """Rotated queries (B, H, R, d) of the ``rows`` (B, R) of ``hidden`` (B, L, D) entering
     ``layer``, rotated keys (B, Hkv, L, d) of every column (None if not ``keys``: e.g. the KV
-    cache holds them), and the attention's scaling."""
+    cache holds them), and the attention's scaling. ``projected``: the layer's own ``q_proj``
+    output (B, L, H * d), when a hook kept it (then no query is projected again)."""
     attn = layer.self_attn
     rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
     if rope is None or not hasattr(attn, "q_proj"):
@@ -38,7 +39,11 @@ def queries_keys(layer: nn.Module, hidden: Tensor, position_embeddings: tuple[Te
                          "apply_rotary_pos_emb): in-LLM and KV presses do not support this language model")
     b, length, _ = hidden.shape
     d = attn.head_dim
-    q = attn.q_proj(layer.input_layernorm(gather_rows(hidden, rows))).view(b, rows.shape[1], -1, d)
+    if projected is None:
+        projected, rows_of = attn.q_proj(layer.input_layernorm(gather_rows(hidden, rows))), None
+    else:
+        rows_of = rows
+    q = (projected if rows_of is None else gather_rows(projected, rows_of)).view(b, rows.shape[1], -1, d)
     norm = hasattr(attn, "q_norm")  # Qwen3: RMSNorm per head before RoPE
     q = attn.q_norm(q) if norm else q
     cos, sin = (t.expand(b, *t.shape[1:]) for t in position_embeddings)

@@ -82,11 +82,12 @@ class Layout:
         raise ValueError(f"unknown query rows {query!r}: use 'last', 'window', 'text' or 'all'")
 
     def attention(self, layer, hidden: Tensor, position_embeddings, query: str, window: int,
-                  keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  keys: Tensor | None = None, projected: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(B, Hkv, W) attention each column receives from the query rows at ``layer``, and the
-        (B, Hkv, W, d) rotated keys (``keys``, if the cache holds them, else recomputed)."""
+        (B, Hkv, W, d) rotated keys (``keys``, if the cache holds them, else recomputed;
+        ``projected``: the layer's own ``q_proj`` output, if kept)."""
         rows, ok = self.query_rows(query, window)
-        q, k, scaling = queries_keys(layer, hidden, position_embeddings, rows, keys=keys is None)
+        q, k, scaling = queries_keys(layer, hidden, position_embeddings, rows, keys=keys is None, projected=projected)
         k = keys if keys is not None else k
         return received_attention(q, k, rows, ok, self.valid, scaling), k
 
@@ -314,10 +315,16 @@ class KVStage:
         for i, layer in enumerate(self.layers):
             out.append(layer.register_forward_pre_hook(partial(self._record, i), with_kwargs=True))
             out.append(layer.register_forward_hook(partial(self._evict, i), with_kwargs=True))
+            if self.press.query == "all":  # every prompt row queries: keep the queries the layer projects
+                out.append(layer.self_attn.q_proj.register_forward_hook(self._record_queries))
         return out
 
     def start(self, layout: Layout, embeds: Tensor) -> None:
-        self.run = {"layout": layout, "inputs": None, "mask": None, "kept": 0}
+        self.run = {"layout": layout, "inputs": None, "queries": None, "mask": None, "kept": 0}
+
+    def _record_queries(self, module, args, output):
+        if self.run is not None:
+            self.run["queries"] = output
 
     def begin_call(self) -> None:
         self.run = None
@@ -345,7 +352,9 @@ class KVStage:
         hidden, pe = run["inputs"]
         keys, values = entry.keys, entry.values
         b, heads, w, d = keys.shape
-        attn, _ = layout.attention(self.layers[i], hidden, pe, press.query, press.window, keys=keys)
+        attn, _ = layout.attention(self.layers[i], hidden, pe, press.query, press.window, keys=keys,
+                                   projected=run["queries"])
+        run["queries"] = None
         per_head = press.per_head
         attn_rows = _heads_last(attn)  # (B * W, Hkv)
         key_rows, value_rows = _heads_last(keys), _heads_last(values)  # (B * W, Hkv, d)
