@@ -344,15 +344,15 @@ class Adapter:
                 width = layout.ids.shape[1]
                 pre = pre or _Prefill(mask=None, length=width, shift=None)
                 pre.cuts, pre.width = cuts, (width if pre.mask is None else pre.mask.shape[1])
-            elif isinstance(stage, KVStage) and done and done["mask"] is not None:
-                b = done["mask"].shape[0]
+            elif isinstance(stage, KVStage) and done and done.mask is not None:
+                b = done.mask.shape[0]
                 length = pre.length if pre is not None else layout.ids.shape[1]
                 shift = pre.shift if pre is not None else None
-                pre = _Prefill(mask=done["mask"].long(), length=length,
+                pre = _Prefill(mask=done.mask.long(), length=length,
                                shift=shift if shift is not None else torch.zeros(b, dtype=torch.long,
-                                                                                  device=done["mask"].device))
-                self.stats.update(kept_visual_tokens=done["kept"], kv_len=done["mask"].shape[1],
-                                  layer_avg_visual_tokens=float(done["kept"]))
+                                                                                  device=done.mask.device))
+                self.stats.update(kept_visual_tokens=done.kept, kv_len=done.mask.shape[1],
+                                  layer_avg_visual_tokens=float(done.kept))
         return pre
 
     # ---- prefill ----------------------------------------------------------------------------

@@ -302,13 +302,24 @@ class LayerStage:
         return args, {**kwargs, "attention_mask": self.memo[key]}
 
 
+@dataclass
+class _KVRun:
+    """A KV-pressed prefill in flight."""
+
+    layout: Layout
+    inputs: tuple | None = None  # (hidden states, rotary embeddings) entering the current layer
+    queries: Tensor | None = None  # its q_proj output, when every prompt row queries
+    mask: Tensor | None = None  # (B, L') the pressed cache's mask, once a layer is pressed
+    kept: int = 0  # visual entries kept per KV head, over the batch
+
+
 class KVStage:
     """``kv``: evicts / merges the visual entries of each layer's KV cache after it is written."""
 
     def __init__(self, adapter, press: KVPress):
         self.adapter, self.press = adapter, press
         self.layers = decoder_layers(adapter.vlm.language_model)
-        self.run: dict | None = None
+        self.run: _KVRun | None = None
 
     def hooks(self) -> list:
         out = []
@@ -320,11 +331,11 @@ class KVStage:
         return out
 
     def start(self, layout: Layout, embeds: Tensor) -> None:
-        self.run = {"layout": layout, "inputs": None, "queries": None, "mask": None, "kept": 0}
+        self.run = _KVRun(layout)
 
     def _record_queries(self, module, args, output):
         if self.run is not None:
-            self.run["queries"] = output
+            self.run.queries = output
 
     def begin_call(self) -> None:
         self.run = None
@@ -335,7 +346,7 @@ class KVStage:
 
     def _record(self, i: int, module, args, kwargs):
         if self.run is not None:
-            self.run["inputs"] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
+            self.run.inputs = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
 
     def _evict(self, i: int, module, args, kwargs, output):
         run = self.run
@@ -348,13 +359,13 @@ class KVStage:
         if type(entry).__name__ != "DynamicLayer":
             raise ValueError(f"KV presses evict from a DynamicCache (the default cache); this cache's layer is a "
                              f"{type(entry).__name__}: pass no cache_implementation / past_key_values")
-        press, layout = self.press, run["layout"]
-        hidden, pe = run["inputs"]
+        press, layout = self.press, run.layout
+        hidden, pe = run.inputs
         keys, values = entry.keys, entry.values
         b, heads, w, d = keys.shape
         attn, _ = layout.attention(self.layers[i], hidden, pe, press.query, press.window, keys=keys,
-                                   projected=run["queries"])
-        run["queries"] = None
+                                   projected=run.queries)
+        run.queries = None
         per_head = press.per_head
         attn_rows = _heads_last(attn)  # (B * W, Hkv)
         key_rows, value_rows = _heads_last(keys), _heads_last(values)  # (B * W, Hkv, d)
@@ -401,4 +412,4 @@ class KVStage:
         src, mask = compact_index(keep, width)
         entry.keys = gather_rows(keys.view(b * heads, w, d), src).view(b, heads, width, d)
         entry.values = gather_rows(values.view(b * heads, w, d), src).view(b, heads, width, d)
-        run["mask"], run["kept"] = mask.view(b, heads, width)[:, 0], kept_total
+        run.mask, run.kept = mask.view(b, heads, width)[:, 0], kept_total
