@@ -285,7 +285,10 @@ def count_syncs(fn) -> dict[str, int]:
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    syncing = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive"}
+    # on CUDA these wait for the device too: bincount sizes its output from the max; quantile checks
+    # a tensor q on the host; lift_fresh is a tensor made from Python data (a blocking host copy)
+    syncing = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "bincount",
+               "quantile", "lift_fresh"}
 
     class Counting(TorchDispatchMode):
         def __init__(self):

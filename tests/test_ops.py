@@ -236,3 +236,15 @@ def test_ops_are_batched_without_cross_talk():
     for op, t in ((lambda t: max_min_diversity(t, 7), x), (lambda t: greedy_coverage(t, 7), cover),
                   (lambda t: merge_to(t, 7)[0], x)):
         torch.testing.assert_close(op(t), torch.cat([op(t[i : i + 1]) for i in range(3)]))
+
+
+def test_prumerge_quartiles_equal_torch_quantile():
+    """PruMerge's sync-free quartiles are torch.quantile's (linear interpolation), row by row."""
+    from mmpress.presses.prumerge import quartiles
+
+    for n in (1, 2, 7, 64, 577):
+        x = torch.randn(4, n, generator=torch.Generator().manual_seed(n))
+        expected = torch.quantile(x, torch.tensor([0.25, 0.75]), dim=1, keepdim=True)
+        got = quartiles(x)
+        torch.testing.assert_close(got[0], expected[0])
+        torch.testing.assert_close(got[1], expected[1])

@@ -63,7 +63,7 @@ class TemporalMergePress(Press):
         p, device = h * w, tokens.device
         # 1-2. which tokens open a new run along time: frame 0, and each frame's kept tokens
         start = torch.zeros(m, t, p, dtype=torch.bool, device=device)
-        start[:, 0] = True
+        start[:, 0].fill_(True)  # (assigning a Python scalar would copy it from the host)
         if k >= p and t > 1:
             budget = split_evenly(k - p, t - 1, device)  # (t-1,) per-frame budgets
             start[:, 1:] = row_rank(frame_similarity(tokens, t), descending=False) < budget[:, None]
