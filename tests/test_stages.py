@@ -548,3 +548,34 @@ def test_cut_masks_agree_across_formats():
                        torch.cat([valid, torch.ones(b, grown + q, dtype=torch.bool)], 1))
     assert torch.equal(decode_cut(None, cols, valid, length, kv, q, flash=True),
                        torch.cat([valid, torch.ones(b, grown + q, dtype=torch.bool)], 1).long())
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart_llm"])
+def test_pressed_forward_equals_kept_tokens_run_through_the_remaining_layers(name):
+    """The literal oracle: run the language model's layers by hand on the unpressed input, and at
+    each pressed layer keep only the columns the press kept (their own position ids, a causal
+    mask over them) for every later layer; final norm and LM head. Equals the pressed forward."""
+    model, batch = deep("llava"), make_batch((5,))
+    press = make("llava", name)
+    out, pre = prefill_record(model, batch, press)
+    lm, seen = model.model.language_model, {}
+    handle = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    hidden = seen["inputs_embeds"]
+    cols = torch.arange(hidden.shape[1])
+    starts = {cut.start: cut.cols[0] for cut in pre.cuts}
+    with torch.no_grad():
+        for i, layer in enumerate(decoder_layers(lm)):
+            if i in starts:  # keep the kept columns, in order
+                hidden = hidden[:, torch.searchsorted(cols, starts[i])]
+                cols = starts[i]
+            n = cols.shape[0]
+            mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+            rotary = lm.rotary_emb(hidden, cols[None])
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=cols[None])
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        expected = model.lm_head(lm.norm(hidden))
+    assert len(pre.cuts) == (3 if name == "pdrop" else 1)
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
