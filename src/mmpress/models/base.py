@@ -30,15 +30,15 @@ from __future__ import annotations
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from mmpress.models.protocol import cache_length, protocol
-from mmpress.models.stages import KVStage, LayerStage, Layout
-from mmpress.ops.sequence import compact_index, flat_positions, gather_rows
+from mmpress.models.stages import KVStage, LayerStage, Layout, press_items
+from mmpress.ops.sequence import gather_rows
 from mmpress.presses.base import STAGES, Press, VisualContext
 
 CONTINUE = ("A pressed cache holds fewer entries than the tokens it stands for. Run generate on the whole "
@@ -65,7 +65,7 @@ class _Prefill:
 
     mask: Tensor | None  # (B, L') attention mask of the prompt every layer's cache holds; None: unpressed
     length: int  # L, the unpressed prompt length (with padding)
-    shift: Tensor | None  # (B,) subtracted from original position ids (0 with positions="keep")
+    shift: Tensor | None  # (B,) subtracted from original position ids (0 or None with positions="keep")
     cuts: list = field(default_factory=list)  # in_llm: from layer k on, the cache holds these columns
     width: int = 0  # prompt columns the language model's input had (what ``cuts`` index)
 
@@ -298,23 +298,13 @@ class Adapter:
         if press is not None:
             kwargs, self.state.pending = self._press_prefill(press, kwargs, embeds)
         elif self.stage_objs:
-            self.state.layout = self._layout(kwargs, embeds)
+            self.state.layout = self._input_layout(kwargs)
+            n, length = sum(self.state.layout.lengths), embeds.shape[1]
+            self.stats = {"images": len(self.state.items), "visual_tokens": n, "kept_visual_tokens": n,
+                          "seq_len": length, "pressed_seq_len": length}
         for stage in self.stage_objs:
             stage.start(self.state.layout, kwargs["inputs_embeds"])
         return args, kwargs
-
-    def _layout(self, kwargs: dict, embeds: Tensor) -> Layout:
-        """The visual tokens of an unpressed language-model input."""
-        ids, items, mask = self.state.input_ids, self.state.items, kwargs.get("attention_mask")
-        visual = torch.zeros_like(ids, dtype=torch.bool)
-        for token_id in self.token_ids:
-            visual |= ids == token_id
-        valid = torch.ones_like(visual) if mask is None or mask.ndim != 2 else mask.bool()
-        n = sum(i.length for i in items)
-        self.stats = {"images": len(items), "visual_tokens": n, "kept_visual_tokens": n,
-                      "seq_len": ids.shape[1], "pressed_seq_len": ids.shape[1]}
-        return Layout(ids.masked_fill(~visual, -1), valid, [i.token_id for i in items], [i.length for i in items],
-                      list(self.state.rows), True)
 
     def _capture_cache(self, module, args, output):
         """Remembers which KV cache holds a pressed prefill, so that decoding steps and later
@@ -345,12 +335,8 @@ class Adapter:
                 pre = pre or _Prefill(mask=None, length=width, shift=None)
                 pre.cuts, pre.width = cuts, (width if pre.mask is None else pre.mask.shape[1])
             elif isinstance(stage, KVStage) and done and done.mask is not None:
-                b = done.mask.shape[0]
                 length = pre.length if pre is not None else layout.ids.shape[1]
-                shift = pre.shift if pre is not None else None
-                pre = _Prefill(mask=done.mask.long(), length=length,
-                               shift=shift if shift is not None else torch.zeros(b, dtype=torch.long,
-                                                                                  device=done.mask.device))
+                pre = _Prefill(mask=done.mask.long(), length=length, shift=pre.shift if pre is not None else None)
                 self.stats.update(kept_visual_tokens=done.kept, kv_len=done.mask.shape[1],
                                   layer_avg_visual_tokens=float(done.kept))
         return pre
@@ -359,67 +345,31 @@ class Adapter:
     def _press_prefill(self, press: Press, kwargs: dict, embeds: Tensor) -> tuple[dict, _Prefill | None]:
         """Presses every item of the batch (items of the same shape together) and compacts the
         rows, without host syncs: the pressed width follows from host facts (item lengths, rows)."""
-        b, length, dim = embeds.shape
-        items, rows, ids = self.state.items, self.state.rows, self.state.input_ids
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.ndim != 2:
-            raise ValueError("pressing needs a 2-D attention mask (batch, seq); got a 4-D mask")
-        valid = torch.ones(b, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+        b, length, _ = embeds.shape
+        items, layout = self.state.items, self._input_layout(kwargs)
+        visual, valid, mask = layout.ids >= 0, layout.valid, kwargs.get("attention_mask")
         pos = kwargs.get("position_ids")
         pos = torch.arange(length, device=embeds.device).expand(b, length) if pos is None else pos
         pos = pos.expand(*pos.shape[:-2], b, length)
 
-        # flat positions of each item's tokens, as masked_scatter filled them (transformers
-        # checked the placeholder counts against the features when it scattered them)
-        visual = torch.zeros(b, length, dtype=torch.bool, device=embeds.device)
-        flats: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
-        for token_id in self.token_ids:
-            mine = [i for i, item in enumerate(items) if item.token_id == token_id]
-            if not mine:
-                continue
-            placeholder = ids == token_id
-            visual |= placeholder
-            chunks = flat_positions(placeholder, sum(items[i].length for i in mine)).split([items[i].length for i in mine])
-            for i, chunk in zip(mine, chunks):
-                flats[i] = chunk
-
-        # rows hold at most this many text tokens: the row with fewest visual tokens has most
-        self._text_width = length - min(sum(item.length for item, row in zip(items, rows) if row == r)
-                                        for r in range(b))
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
             groups[(item.token_id, item.length, item.grid)].append(i)
-        dropped_per_row = [0] * b
-        kept_flat, kept_values, n_total, k_total = [], [], 0, 0
-        kept_lengths = [item.length for item in items]
-        text = None
-        for members in groups.values():
-            flat = torch.stack([flats[i] for i in members])  # (G, n)
-            n = flat.shape[1]
-            tokens = embeds.view(b * length, dim)[flat]
-            ctx, text = self._context(press, embeds, visual, valid, members, flat[:, 0] // length, text)
-            kept, index = press.press(tokens, ctx)
-            k = index.shape[1]
-            n_total, k_total = n_total + n * len(members), k_total + k * len(members)
-            for i in members:
-                dropped_per_row[rows[i]] += n - k
-                kept_lengths[i] = k
-            kept_flat.append(flat.gather(1, index).reshape(-1))  # whole items too: their tokens stay
-            kept_values.append(kept.reshape(-1, dim).to(embeds.dtype))
-        self.stats = press.stats = {"images": len(items), "visual_tokens": n_total, "kept_visual_tokens": k_total,
-                                    "seq_len": length, "pressed_seq_len": length}
-        if k_total == n_total:  # keep-all: leave the call untouched, bit-identical to the unpressed model
-            if self.stage_objs:
-                self.state.layout = self._layout(kwargs, embeds)
+        text: list = []  # every row's padded text, made once for all groups
+
+        def press_group(members, flat, tokens):
+            return press.press(tokens, self._context(press, embeds, layout, members, flat[:, 0] // length, text))
+
+        out, kept_lengths = press_items(embeds, layout, groups.values(), press_group)
+        k_total = sum(kept_lengths)
+        self.stats = press.stats = {"images": len(items), "visual_tokens": sum(layout.lengths),
+                                    "kept_visual_tokens": k_total, "seq_len": length, "pressed_seq_len": length}
+        if out is None:  # keep-all: leave the call untouched, bit-identical to the unpressed model
+            self.state.layout = layout
             return kwargs, None
 
-        kept_flat_all = torch.cat(kept_flat)
-        values = embeds.reshape(b * length, dim).index_copy(0, kept_flat_all, torch.cat(kept_values))
-        keep = (valid & ~visual).view(-1).index_fill(0, kept_flat_all, True).view(b, length)
-        width = length - min(dropped_per_row)  # the row losing fewest tokens sets the width
-        src, new_mask = compact_index(keep, width)
-        new_embeds = gather_rows(values.view(b, length, dim), src)
-        lengths = keep.sum(dim=1)
+        src, new_mask, width = out.src, out.layout.valid, out.src.shape[1]
+        lengths = out.keep.sum(dim=1)
         if self.positions == "keep":
             new_pos = pos.gather(-1, src.expand(*pos.shape[:-2], b, width))
             shift = torch.zeros(b, dtype=pos.dtype, device=pos.device)
@@ -428,17 +378,29 @@ class Adapter:
             last = torch.arange(length, device=valid.device).masked_fill(~valid, -1).argmax(dim=1)
             shift = pos.gather(1, last[:, None])[:, 0] - (lengths - 1)
         new_pos = new_pos.masked_fill(~new_mask, 1)  # padding: what generate gives pad slots
-        new_mask = new_mask.to(mask.dtype if mask is not None else torch.long)
         self.stats["pressed_seq_len"] = width
+        # later stages start from the language model's input: the model makes its mask from the
+        # 2-D mask below, so a None mask there again means no padded row
+        self.state.layout = replace(out.layout, uniform=True)
+        kwargs = self.press_extras(kwargs, out.keep, visual, src, new_mask, k_total)
+        new_mask = new_mask.to(mask.dtype if mask is not None else torch.long)
         pre = _Prefill(mask=new_mask, length=length, shift=shift)
-        if self.stage_objs:  # later stages find the kept visual tokens here
-            ids_kept = gather_rows(ids.masked_fill(~(keep & visual), -1), src).masked_fill(~new_mask.bool(), -1)
-            self.state.layout = Layout(ids_kept, new_mask.bool(), [i.token_id for i in items], kept_lengths,
-                                       list(rows), True)
-        kwargs = self.press_extras(kwargs, keep, visual, src, new_mask.bool(), k_total)
-        return {**kwargs, "inputs_embeds": new_embeds, "attention_mask": new_mask, "position_ids": new_pos}, pre
+        return {**kwargs, "inputs_embeds": out.x, "attention_mask": new_mask, "position_ids": new_pos}, pre
 
-    def _context(self, press: Press, embeds, visual, valid, members: list[int], owner: Tensor, text):
+    def _input_layout(self, kwargs: dict) -> Layout:
+        """Where the visual items sit in the language model's unpressed input (placeholder ids;
+        transformers checked their counts against the features when it scattered them)."""
+        ids, items, mask = self.state.input_ids, self.state.items, kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError("pressing needs a 2-D attention mask (batch, seq); got a 4-D mask")
+        visual = torch.zeros_like(ids, dtype=torch.bool)
+        for token_id in {item.token_id for item in items}:
+            visual |= ids == token_id
+        valid = torch.ones_like(visual) if mask is None else mask.bool()
+        return Layout(ids.masked_fill(~visual, -1), valid, [i.token_id for i in items], [i.length for i in items],
+                      list(self.state.rows), True)
+
+    def _context(self, press: Press, embeds, layout: Layout, members: list[int], owner: Tensor, text: list):
         """The signals ``press.needs`` for one group of items of equal shape (``owner``: the row
         of each, on the device); ``text`` caches the padded text of every row across groups."""
         needs, items = set(press.needs), [self.state.items[i] for i in members]
@@ -452,11 +414,11 @@ class Adapter:
         if {"cls_attn", "vision_keys"} & needs:
             self.fill_signals(press, ctx, items)
         if "text" in needs:
-            if text is None:
-                src, text_mask = compact_index(valid & ~visual, self._text_width)
-                text = gather_rows(embeds, src), text_mask
+            if not text:
+                src, text_mask = layout.text_rows()
+                text[:] = gather_rows(embeds, src), text_mask
             ctx.text, ctx.text_mask = text[0][owner], text[1][owner]
-        return ctx, text
+        return ctx
 
     # ---- decoding ---------------------------------------------------------------------------
     def _map_decoding(self, pre: _Prefill, kwargs: dict, embeds: Tensor, past: int) -> dict:
@@ -480,5 +442,6 @@ class Adapter:
             pos = (past + pre.length - new_len + torch.arange(q, device=embeds.device)).expand(b, q)
         elif self.state.positions_from_cache:  # the model numbered from the pressed cache length
             pos = pos + (pre.length - new_len)
-        pos = pos - pre.shift[:, None]
+        if pre.shift is not None:
+            pos = pos - pre.shift[:, None]
         return {**kwargs, "attention_mask": torch.cat([pre.mask, tail], dim=1), "position_ids": pos}

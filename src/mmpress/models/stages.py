@@ -73,13 +73,16 @@ class Layout:
             rows = rows.clamp(min=0)
             return rows, ok & self.valid.gather(1, rows)
         if query == "text":
-            text = self.valid & (self.ids < 0)
-            per_row = defaultdict(int)
-            for row, n in zip(self.rows, self.lengths):
-                per_row[row] += n
-            width = w - min(per_row[r] for r in range(b))
-            return compact_index(text, width)
+            return self.text_rows()
         raise ValueError(f"unknown query rows {query!r}: use 'last', 'window', 'text' or 'all'")
+
+    def text_rows(self) -> tuple[Tensor, Tensor]:
+        """(B, T) columns of each row's text tokens, left-aligned in T = the most any row holds
+        (a host fact: the row with the fewest visual tokens), and (B, T) their validity."""
+        visual_per_row = [0] * self.valid.shape[0]
+        for row, n in zip(self.rows, self.lengths):
+            visual_per_row[row] += n
+        return compact_index(self.valid & (self.ids < 0), self.valid.shape[1] - min(visual_per_row))
 
     def attention(self, layer, hidden: Tensor, position_embeddings, query: str, window: int,
                   keys: Tensor | None = None, projected: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -97,6 +100,50 @@ def _group(layout: Layout, extra: list | None = None) -> dict[tuple, list[int]]:
     for i, (token_id, n) in enumerate(zip(layout.token_ids, layout.lengths)):
         groups[(token_id, n, *(extra[i] if extra else ()))].append(i)
     return groups
+
+
+@dataclass
+class Compacted:
+    """A batch after its items were pressed: ``x`` (B, W', D) the kept tokens, re-padded on the
+    left; ``src`` (B, W') the input column each holds; ``keep`` (B, W) the input columns kept;
+    ``layout`` the visual tokens of the compacted sequence."""
+
+    x: Tensor
+    src: Tensor
+    keep: Tensor
+    layout: Layout
+
+
+def press_items(x: Tensor, layout: Layout, groups, press_group) -> tuple[Compacted | None, list[int]]:
+    """Press the items of ``x`` (B, W, D) group by group and compact the rows, without host syncs
+    (the width follows from host facts: item lengths and rows). ``groups``: lists of items of equal
+    shape; ``press_group(members, flat, tokens)`` -> (kept (G, k, D), index (G, k)) for one group
+    (``flat`` (G, n): the flat positions of its tokens in ``x``). Returns the compacted batch (None
+    when every token is kept: the caller leaves its call untouched) and the kept tokens per item."""
+    b, w, dim = x.shape
+    flats, values = layout.flats(), x.reshape(b * w, dim)
+    lengths, dropped = list(layout.lengths), [0] * b
+    kept_flat, kept_values = [], []
+    for members in groups:
+        flat = torch.stack([flats[i] for i in members])  # (G, n)
+        kept, index = press_group(members, flat, values[flat])
+        n, k = flat.shape[1], index.shape[1]
+        for i in members:
+            dropped[layout.rows[i]] += n - k
+            lengths[i] = k
+        kept_flat.append(flat.gather(1, index).reshape(-1))  # whole items too: their tokens stay
+        kept_values.append(kept.reshape(-1, dim).to(x.dtype))
+    if not any(dropped):
+        return None, lengths
+    kept_all = torch.cat(kept_flat)
+    values = values.index_copy(0, kept_all, torch.cat(kept_values))
+    keep = (layout.valid & (layout.ids < 0)).view(-1).index_fill(0, kept_all, True).view(b, w)
+    src, valid = compact_index(keep, w - min(dropped))  # the row losing fewest tokens sets the width
+    ids = gather_rows(layout.ids.masked_fill(~keep, -1), src).masked_fill(~valid, -1)
+    # rows lost equal counts from an unpadded sequence: still unpadded (the model's mask may stay None)
+    uniform = layout.uniform and len(set(dropped)) == 1
+    out = Layout(ids, valid, layout.token_ids, lengths, layout.rows, uniform)
+    return Compacted(gather_rows(values.view(b, w, dim), src), src, keep, out), lengths
 
 
 def _heads_last(x: Tensor) -> Tensor:
@@ -123,7 +170,6 @@ class _Run:
     first_flats: list[Tensor]  # their flat positions in the language model's input
     embeds: Tensor  # the language model's input embeddings
     cols: Tensor
-    dropped: list[int]  # tokens each row has lost so far (host)
     recorded: dict[int, tuple] = field(default_factory=dict)  # signal layer -> (hidden, rotary)
     cuts: list[_Cut] = field(default_factory=list)
     memo: dict = field(default_factory=dict)  # (kwarg, id(value), cuts) -> its cut
@@ -158,7 +204,7 @@ class LayerStage:
     def start(self, layout: Layout, embeds: Tensor) -> None:
         b, w = layout.ids.shape
         cols = torch.arange(w, device=layout.ids.device).expand(b, w)
-        self.run = _Run(layout, list(layout.lengths), layout.flats(), embeds, cols, [0] * b)
+        self.run = _Run(layout, list(layout.lengths), layout.flats(), embeds, cols)
         self.memo = {}
 
     def begin_call(self) -> None:
@@ -224,7 +270,7 @@ class LayerStage:
                 out["rows"] = attention_rows(q, k, rows, layout.valid, scaling)
             out["keys"] = _heads_last(k).flatten(1)  # (B * W, Hkv * d)
         if needs & {"text", "llm_keys"}:
-            rows, ok = layout.query_rows("text", 0)
+            rows, ok = layout.text_rows()
             out["text_rows"], out["text_mask"] = rows, ok
             out["text"] = gather_rows(run.embeds, run.cols.gather(1, rows))  # input embeddings, as pre_llm
             out["text_hidden"] = gather_rows(hidden, rows)
@@ -251,38 +297,21 @@ class LayerStage:
         """Press every item at layer ``i``; returns the compacted hidden states."""
         press, layout = self.press, run.layout
         signals = self._signals(i, run, hidden, kwargs)
-        b, w, dim = hidden.shape
-        stage = self.starts.index(i)
-        flat_all = layout.flats()
-        values = hidden.reshape(b * w, dim)
-        kept_flat, kept_values, new_lengths = [], [], list(layout.lengths)
-        dropped = [0] * b
-        for (_, n, n0), members in _group(layout, [(f,) for f in run.first]).items():
-            flat = torch.stack([flat_all[m] for m in members])
+        stage, w = self.starts.index(i), hidden.shape[1]
+        groups = _group(layout, [(f,) for f in run.first])
+
+        def press_group(members, flat, tokens):
             first = torch.stack([run.first_flats[m] for m in members])
-            ctx = self._context(signals, run, flat, first, w)
-            k = min(press.budgets(n0)[stage], n)
-            kept, index = press.press(values[flat], ctx, k)
-            for m in members:
-                new_lengths[m] = k
-                dropped[layout.rows[m]] += n - k
-            kept_flat.append(flat.gather(1, index).reshape(-1))
-            kept_values.append(kept.reshape(-1, dim).to(hidden.dtype))
-        run.counts.append((i, sum(new_lengths)))
-        if not any(dropped):  # keep-all: the layers run unchanged, bit-identical to the unpressed model
+            k = min(press.budgets(run.first[members[0]])[stage], flat.shape[1])
+            return press.press(tokens, self._context(signals, run, flat, first, w), k)
+
+        out, lengths = press_items(hidden, layout, groups.values(), press_group)
+        run.counts.append((i, sum(lengths)))
+        if out is None:  # keep-all: the layers run unchanged, bit-identical to the unpressed model
             return hidden
-        kept_all = torch.cat(kept_flat)
-        values = values.index_copy(0, kept_all, torch.cat(kept_values))
-        keep = (layout.valid & (layout.ids < 0)).view(-1).index_fill(0, kept_all, True).view(b, w)
-        width = w - min(dropped)
-        src, valid = compact_index(keep, width)
-        ids = gather_rows(layout.ids.masked_fill(~keep, -1), src).masked_fill(~valid, -1)
-        run.dropped = [a + d for a, d in zip(run.dropped, dropped)]
-        run.layout = Layout(ids, valid, layout.token_ids, new_lengths, layout.rows,
-                            layout.uniform and len(set(run.dropped)) == 1)
-        run.cols = run.cols.gather(1, src)
-        run.cuts.append(_Cut(i, run.cols, valid))
-        return gather_rows(values.view(b, w, dim), src)
+        run.layout, run.cols = out.layout, run.cols.gather(1, out.src)
+        run.cuts.append(_Cut(i, run.cols, out.layout.valid))
+        return out.x
 
     # ---- decoding ---------------------------------------------------------------------------
     def _decoding(self, i: int, args, hidden: Tensor, kwargs: dict):
