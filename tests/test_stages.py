@@ -579,3 +579,29 @@ def test_pressed_forward_equals_kept_tokens_run_through_the_remaining_layers(nam
         expected = model.lm_head(lm.norm(hidden))
     assert len(pre.cuts) == (3 if name == "pdrop" else 1)
     torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_kv_press_sharing_one_selection_across_heads(kind, model):
+    """``per_head = False``: one selection per image from the head-averaged scores, the same
+    entries kept in every KV head; decoding and a later turn run on that cache."""
+    from dataclasses import dataclass
+
+    from mmpress.presses.snapkv import SnapKVPress
+
+    @dataclass
+    class SharedSnapKV(SnapKVPress):
+        per_head = False
+
+    batch = batches(kind, model)["single"]
+    press = SharedSnapKV(keep=presses(kind)["snapkv"]["keep"], window=4)
+    out, pre = prefill_record(model, batch, press)
+    kept = kv_allowed(model, batch, out.past_key_values)
+    for i in range(LAYERS):
+        masks = kept(i)
+        assert torch.equal(masks, masks[:, :1].expand_as(masks))  # every head keeps the same entries
+    assert pre.mask.shape[1] < batch["input_ids"].shape[1]
+    with torch.no_grad(), press(model):
+        gen = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, suppress_tokens=VISUAL_IDS)
+    expected = oracle_logits(model, batch, kept, gen.sequences[:, -3:-1], kv=True)[:, -1]
+    torch.testing.assert_close(gen.logits[2], expected, atol=1e-4, rtol=1e-4)

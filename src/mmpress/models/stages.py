@@ -338,6 +338,7 @@ class _KVRun:
     layout: Layout
     inputs: tuple | None = None  # (hidden states, rotary embeddings) entering the current layer
     queries: Tensor | None = None  # its q_proj output, when every prompt row queries
+    head_layout: Layout | None = None  # ``layout`` per KV head (per-head presses), made once
     mask: Tensor | None = None  # (B, L') the pressed cache's mask, once a layer is pressed
     kept: int = 0  # visual entries kept per KV head, over the batch
 
@@ -388,57 +389,48 @@ class KVStage:
         if type(entry).__name__ != "DynamicLayer":
             raise ValueError(f"KV presses evict from a DynamicCache (the default cache); this cache's layer is a "
                              f"{type(entry).__name__}: pass no cache_implementation / past_key_values")
-        press, layout = self.press, run.layout
-        hidden, pe = run.inputs
+        press, (hidden, pe) = self.press, run.inputs
         keys, values = entry.keys, entry.values
         b, heads, w, d = keys.shape
-        attn, _ = layout.attention(self.layers[i], hidden, pe, press.query, press.window, keys=keys,
-                                   projected=run.queries)
+        attn, _ = run.layout.attention(self.layers[i], hidden, pe, press.query, press.window, keys=keys,
+                                       projected=run.queries)
         run.queries = None
-        per_head = press.per_head
-        attn_rows = _heads_last(attn)  # (B * W, Hkv)
-        key_rows, value_rows = _heads_last(keys), _heads_last(values)  # (B * W, Hkv, d)
-        flat_all = layout.flats()
-        dropped = [0] * b
-        dest, new_k, new_v = [], [], []
-        base = torch.arange(heads, device=keys.device) * w  # (Hkv,)
-        kept_total = 0
-        for (_, n), members in _group(layout).items():
-            flat = torch.stack([flat_all[m] for m in members])  # (G, n) into B * W
-            g = flat.shape[0]
+        kv = torch.cat([keys, values], dim=-1)  # (B, Hkv, W, 2d): an entry's key and value travel together
+        if press.per_head:  # each KV head's entries are an item of their own: rows (b, h)
+            layout = run.head_layout or _per_head(run.layout, heads)
+            run.head_layout = layout
+            x, scores = kv.reshape(b * heads, w, 2 * d), attn.reshape(-1)
+        else:  # one selection for all heads: an entry is its keys and values over the heads
+            layout, x, scores = run.layout, kv.transpose(1, 2).reshape(b, w, heads * 2 * d), attn.mean(dim=1).reshape(-1)
+
+        def press_group(members, flat, tokens):
+            g, n = flat.shape
+            parts = tokens.view(g, n, -1, 2 * d)  # (G, n, heads or 1, 2d)
+            ctx = VisualContext(llm_attn=scores[flat], llm_keys=parts[..., :d].flatten(2))
             k = press.budget(n)
-            ctx = VisualContext()
-            if per_head:  # (G * Hkv, n, ...): each KV head an item of its own
-                ctx.llm_attn = attn_rows[flat].permute(0, 2, 1).reshape(g * heads, n)
-                kk = key_rows[flat].transpose(1, 2).reshape(g * heads, n, d)
-                vv = value_rows[flat].transpose(1, 2).reshape(g * heads, n, d)
-            else:
-                ctx.llm_attn = attn_rows[flat].mean(dim=-1)
-                kk, vv = key_rows[flat].flatten(2), value_rows[flat].flatten(2)
-            ctx.llm_keys = kk
             if k >= n:
-                index = torch.arange(n, device=keys.device).expand(kk.shape[0], n)
-                ko, vo = kk, vv
-            else:
-                ko, vo, index = press.press_kv(kk, vv, ctx, k)
-            index = index.view(g, heads, -1) if per_head else index[:, None].expand(g, heads, index.shape[1])
-            ko = ko.view(g, heads, -1, d) if per_head else ko.view(g, -1, heads, d).transpose(1, 2)
-            vo = vo.view(g, heads, -1, d) if per_head else vo.view(g, -1, heads, d).transpose(1, 2)
-            pos = flat[:, None, :].expand(g, heads, n).gather(2, index)  # (G, Hkv, k) flat b * W + col
-            dest.append(((pos // w) * heads * w + base[None, :, None] + pos % w).reshape(-1))  # into (B*Hkv*W)
-            new_k.append(ko.reshape(-1, d))
-            new_v.append(vo.reshape(-1, d))
-            kk_n = index.shape[2]
-            kept_total += kk_n * g
-            for m in members:
-                dropped[layout.rows[m]] += n - kk_n
-        dest_all = torch.cat(dest)
-        keys = keys.reshape(-1, d).index_copy(0, dest_all, torch.cat(new_k).to(keys.dtype))
-        values = values.reshape(-1, d).index_copy(0, dest_all, torch.cat(new_v).to(values.dtype))
-        text = (layout.valid & (layout.ids < 0))[:, None, :].expand(b, heads, w).reshape(-1)
-        keep = text.index_fill(0, dest_all, True).view(b * heads, w)
-        width = w - min(dropped)
-        src, mask = compact_index(keep, width)
-        entry.keys = gather_rows(keys.view(b * heads, w, d), src).view(b, heads, width, d)
-        entry.values = gather_rows(values.view(b * heads, w, d), src).view(b, heads, width, d)
-        run.mask, run.kept = mask.view(b, heads, width)[:, 0], kept_total
+                return tokens, torch.arange(n, device=tokens.device).expand(g, n)
+            kept_k, kept_v, index = press.press_kv(ctx.llm_keys, parts[..., d:].flatten(2), ctx, k)
+            kept = torch.cat([kept_k.view(g, k, -1, d), kept_v.view(g, k, -1, d)], dim=-1)
+            return kept.view(g, k, -1), index
+
+        out, lengths = press_items(x, layout, _group(layout).values(), press_group)
+        if out is None:  # every entry kept: the cache stays as it is
+            return
+        width = out.src.shape[1]
+        if press.per_head:
+            kv, mask = out.x.view(b, heads, width, 2 * d), out.layout.valid.view(b, heads, width)[:, 0]
+        else:
+            kv, mask = out.x.view(b, width, heads, 2 * d).transpose(1, 2), out.layout.valid
+        entry.keys, entry.values = kv[..., :d].contiguous(), kv[..., d:].contiguous()
+        run.mask, run.kept = mask, sum(lengths) // (heads if press.per_head else 1)
+
+
+def _per_head(layout: Layout, heads: int) -> Layout:
+    """``layout`` with every row repeated per KV head (row b * heads + h) and every item per head,
+    listed in row-major order as ``Layout.flats`` finds them."""
+    b, w = layout.ids.shape
+    order = sorted((row, h, i) for i, row in enumerate(layout.rows) for h in range(heads))
+    per_head = lambda t: t[:, None].expand(b, heads, w).reshape(b * heads, w)  # noqa: E731
+    return Layout(per_head(layout.ids), per_head(layout.valid), [layout.token_ids[i] for _, _, i in order],
+                  [layout.lengths[i] for _, _, i in order], [row * heads + h for row, h, _ in order], layout.uniform)
