@@ -265,13 +265,14 @@ class LayerStage:
         if needs & {"llm_attn", "llm_keys"}:
             rows, ok = layout.query_rows(press.query, press.window)
             q, k, scaling = queries_keys(self.layers[s], sig_hidden, sig_pe, rows)
-            out["attn"] = received_attention(q, k, rows, ok, layout.valid, scaling).mean(dim=1).reshape(-1)
-            if press.query == "text":  # each text row's attention (SparseVLM's raters)
-                out["rows"] = attention_rows(q, k, rows, layout.valid, scaling)
-            out["keys"] = _heads_last(k).flatten(1)  # (B * W, Hkv * d)
+            if "llm_attn" in needs:
+                out["attn"] = received_attention(q, k, rows, ok, layout.valid, scaling).mean(dim=1).reshape(-1)
+                if press.query == "text":  # each text row's attention (SparseVLM's raters)
+                    out["rows"] = attention_rows(q, k, rows, layout.valid, scaling)
+            if "llm_keys" in needs:
+                out["keys"] = _heads_last(k).flatten(1)  # (B * W, Hkv * d)
         if needs & {"text", "llm_keys"}:
-            rows, ok = layout.text_rows()
-            out["text_rows"], out["text_mask"] = rows, ok
+            rows, out["text_mask"] = layout.text_rows()
             out["text"] = gather_rows(run.embeds, run.cols.gather(1, rows))  # input embeddings, as pre_llm
             out["text_hidden"] = gather_rows(hidden, rows)
             if "keys" in out:
@@ -281,7 +282,9 @@ class LayerStage:
     def _context(self, signals: dict, run: _Run, flat: Tensor, first: Tensor, w: int) -> VisualContext:
         ctx, owner = VisualContext(), flat[:, 0] // w
         if "attn" in signals:
-            ctx.llm_attn, ctx.llm_keys = signals["attn"][flat], signals["keys"][flat]
+            ctx.llm_attn = signals["attn"][flat]
+        if "keys" in signals:
+            ctx.llm_keys = signals["keys"][flat]
         if "rows" in signals:  # (G, R, n)
             ctx.llm_attn_rows = signals["rows"][owner].gather(2, (flat % w)[:, None].expand(-1, signals["rows"].shape[1], -1))
         if "text" in signals:
