@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PAD, LlavaForConditionalGeneration, make_batch, tiny_llava
+from conftest import PAD, make_batch, tiny_llava
 from test_qwen_vl import RAGGED, SINGLE, VIDEO_ROWS, tiny_qwen
 from test_qwen_vl import make_batch as qwen_batch
 

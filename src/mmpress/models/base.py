@@ -36,6 +36,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from mmpress.eval.cost import layer_lengths
 from mmpress.models.protocol import cache_length, protocol
 from mmpress.models.stages import KVStage, LayerStage, Layout, press_items
 from mmpress.ops.sequence import gather_rows
@@ -325,9 +326,7 @@ class Adapter:
             if isinstance(stage, LayerStage) and done[0]:
                 cuts, counts = done
                 n_layers, visual = len(stage.layers), self.stats["kept_visual_tokens"]
-                per_layer = [visual] * n_layers
-                for layer, kept in counts:
-                    per_layer[layer:] = [kept] * (n_layers - layer)
+                per_layer = layer_lengths(n_layers, visual, counts)  # visual tokens each layer runs on
                 self.stats.update(layer_kept=[(layer, kept) for layer, kept in counts], kept_visual_tokens=counts[-1][1],
                                   layer_avg_visual_tokens=sum(per_layer) / n_layers,
                                   layer_seq_len=[(c.start, c.cols.shape[1]) for c in cuts])

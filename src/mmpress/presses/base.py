@@ -56,7 +56,8 @@ class VisualContext:
 
     Language-model signals (``in_llm`` and ``kv`` presses), at the press's signal layer:
     llm_attn:     (M, N) softmax attention the tokens receive from the press's query rows (last
-                  token, text tokens or an observation window), mean over query rows and heads;
+                  token, text tokens, an observation window or every prompt row), mean over
+                  query rows and heads;
                   for a per-head KV press, M = images x KV heads and the mean is over the query
                   heads sharing each KV head.
     llm_attn_rows: (M, T, N) in-LLM presses whose query rows are the text tokens: each text row's
@@ -207,7 +208,8 @@ class LayerPress(ScorerPress):
     layers' KV cache, layers before keep their full cache. Kept tokens keep their position ids.
 
     ``score`` reads ``ctx.llm_attn``: the attention the visual tokens receive from the ``query``
-    rows ("last": the last token; "text": every text token; "window": the last ``window`` tokens)
+    rows ("last": the last token; "text": every text token; "window": the last ``window`` tokens;
+    "all": every prompt token)
     at decoder layer ``signal_layer(layer)``, from its queries and keys (the model keeps running
     with SDPA). The budget counts visual tokens per image from ``layer`` on; the bench reports
     it with the layer-averaged count.
