@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmpress.api import ANSWER_HINT, encode
-from mmpress.eval.cost import kv_cache_bytes, prefill_flops, stats_lengths, time_call
+from mmpress.eval.cost import prefill_flops, prompt_cache_bytes, stats_lengths, time_call
 from mmpress.eval.metrics import (LEVEL, RESAMPLES, accuracy, agreements, bootstrap_ci, correctness, is_labelled,
                                   kl_divergence)
 from mmpress.presses.base import PRESSES, Press, get_press
@@ -192,7 +192,7 @@ def run_bench(
         for samples in batches:
             inputs = inputs_of(samples)
             answers, logits, stats = _generate(model, processor, inputs, baseline.make(), max_new_tokens)
-            baseline.add(answers, stats, _flops(model.config, inputs, stats), _kv_bytes(model, stats, len(samples)))
+            baseline.add(answers, stats, _flops(model.config, inputs, stats), prompt_cache_bytes(model, stats, len(samples)))
             references.append(logits)
             first = first or (inputs, stats)  # the timing batch, and its token counts unpressed
             progress.advance(task)
@@ -212,7 +212,7 @@ def run_bench(
                 for samples, reference in zip(batches, references):
                     inputs = inputs_of(samples)
                     answers, logits, stats = _generate(model, processor, inputs, cell.make(), max_new_tokens)
-                    cell.add(answers, stats, _flops(model.config, inputs, stats), _kv_bytes(model, stats, len(samples)),
+                    cell.add(answers, stats, _flops(model.config, inputs, stats), prompt_cache_bytes(model, stats, len(samples)),
                              kl=kl_divergence(reference, logits))
                     progress.advance(task)
             progress.update(task, description=f"timing: {label}")
@@ -304,13 +304,6 @@ def _flops(config, inputs: dict, stats: dict):
         return None
     seq_len, layer_seq_len = stats_lengths(stats)
     return prefill_flops(config, inputs, seq_len, layer_seq_len=layer_seq_len)
-
-
-def _kv_bytes(model, stats: dict, batch: int) -> int:
-    """Bytes of the prompt's KV cache after a (pressed) prefill, each layer at its own length."""
-    seq_len, layer_seq_len = stats_lengths(stats, cache=True)
-    return kv_cache_bytes(model.config.get_text_config(), seq_len, batch=batch, dtype=next(model.parameters()).dtype,
-                          layer_seq_len=layer_seq_len)
 
 
 def _time_prefill(model, inputs: dict, base_stats: dict, cell: _Cell, repeats: int) -> dict:

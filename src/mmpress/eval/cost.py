@@ -173,6 +173,15 @@ def kv_cache_bytes(text_cfg, seq_len: int, batch: int = 1, dtype: torch.dtype = 
     return 2 * kv_heads * head_dim * entries * batch * itemsize
 
 
+def prompt_cache_bytes(model, stats: dict, batch: int) -> int:
+    """Bytes of the prompt's KV cache ``model`` holds after a (pressed) prefill of ``batch`` rows
+    whose token counts are ``stats`` (a press's, or ``{"seq_len": L}`` unpressed), each layer at
+    its own length."""
+    seq_len, layer_seq_len = stats_lengths(stats, cache=True)
+    return kv_cache_bytes(model.config.get_text_config(), seq_len, batch=batch, dtype=next(model.parameters()).dtype,
+                          layer_seq_len=layer_seq_len)
+
+
 def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall-clock seconds of ``fn()`` (synchronising CUDA if it is in use)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-from mmpress.eval.cost import decode_seconds, kv_cache_bytes, prefill_flops, stats_lengths, time_call
+from mmpress.eval.cost import decode_seconds, prefill_flops, prompt_cache_bytes, stats_lengths, time_call
 from mmpress.presses.base import PRESSES, get_press
 
 IMAGE_TOKEN = 3
@@ -324,18 +324,13 @@ def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repea
     base = statistics.median(cells[0]["times"])
     base_decode = statistics.median(cells[0]["decode"]) if decode_steps else None
     base_flops = prefill_flops(config, inputs, width)
-    text_config, dtype = config.get_text_config(), next(model.parameters()).dtype
-    base_kv = kv_cache_bytes(text_config, width, batch=batch, dtype=dtype)
+    base_kv = prompt_cache_bytes(model, {"seq_len": width}, batch)
     rows = []
     for cell in cells:
         seconds = statistics.median(cell["times"])
         press, stats = cell["obj"], cell["stats"]
         flops = base_flops if press is None else prefill_flops(config, inputs, *stats_lengths(stats))
-        if press is None:
-            kv = base_kv
-        else:
-            cache_len, cache_layers = stats_lengths(stats, cache=True)
-            kv = kv_cache_bytes(text_config, cache_len, batch=batch, dtype=dtype, layer_seq_len=cache_layers)
+        kv = base_kv if press is None else prompt_cache_bytes(model, stats, batch)
         speedup, limit = base / seconds, base_flops.total / flops.total
         overhead = 0.0 if press is None else statistics.median(cell["spent"]) / base
         row = dict(press=cell["press"], keep=cell["keep"], stage="none" if press is None else press.stage,
