@@ -1,12 +1,12 @@
-"""GPU time of the two greedy selections: PyTorch reference loop vs the Triton kernels.
+"""GPU time of the greedy selections: PyTorch reference loop vs the Triton kernels.
 
-``max_min_diversity`` (DivPrune) and ``greedy_coverage`` (MMTok) at N=576 / k=64 and
+``max_min_diversity`` (DivPrune), ``greedy_coverage`` (MMTok) and ``greedy_dpp_map`` (CDPruner) at N=576 / k=64 and
 N=2304 / k=576, M in {1, 8} images of D=4096 bf16 tokens, each timed with the similarity step
 included (tokens -> picks, what a press pays) and excluded (precomputed distance / coverage
 matrix -> picks). CUDA events, warm-up, median of --repeats. Checks that both paths pick the
-same tokens (diversity: identical; coverage: the share of identical picks and the coverage value
-f(S) of the Triton picks relative to the reference's, since its gains are summed in another
-order). Targets (issue "At the speed limit on a GPU"): <= 1 ms at N=576/k=64, <= 3 ms at
+same tokens (diversity: identical; coverage and DPP: the share of identical picks and the value
+f(S) of the Triton picks relative to the reference's -- coverage, or det(L_S) for the DPP -- since
+they sum in another order). Targets (issue "At the speed limit on a GPU"): <= 1 ms at N=576/k=64, <= 3 ms at
 N=2304/k=576. Writes benchmarks/results/greedy_gpu.json and greedy_gpu.md.
 
     python benchmarks/greedy_gpu.py [--repeats 20] [--batches 1,8]
@@ -25,6 +25,7 @@ import torch
 from mmpress.ops import triton_greedy
 from mmpress.ops.coverage import greedy_coverage, greedy_coverage_torch
 from mmpress.ops.diversity import farthest_nearest_neighbour, greedy_max_min, max_min_diversity
+from mmpress.ops.dpp import greedy_dpp_map, greedy_dpp_map_torch
 from mmpress.ops.similarity import cosine_distance, cosine_similarity
 
 RESULTS = Path(__file__).parent / "results"
@@ -56,6 +57,25 @@ def mmtok_cover(tokens, text):
     return torch.cat([p, 0.5 * q], dim=1)
 
 
+def cdpruner_kernel(tokens, text):
+    """CDPruner's conditional kernel diag(q) S diag(q) (presses/cdpruner.py defaults), (M, N, N)."""
+    r = cosine_similarity(tokens, text).mean(dim=-1)
+    low, high = r.amin(dim=-1, keepdim=True), r.amax(dim=-1, keepdim=True)
+    q = (r - low + 1e-6) / (high - low)
+    sim = cosine_similarity(tokens)
+    sim.diagonal(dim1=1, dim2=2).fill_(1.0)
+    return q.unsqueeze(-1) * sim * q.unsqueeze(-2)
+
+
+def det_ratio(kernel, got, ref):
+    """min over images of det(L_got) / det(L_ref), from float64 log-determinants."""
+    def logdet(index):
+        sub = kernel.gather(1, index.unsqueeze(-1).expand(-1, -1, kernel.shape[2]))
+        sub = sub.gather(2, index.unsqueeze(1).expand(-1, index.shape[1], -1))
+        return torch.linalg.slogdet(sub.double())[1]
+    return (logdet(got) - logdet(ref)).exp().min().item()
+
+
 def coverage_value(cover, index):
     picked = cover.gather(2, index.unsqueeze(1).expand(-1, cover.shape[1], -1))
     return picked.amax(dim=2).clamp_min(0).sum(dim=1).double()
@@ -78,6 +98,7 @@ def bench(n: int, k: int, m: int, repeats: int) -> list[dict]:
     dist = cosine_distance(tokens)
     first = farthest_nearest_neighbour(dist)
     cover = mmtok_cover(tokens, text)
+    kernel = cdpruner_kernel(tokens, text)
     cases = {
         ("diversity", True): (lambda: greedy_max_min(dist, k, first), lambda: triton_greedy.max_min(dist, first, k)),
         ("diversity", False): (with_triton(False, lambda: max_min_diversity(tokens, k)),
@@ -85,6 +106,9 @@ def bench(n: int, k: int, m: int, repeats: int) -> list[dict]:
         ("coverage", True): (lambda: greedy_coverage_torch(cover, k), lambda: triton_greedy.greedy_coverage(cover, k)),
         ("coverage", False): (with_triton(False, lambda: greedy_coverage(mmtok_cover(tokens, text), k)),
                               with_triton(True, lambda: greedy_coverage(mmtok_cover(tokens, text), k))),
+        ("dpp", True): (lambda: greedy_dpp_map_torch(kernel, k), lambda: triton_greedy.greedy_dpp(kernel, k)),
+        ("dpp", False): (with_triton(False, lambda: greedy_dpp_map(cdpruner_kernel(tokens, text), k)),
+                         with_triton(True, lambda: greedy_dpp_map(cdpruner_kernel(tokens, text), k))),
     }
     rows = []
     for (op, excluded), (ref_fn, tri_fn) in cases.items():
@@ -94,6 +118,8 @@ def bench(n: int, k: int, m: int, repeats: int) -> list[dict]:
                "same_picks": (ref == tri).float().mean().item(), "target_ms": TARGET_MS[n]}
         if op == "coverage":
             row["value_ratio"] = (coverage_value(cover, tri) / coverage_value(cover, ref)).min().item()
+        elif op == "dpp":
+            row["value_ratio"] = det_ratio(kernel, tri, ref)
         row["speedup"] = row["torch_ms"] / row["triton_ms"]
         rows.append(row)
         print(f"{op:9s} N={n:4d} k={k:3d} M={m} similarity {row['similarity']:8s}: torch {row['torch_ms']:8.2f} ms, "
@@ -124,7 +150,7 @@ def main():
     (args.out / "greedy_gpu.json").write_text(json.dumps(record, indent=2))
     lines = [f"# Greedy selections on {record['device']}: PyTorch loop vs Triton kernel", "",
              f"torch {record['torch']}, triton {record['triton']}; tokens (M, N, {D}) bf16, MMTok coverage with "
-             f"{TEXT} text rows; CUDA events, median of {args.repeats}. 'included': tokens -> picks (similarity "
+             f"{TEXT} text rows, CDPruner's kernel from the same text; CUDA events, median of {args.repeats}. 'included': tokens -> picks (similarity "
              "matrix built inside); 'excluded': precomputed matrix -> picks.", "",
              "| op | N | k | M | similarity | torch ms | triton ms | speedup | target ms | same picks | f(S) ratio |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]

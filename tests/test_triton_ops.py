@@ -1,9 +1,9 @@
 """The Triton greedy kernels (ops.triton_greedy) against the PyTorch reference loops, on CPU through
 Triton's interpreter (TRITON_INTERPRET=1 runs a kernel's program on CPU tensors with numpy).
 
-Max-min diversity must give identical picks (a running minimum is exact). Coverage sums its gains
-in another order than torch, so at a near-tie the kernel may take the other candidate: there the
-test asks that both candidates have the same reference gain (to float precision), and exact ties
+Max-min diversity must give identical picks (a running minimum is exact). Coverage and the DPP
+sum in another order than torch, so at a near-tie the kernel may take the other candidate: there
+the test asks that both candidates have the same gain (to float precision), and exact ties
 (duplicated candidates, zero gains) must go to the lowest index exactly as in the reference.
 Skipped when triton is not installed."""
 
@@ -31,8 +31,9 @@ pytest.importorskip("triton")
 
 from mmpress.ops import triton_greedy  # noqa: E402
 from mmpress.ops.coverage import greedy_coverage, greedy_coverage_torch  # noqa: E402
+from mmpress.ops.dpp import greedy_dpp_map, greedy_dpp_map_torch  # noqa: E402
 from mmpress.ops.diversity import farthest_nearest_neighbour, greedy_max_min, max_min_diversity  # noqa: E402
-from mmpress.ops.similarity import cosine_distance  # noqa: E402
+from mmpress.ops.similarity import cosine_distance, cosine_similarity  # noqa: E402
 
 interpreted = pytest.mark.skipif(not IN_PROCESS, reason="triton imported before TRITON_INTERPRET=1: "
                                  "run by test_kernels_in_fresh_interpreter")
@@ -79,6 +80,69 @@ def check_coverage(cover, k):
         gain = (c - best).clamp_min(0).sum(dim=0)
         assert gain[g_row[i]] > 0, "exact zero-gain ties must go to the lowest index"
         torch.testing.assert_close(gain[g_row[i]], gain[r_row[i]], rtol=1e-5, atol=1e-7)
+
+
+def dpp_kernel(m, n, d=8, distinct=None, seed=0):
+    """CDPruner's kernel diag(q) S diag(q): S the tokens' cosines (rank <= d), q in (0, 1]."""
+    x = tokens(m, n, d=d, distinct=distinct, seed=seed)
+    sim = cosine_similarity(x)
+    sim.diagonal(dim1=1, dim2=2).fill_(1.0)
+    q = torch.rand(m, n, generator=torch.Generator().manual_seed(seed + 1)) + 1e-3
+    if distinct:  # duplicated tokens of equal quality: exact ties
+        q = q[:, :1].expand(m, n).contiguous()
+    return q.unsqueeze(-1) * sim * q.unsqueeze(-2)
+
+
+def residuals(kernel, picked):
+    """float64 d_j^2 = L_jj - L_jS L_S^+ L_Sj of every item given the picked set S (one image)."""
+    L = kernel.double()
+    if len(picked) == 0:
+        return L.diagonal().clone()
+    ls = L[:, picked]  # (N, |S|)
+    return L.diagonal() - (ls @ torch.linalg.pinv(L[picked][:, picked], hermitian=True) * ls).sum(dim=1)
+
+
+def check_dpp(kernel, k):
+    got, ref = triton_greedy.greedy_dpp(kernel, k), greedy_dpp_map_torch(kernel, k)
+    assert got.shape == ref.shape == (kernel.shape[0], k) and got.dtype == torch.long
+    for g_row, r_row, L in zip(got, ref, kernel):
+        assert len(set(g_row.tolist())) == k
+        differ = (g_row != r_row).nonzero()
+        if len(differ) == 0:
+            continue
+        i = differ[0].item()  # first divergence: both picks must be (near-)equal greedy choices
+        d2 = residuals(L, g_row[:i])
+        scale = L.diagonal().abs().max().double()
+        assert abs(d2[g_row[i]] - d2[r_row[i]]) <= 1e-4 * scale, (i, d2[g_row[i]], d2[r_row[i]])
+
+
+@interpreted
+@pytest.mark.parametrize(("m", "n", "k", "d", "distinct"), [
+    (1, 1, 1, 8, None), (2, 37, 1, 8, None), (3, 37, 10, 16, None), (2, 40, 40, 64, None),
+    (2, 33, 20, 4, None), (2, 50, 50, 8, 3), (1, 129, 40, 32, None), (1, 600, 24, 64, None),
+])
+def test_dpp_kernel_matches_reference(m, n, k, d, distinct):
+    """Full rank, rank below k (the eps path: picks without a factor update), duplicates."""
+    check_dpp(dpp_kernel(m, n, d=d, distinct=distinct, seed=n + k), k)
+
+
+@interpreted
+def test_dpp_kernel_identical_picks_when_well_separated():
+    """Away from near-ties (full rank: no residual sinks to float noise) the picks are identical,
+    in order; a 0.1% error in the residual update changes them here."""
+    for m, n, k, d in [(2, 200, 100, 128), (1, 150, 120, 160)]:
+        kernel = dpp_kernel(m, n, d=d, seed=0)
+        assert torch.equal(triton_greedy.greedy_dpp(kernel, k), greedy_dpp_map_torch(kernel, k))
+
+
+@interpreted
+@kernel_settings
+@given(st.integers(1, 2), st.integers(1, 40), st.data())
+def test_dpp_kernel_property(m, n, data):
+    k = data.draw(st.integers(1, n))
+    distinct = data.draw(st.sampled_from([None, 1, 2, 5]))
+    check_dpp(dpp_kernel(m, n, d=data.draw(st.integers(1, 48)), distinct=distinct,
+                         seed=data.draw(st.integers(0, 99))), k)
 
 
 @interpreted
@@ -154,9 +218,11 @@ def test_dispatch_uses_reference_off_cuda_and_when_disabled(monkeypatch):
     called = []
     monkeypatch.setattr(triton_greedy, "max_min", lambda *a: called.append("max_min"))
     monkeypatch.setattr(triton_greedy, "greedy_coverage", lambda *a: called.append("coverage"))
+    monkeypatch.setattr(triton_greedy, "greedy_dpp", lambda *a: called.append("dpp"))
     x = tokens(2, 12)
     max_min_diversity(x, 4)
     greedy_coverage(torch.rand(2, 5, 12), 4)
+    greedy_dpp_map(dpp_kernel(2, 12), 4)
     assert called == []
     previous = triton_greedy.set_enabled(False)
     try:

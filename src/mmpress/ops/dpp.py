@@ -16,6 +16,9 @@ every d_i^2 and the rows c_i of an incremental Cholesky factor of L_S up to date
 
 one (M, |S|) x (M, |S|, N) product per step: O(N k^2) per kernel for k picks, instead of one
 log-det per candidate per step.
+
+On CUDA the k steps run inside one Triton program per image (``ops.triton_greedy.greedy_dpp``);
+the PyTorch loop :func:`greedy_dpp_map_torch` is the reference and the CPU path.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mmpress.ops import triton_greedy
 from mmpress.ops.similarity import at_least_float32
 
 
@@ -37,12 +41,22 @@ def greedy_dpp_map(kernel: Tensor, k: int, eps: float = 1e-10) -> Tensor:
     picked ones (rank exhausted, every gain is log 0). Fast-map-dpp stops there and the official
     CDPruner loop divides by sqrt(d^2 <= 0) (NaN); we must return k items, so such a step adds
     its pick without updating the factor, and the remaining picks follow the residuals d^2 as
-    they stood. Math in float32 at least; only device ops in the loop (no host sync).
+    they stood. Math in float32 at least. A CUDA float32 kernel runs the Triton kernel (the same
+    picks up to float near-ties), anything else :func:`greedy_dpp_map_torch`.
     """
-    m, n, _ = kernel.shape
+    n = kernel.shape[-1]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     kernel = at_least_float32(kernel)
+    if triton_greedy.use_triton(kernel) and triton_greedy.dpp_fits(kernel):
+        return triton_greedy.greedy_dpp(kernel, k, eps)
+    return greedy_dpp_map_torch(kernel, k, eps)
+
+
+def greedy_dpp_map_torch(kernel: Tensor, k: int, eps: float = 1e-10) -> Tensor:
+    """The greedy's k steps in PyTorch (reference, CPU path): only device ops in the loop (no
+    host sync), so on a GPU it never waits for the host."""
+    m, n, _ = kernel.shape
     d2 = kernel.diagonal(dim1=1, dim2=2).clone()  # (M, N) residual of every item given S
     factor = kernel.new_zeros(m, k, n)  # row i: e of the i-th pick for every item (c_i = factor[:, :, i])
     picks = []

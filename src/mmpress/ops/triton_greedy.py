@@ -1,10 +1,10 @@
-"""Triton kernels for the two greedy selections: one program per image walks all k steps on chip.
+"""Triton kernels for the greedy selections: one program per image walks all k steps on chip.
 
 The PyTorch loops in ``ops.diversity`` / ``ops.coverage`` launch a handful of kernels per greedy
 step, so on a GPU they are bound by launch latency (k = 576 steps: tens of milliseconds). Here a
 single program per image keeps the greedy's running state in registers and loops over the k steps
-itself; each step touches one row of the distance matrix (diversity) or only the coverage rows the
-last pick improved (coverage).
+itself; each step touches one row of the distance matrix (diversity), only the coverage rows the
+last pick improved (coverage), or one kernel row and the Cholesky rows built so far (DPP).
 
 Triton is optional: it is imported on first use (:func:`available`), never by ``import mmpress``.
 The PyTorch loops stay the reference and the CPU path. ``MMPRESS_TRITON=0`` in the environment, or
@@ -171,13 +171,47 @@ def _kernels():
                     count -= tl.sum((ok & (c > lo) & (c <= hi)).to(tl.int32), axis=0)
                 tl.debug_barrier()  # the next step overwrites the list
 
-    return max_min_kernel, max_min_tiled_kernel, coverage_kernel
+    @triton.jit
+    def dpp_kernel(kernel_ptr, factor_ptr, out_ptr, N, K, stride_m, stride_r, eps,
+                   BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Greedy MAP of a DPP for one image (Chen et al., NeurIPS 2018, Algorithm 1; CDPruner's
+        selection), the steps of ``ops.dpp.greedy_dpp_map``: pick j = argmax d^2, then
+        e = (L_j. - <c_j, C>) / d_j, C gains the row e, d^2 -= e^2. The residuals d^2 stay in
+        registers; the Cholesky rows C (i x N at step i) live in a scratch (K, N) block and are
+        read BLOCK_T rows at a time, so a step costs one kernel-row read and i factor-row reads."""
+        m = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_N)
+        valid = offs < N
+        base = kernel_ptr + m * stride_m
+        factor = factor_ptr + m * K * N
+        # residual of every item given S = {}: the diagonal; padding lanes never win an argmax
+        d2 = tl.load(base + offs.to(tl.int64) * stride_r + offs, mask=valid, other=float("-inf"))
+        for i in range(K):
+            d2_pick = tl.max(d2, axis=0)
+            pick = tl.argmax(d2, axis=0, tie_break_left=True).to(tl.int32)
+            tl.store(out_ptr + m * K + i, pick.to(tl.int64))
+            residual = tl.load(base + pick.to(tl.int64) * stride_r + offs, mask=valid, other=0.0)
+            for t0 in range(0, i, BLOCK_T):
+                ts = t0 + tl.arange(0, BLOCK_T)
+                t_ok = ts < i
+                c_pick = tl.load(factor + ts * N + pick, mask=t_ok, other=0.0)  # c_j, BLOCK_T entries
+                rows = tl.load(factor + ts[:, None] * N + offs[None, :], mask=t_ok[:, None] & valid[None, :],
+                               other=0.0)
+                residual -= tl.sum(c_pick[:, None] * rows, axis=0)
+            # rank exhausted (d^2 <= eps): the pick joins S without updating the factor
+            scale = tl.where(d2_pick > eps, tl.rsqrt(tl.maximum(d2_pick, eps)), 0.0)
+            e = residual * scale
+            tl.store(factor + i * N + offs, e, mask=valid)
+            d2 = tl.where(offs == pick, float("-inf"), d2 - e * e)
+            tl.debug_barrier()  # row i of the factor is read back by other threads at the next step
+
+    return max_min_kernel, max_min_tiled_kernel, coverage_kernel, dpp_kernel
 
 
 def max_min(dist: Tensor, first: Tensor, k: int) -> Tensor:
     """Greedy max-min picks on a precomputed distance matrix: dist (M, N, N) float32, first (M,)
     -> (M, k) int64, the same picks as ``ops.diversity.greedy_max_min``."""
-    max_min_kernel, max_min_tiled_kernel, _ = _kernels()
+    max_min_kernel, max_min_tiled_kernel, _, _ = _kernels()
     m, n, _ = dist.shape
     dist = dist.contiguous()
     first = first.to(device=dist.device, dtype=torch.long).contiguous()
@@ -205,7 +239,7 @@ def coverage_fits(cover: Tensor) -> bool:
 def greedy_coverage(cover: Tensor, k: int, block_r: int | None = None, num_warps: int | None = None) -> Tensor:
     """Greedy coverage picks: cover (M, R, N) float32 -> (M, k) int64, the picks of
     ``ops.coverage.greedy_coverage_torch`` up to float ties (gains are summed in another order)."""
-    _, _, coverage_kernel = _kernels()
+    _, _, coverage_kernel, _ = _kernels()
     m, r, n = cover.shape
     cover = cover.contiguous()
     out = torch.empty(m, k, dtype=torch.long, device=cover.device)
@@ -225,4 +259,33 @@ def greedy_coverage(cover: Tensor, k: int, block_r: int | None = None, num_warps
     coverage_kernel[(m,)](cover, best, changed_rows, olds, news, out, r, n, k, cover.stride(0),
                           max(cover.stride(1), 1), CHUNK_R=1024, BLOCK_R=block_r, BLOCK_N=block,
                           num_warps=num_warps)
+    return out
+
+
+def dpp_fits(kernel: Tensor) -> bool:
+    """The DPP kernel holds one image's N residuals in registers: N <= MAX_BLOCK_N."""
+    return kernel.shape[-1] <= MAX_BLOCK_N
+
+
+def greedy_dpp(kernel: Tensor, k: int, eps: float = 1e-10) -> Tensor:
+    """Greedy DPP MAP picks: kernel (M, N, N) float32 -> (M, k) int64, the picks of
+    ``ops.dpp.greedy_dpp_map`` up to float near-ties (the residuals are summed in another order)."""
+    *_, dpp_kernel = _kernels()
+    m, n, _ = kernel.shape
+    kernel = kernel.contiguous()
+    out = torch.empty(m, k, dtype=torch.long, device=kernel.device)
+    if m == 0:
+        return out
+    import triton
+
+    block = triton.next_power_of_2(n)
+    factor = torch.empty(m, k, n, dtype=torch.float32, device=kernel.device)  # row i written at step i
+    # A tile of BLOCK_T factor rows x BLOCK_N lanes (about 64 registers a thread) per load: the
+    # factor loop is a chain of dependent L2 reads, so fewer, wider iterations. Cost model, not
+    # yet timed on a GPU (benchmarks/greedy_gpu.py does): sum_i i / BLOCK_T iterations, about
+    # 21k at N=2304 / k=576, against the reference's ~12 launches per step.
+    warps = _num_warps(block)
+    block_t = max(1, min(16, 2048 * warps // block))
+    dpp_kernel[(m,)](kernel, factor, out, n, k, kernel.stride(0), kernel.stride(1), eps,
+                     BLOCK_N=block, BLOCK_T=block_t, num_warps=warps)
     return out
