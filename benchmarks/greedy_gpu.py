@@ -27,6 +27,8 @@ from mmpress.ops.coverage import greedy_coverage, greedy_coverage_torch
 from mmpress.ops.diversity import farthest_nearest_neighbour, greedy_max_min, max_min_diversity
 from mmpress.ops.dpp import greedy_dpp_map, greedy_dpp_map_torch
 from mmpress.ops.similarity import cosine_distance, cosine_similarity
+from mmpress.presses.base import VisualContext
+from mmpress.presses.cdpruner import CDPrunerPress
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = ((576, 64), (2304, 576))
@@ -58,13 +60,9 @@ def mmtok_cover(tokens, text):
 
 
 def cdpruner_kernel(tokens, text):
-    """CDPruner's conditional kernel diag(q) S diag(q) (presses/cdpruner.py defaults), (M, N, N)."""
-    r = cosine_similarity(tokens, text).mean(dim=-1)
-    low, high = r.amin(dim=-1, keepdim=True), r.amax(dim=-1, keepdim=True)
-    q = (r - low + 1e-6) / (high - low)
-    sim = cosine_similarity(tokens)
-    sim.diagonal(dim1=1, dim2=2).fill_(1.0)
-    return q.unsqueeze(-1) * sim * q.unsqueeze(-2)
+    """CDPruner's conditional kernel diag(q) S diag(q) with the press's defaults, (M, N, N)."""
+    mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+    return CDPrunerPress(keep=1).kernel(tokens, VisualContext(text=text, text_mask=mask))
 
 
 def det_ratio(kernel, got, ref):

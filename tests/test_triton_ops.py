@@ -67,15 +67,21 @@ def check_max_min(x, k):
     assert torch.equal(got, greedy_max_min(dist, k, first))
 
 
+def first_divergence(g_row, r_row, k):
+    """The first step where the kernel's picks leave the reference's (None: identical); there both
+    picks must be (near-)equal greedy choices. The kernel's k picks must be unique."""
+    assert len(set(g_row.tolist())) == k
+    differ = (g_row != r_row).nonzero()
+    return differ[0].item() if len(differ) else None
+
+
 def check_coverage(cover, k):
     got, ref = triton_greedy.greedy_coverage(cover, k), greedy_coverage_torch(cover, k)
     assert got.shape == ref.shape and got.dtype == torch.long
     for g_row, r_row, c in zip(got, ref, cover):
-        assert len(set(g_row.tolist())) == k
-        differ = (g_row != r_row).nonzero()
-        if len(differ) == 0:
+        i = first_divergence(g_row, r_row, k)
+        if i is None:
             continue
-        i = differ[0].item()  # first divergence: both picks must be (near-)equal greedy choices
         best = c[:, g_row[:i]].amax(dim=1, keepdim=True).clamp_min(0) if i else torch.zeros(c.shape[0], 1)
         gain = (c - best).clamp_min(0).sum(dim=0)
         assert gain[g_row[i]] > 0, "exact zero-gain ties must go to the lowest index"
@@ -106,11 +112,9 @@ def check_dpp(kernel, k):
     got, ref = triton_greedy.greedy_dpp(kernel, k), greedy_dpp_map_torch(kernel, k)
     assert got.shape == ref.shape == (kernel.shape[0], k) and got.dtype == torch.long
     for g_row, r_row, L in zip(got, ref, kernel):
-        assert len(set(g_row.tolist())) == k
-        differ = (g_row != r_row).nonzero()
-        if len(differ) == 0:
+        i = first_divergence(g_row, r_row, k)
+        if i is None:
             continue
-        i = differ[0].item()  # first divergence: both picks must be (near-)equal greedy choices
         d2 = residuals(L, g_row[:i])
         scale = L.diagonal().abs().max().double()
         assert abs(d2[g_row[i]] - d2[r_row[i]]) <= 1e-4 * scale, (i, d2[g_row[i]], d2[r_row[i]])

@@ -48,6 +48,6 @@ def greedy_coverage(cover: Tensor, k: int) -> Tensor:
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     cover = at_least_float32(cover)
-    if triton_greedy.use_triton(cover) and triton_greedy.coverage_fits(cover):
+    if triton_greedy.use_triton(cover) and triton_greedy.fits(cover):
         return triton_greedy.greedy_coverage(cover, k)
     return greedy_coverage_torch(cover, k)

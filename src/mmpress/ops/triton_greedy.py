@@ -231,9 +231,10 @@ def max_min(dist: Tensor, first: Tensor, k: int) -> Tensor:
     return out
 
 
-def coverage_fits(cover: Tensor) -> bool:
-    """The coverage kernel holds one image's N gains in registers: N <= MAX_BLOCK_N."""
-    return cover.shape[-1] <= MAX_BLOCK_N
+def fits(t: Tensor) -> bool:
+    """The coverage and DPP kernels hold one image's N gains / residuals (the last dimension of
+    ``t``) in registers: N <= MAX_BLOCK_N."""
+    return t.shape[-1] <= MAX_BLOCK_N
 
 
 def greedy_coverage(cover: Tensor, k: int, block_r: int | None = None, num_warps: int | None = None) -> Tensor:
@@ -260,11 +261,6 @@ def greedy_coverage(cover: Tensor, k: int, block_r: int | None = None, num_warps
                           max(cover.stride(1), 1), CHUNK_R=1024, BLOCK_R=block_r, BLOCK_N=block,
                           num_warps=num_warps)
     return out
-
-
-def dpp_fits(kernel: Tensor) -> bool:
-    """The DPP kernel holds one image's N residuals in registers: N <= MAX_BLOCK_N."""
-    return kernel.shape[-1] <= MAX_BLOCK_N
 
 
 def greedy_dpp(kernel: Tensor, k: int, eps: float = 1e-10) -> Tensor:

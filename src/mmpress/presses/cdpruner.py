@@ -72,11 +72,14 @@ class CDPrunerPress(SelectorPress):
         span = high - low
         return torch.where(span > 0, (r - low + 1e-6) / span.clamp_min(torch.finfo(r.dtype).tiny), 1.0)
 
-    def select(self, tokens: Tensor, ctx: VisualContext, k: int) -> Tensor:
+    def kernel(self, tokens: Tensor, ctx: VisualContext) -> Tensor:
+        """(M, N, N) conditional DPP kernel L = diag(q) S diag(q) (steps 1-3)."""
         quality = self.relevance(tokens, ctx)
         if self.theta is not None:
             quality = torch.exp(self.theta / (2 * (1 - self.theta)) * quality)
         sim = cosine_similarity(tokens)
         sim.diagonal(dim1=1, dim2=2).fill_(1.0)  # cos(v, v) = 1 exactly: equal qualities tie on every device
-        kernel = quality.unsqueeze(-1) * sim * quality.unsqueeze(-2)
-        return greedy_dpp_map(kernel, k)
+        return quality.unsqueeze(-1) * sim * quality.unsqueeze(-2)
+
+    def select(self, tokens: Tensor, ctx: VisualContext, k: int) -> Tensor:
+        return greedy_dpp_map(self.kernel(tokens, ctx), k)
