@@ -17,22 +17,29 @@ from mmpress.presses.base import Press, VisualContext, register
 class ToMePress(Press):
     """Merges visual tokens by bipartite soft matching until k remain (``ops.merge``).
 
-    Each round (ToMe Sec. 3, official ``tome/merge.py: bipartite_soft_matching``) splits the
-    tokens alternately into A and B, matches every A token to its most similar B token (cosine)
-    and merges the r best-matched pairs, r <= half; merged tokens are size-weighted means
-    (official ``merge_wavg``). Rounds repeat until exactly k tokens remain. Each merged token
-    takes the position of its destination (B) token.
+    Each round is official ToMe's (Sec. 3; ``tome/merge.py: bipartite_soft_matching`` with
+    ``merge_wavg``): split the tokens alternately into A and B, match every A token to its most
+    similar B token (cosine), merge the r = min(N - k, N // 2) best-matched A tokens into their B
+    partners as size-weighted means (sizes add), and output the unmerged A tokens (descending
+    edge score), then B -- the order the next round splits alternately. Rounds repeat until
+    exactly k tokens remain. Each merged token takes the position of its destination (B) token
+    (ToMe has no positions: a ViT adds them before merging).
 
-    Deviations: the similarity metric is the projected tokens themselves (inside a ViT ToMe uses
-    the attention keys of each layer; here there is no next layer); tokens are put back in
-    position order after each round so the alternating split stays spatially interleaved
-    (official: unmerged A tokens first, then B); no proportional attention (the LM runs
-    unmodified, so the sizes are not used after merging).
+    reorder: put the tokens back in position order after each round, so every split is
+    spatially interleaved (an option; not the official order).
+
+    Deviations: (1) the metric is the projected tokens themselves (inside a ViT ToMe uses each
+    block's attention keys; pressed once before the LM there is no block, and repeated rounds on
+    the same tokens stand in for ToMe's one round per layer); (2) ties between equal edge scores
+    go to the lower A index (official ``argsort`` is unstable: unspecified); (3) no proportional
+    attention (the LM runs unmodified, so the sizes are not used after merging).
     """
+
+    reorder: bool = False
 
     name = "tome"
     paper = "Bolya et al., ICLR 2023, arXiv 2210.09461"
 
     def compress(self, tokens: Tensor, ctx: VisualContext, k: int) -> tuple[Tensor, Tensor]:
-        merged, _, position = merge_to(tokens, k)
+        merged, _, position = merge_to(tokens, k, reorder=self.reorder)
         return merged, position
