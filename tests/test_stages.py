@@ -47,7 +47,8 @@ def presses(kind: str) -> dict:
     k = 16 if kind == "llava" else 6
     return {
         "fastv": dict(keep=k, layer=2),
-        "pdrop": dict(stages=(1, 2, 3), ratio=0.5),
+        # Qwen-VL's M-RoPE has no official PyramidDrop numbering: original ids (test_official_llm.py)
+        "pdrop": dict(stages=(1, 2, 3), ratio=0.5, **({} if kind == "llava" else {"positions": "keep"})),
         "vtw": dict(layer=2),
         "dart_llm": dict(keep=k, layer=2),
         "sparsevlm": dict(signal_layers=(0, 1, 2), counts=(300, 150, 60)),
@@ -57,8 +58,9 @@ def presses(kind: str) -> dict:
 
 
 NAMES = list(presses("llava"))
-# pure eviction (the merging presses with merging off): an attention mask is their oracle
-DROPPING = {"fastv": {}, "pdrop": {}, "vtw": {}, "dart_llm": {}, "sparsevlm": dict(recycle=False), "snapkv": {},
+# pure eviction (the merging presses with merging off) at the original position ids: an attention
+# mask is their oracle (PyramidDrop's official renumbering: test_official_llm.py)
+DROPPING = {"fastv": {}, "pdrop": {"positions": "keep"}, "vtw": {}, "dart_llm": {}, "sparsevlm": dict(recycle=False), "snapkv": {},
             "lookm": dict(merge=None), "divprune@2": {}, "mmtok@2": {}}
 
 
@@ -550,13 +552,16 @@ def test_cut_masks_agree_across_formats():
                        torch.cat([valid, torch.ones(b, grown + q, dtype=torch.bool)], 1).long())
 
 
-@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart_llm"])
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "pdrop-keep", "dart_llm"])
 def test_pressed_forward_equals_kept_tokens_run_through_the_remaining_layers(name):
     """The literal oracle: run the language model's layers by hand on the unpressed input, and at
-    each pressed layer keep only the columns the press kept (their own position ids, a causal
-    mask over them) for every later layer; final norm and LM head. Equals the pressed forward."""
+    each pressed layer keep only the columns the press kept (their own position ids, or 0..L'-1
+    where the press renumbers, a causal mask over them) for every later layer; final norm and LM
+    head. Equals the pressed forward."""
     model, batch = deep("llava"), make_batch((5,))
-    press = make("llava", name)
+    name, _, variant = name.partition("-")
+    press = make("llava", name, **({"positions": variant} if variant else {}))
+    renumbered = getattr(press, "positions", "keep") == "reindex"
     out, pre = prefill_record(model, batch, press)
     lm, seen = model.model.language_model, {}
     handle = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
@@ -573,8 +578,9 @@ def test_pressed_forward_equals_kept_tokens_run_through_the_remaining_layers(nam
                 cols = starts[i]
             n = cols.shape[0]
             mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
-            rotary = lm.rotary_emb(hidden, cols[None])
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=cols[None])
+            ids = torch.arange(n) if renumbered else cols
+            rotary = lm.rotary_emb(hidden, ids[None])
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=ids[None])
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         expected = model.lm_head(lm.norm(hidden))
     assert len(pre.cuts) == (3 if name == "pdrop" else 1)

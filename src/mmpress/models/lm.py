@@ -26,6 +26,15 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def rotary_embedding(lm: nn.Module) -> nn.Module:
+    """The language model's rotary embedding (``rotary_emb(x, position_ids) -> (cos, sin)``)."""
+    rotary = getattr(lm, "rotary_emb", None)
+    if not isinstance(rotary, nn.Module):
+        raise ValueError(f"{type(lm).__name__} has no `rotary_emb`: renumbering positions (positions='reindex') "
+                         "needs a Llama-style language model; pass positions='keep'")
+    return rotary
+
+
 def queries_keys(layer: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor],
                  rows: Tensor, keys: bool = True, projected: Tensor | None = None) -> tuple[Tensor, Tensor | None, float]:
     """Rotated queries (B, H, R, d) of the ``rows`` (B, R) of ``hidden`` (B, L, D) entering

@@ -28,7 +28,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from mmpress.models.lm import cut_mask, decode_cut, decoder_layers, queries_keys
+from mmpress.models.lm import cut_mask, decode_cut, decoder_layers, queries_keys, rotary_embedding
 from mmpress.ops.attention import attention_rows, received_attention
 from mmpress.ops.sequence import compact_index, flat_positions, gather_rows
 from mmpress.presses.base import KVPress, LayerPress, VisualContext
@@ -146,6 +146,24 @@ def press_items(x: Tensor, layout: Layout, groups, press_group) -> tuple[Compact
     return Compacted(gather_rows(values.view(b, w, dim), src), src, keep, out), lengths
 
 
+def renumber(position_ids: Tensor | None, input_valid: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """PyramidDrop's numbering of a pressed prompt: each row's kept columns (``valid`` (B, W'),
+    False in padding) get consecutive ids from the id of the row's first token, and a token after
+    the prompt (decoding, a later turn) its original id minus the returned shift (B,): the number
+    of ids the pressing freed. ``position_ids`` (B or 1, W): the 1-D ids of the language model's
+    input (``input_valid`` (B, W), False in padding); 0..L'-1 for a row numbered from 0."""
+    if not isinstance(position_ids, Tensor) or position_ids.ndim != 2:
+        raise ValueError("positions='reindex' renumbers 1-D position ids; this language model's layers get "
+                         f"{None if position_ids is None else tuple(position_ids.shape)}: pass positions='keep'")
+    b, w = input_valid.shape
+    pos, cols = position_ids.expand(b, w), torch.arange(w, device=input_valid.device)
+    first = pos.gather(1, cols.masked_fill(~input_valid, w).amin(dim=1, keepdim=True).clamp(max=w - 1))
+    last = pos.gather(1, cols.masked_fill(~input_valid, -1).amax(dim=1, keepdim=True).clamp(min=0))
+    kept = valid.long().cumsum(dim=1)
+    positions = (first + kept - 1).masked_fill(~valid, 1)  # padding: what generate gives pad slots
+    return positions, (last + 1 - first - kept[:, -1:])[:, 0]
+
+
 def _heads_last(x: Tensor) -> Tensor:
     """(B, Hkv, W, ...) -> (B * W, Hkv, ...): one row per column, as flat indices address them."""
     return x.transpose(1, 2).reshape(x.shape[0] * x.shape[2], x.shape[1], *x.shape[3:])
@@ -154,11 +172,15 @@ def _heads_last(x: Tensor) -> Tensor:
 @dataclass
 class _Cut:
     """From decoder layer ``start`` on, the layers see the prompt columns ``cols`` (B, W) of the
-    language model's input (``valid``: False in padding)."""
+    language model's input (``valid``: False in padding). A press renumbering positions
+    (``positions="reindex"``) gives them the ids ``positions`` (B, W), and a later token (decoding,
+    a later turn) its original id minus ``shift`` (B,); None when the original ids are kept."""
 
     start: int
     cols: Tensor
     valid: Tensor
+    positions: Tensor | None = None
+    shift: Tensor | None = None
 
 
 @dataclass
@@ -174,6 +196,7 @@ class _Run:
     cuts: list[_Cut] = field(default_factory=list)
     memo: dict = field(default_factory=dict)  # (kwarg, id(value), cuts) -> its cut
     counts: list[tuple[int, int]] = field(default_factory=list)  # (layer, visual tokens kept)
+    input_valid: Tensor | None = None  # (B, W) the language model's input: False in padding
 
 
 class LayerStage:
@@ -192,6 +215,14 @@ class LayerStage:
             if not max(prev, 0) <= self.signal[s] <= s:
                 raise ValueError(f"the signal layer of layer {s} must lie in [{max(prev, 0)}, {s}]")
         self.starts = starts
+        # a press renumbering the kept sequence (PyramidDrop's official numbering) needs 1-D RoPE
+        self.rotary = None
+        if getattr(press, "positions", "keep") == "reindex":
+            if "reindex" not in adapter.position_modes:
+                raise ValueError(f"{type(press).__name__}(positions='reindex') renumbers the kept tokens 0..L'-1, "
+                                 f"which is defined for 1-D RoPE only; this {adapter.family} model numbers "
+                                 "positions with M-RoPE (t, h, w): pass positions='keep' (original ids)")
+            self.rotary = rotary_embedding(adapter.vlm.language_model)
         impl = getattr(adapter.vlm.language_model.config, "_attn_implementation", "sdpa") or "sdpa"
         self.flash = "flash" in impl
         self.run: _Run | None = None
@@ -204,7 +235,7 @@ class LayerStage:
     def start(self, layout: Layout, embeds: Tensor) -> None:
         b, w = layout.ids.shape
         cols = torch.arange(w, device=layout.ids.device).expand(b, w)
-        self.run = _Run(layout, list(layout.lengths), layout.flats(), embeds, cols)
+        self.run = _Run(layout, list(layout.lengths), layout.flats(), embeds, cols, input_valid=layout.valid)
         self.memo = {}
 
     def begin_call(self) -> None:
@@ -222,7 +253,7 @@ class LayerStage:
         run, given = self.run, kwargs
         kwargs = self._cut_inputs(run, given)
         if i in self.starts:
-            hidden = self._press_at(i, run, hidden, kwargs)
+            hidden = self._press_at(i, run, hidden, kwargs, given)
             kwargs = self._cut_inputs(run, given)
         if any(sig == i != start for start, sig in self.signal.items()):  # a later stage scores with layer i
             run.recorded[i] = (hidden, kwargs["position_embeddings"])
@@ -246,7 +277,12 @@ class LayerStage:
                     run.memo[key] = cut_mask(value, cut.cols, cut.valid, cut.cols, self.flash,
                                              square_causal_ok=run.layout.uniform)
                 elif name == "position_embeddings" and value is not None:  # (cos, sin): (B, W, d)
-                    run.memo[key] = tuple(gather_rows(t.expand(b, *t.shape[1:]), cut.cols) for t in value)
+                    if cut.positions is not None:
+                        run.memo[key] = self.rotary(value[0], cut.positions)
+                    else:
+                        run.memo[key] = tuple(gather_rows(t.expand(b, *t.shape[1:]), cut.cols) for t in value)
+                elif name == "position_ids" and cut.positions is not None:
+                    run.memo[key] = cut.positions
                 elif name == "position_ids" and isinstance(value, Tensor):  # (..., B, W)
                     lead = value.shape[:-2]
                     run.memo[key] = value.expand(*lead, b, value.shape[-1]).gather(-1, cut.cols.expand(*lead, b, -1))
@@ -296,8 +332,9 @@ class LayerStage:
             ctx.visual_inputs = run.embeds.reshape(-1, run.embeds.shape[-1])[first]
         return ctx
 
-    def _press_at(self, i: int, run: _Run, hidden: Tensor, kwargs: dict) -> Tensor:
-        """Press every item at layer ``i``; returns the compacted hidden states."""
+    def _press_at(self, i: int, run: _Run, hidden: Tensor, kwargs: dict, given: dict) -> Tensor:
+        """Press every item at layer ``i``; returns the compacted hidden states (``kwargs``: the
+        layer's inputs cut to the current columns, ``given``: as the model passed them)."""
         press, layout = self.press, run.layout
         signals = self._signals(i, run, hidden, kwargs)
         stage, w = self.starts.index(i), hidden.shape[1]
@@ -313,7 +350,10 @@ class LayerStage:
         if out is None:  # keep-all: the layers run unchanged, bit-identical to the unpressed model
             return hidden
         run.layout, run.cols = out.layout, run.cols.gather(1, out.src)
-        run.cuts.append(_Cut(i, run.cols, out.layout.valid))
+        cut = _Cut(i, run.cols, out.layout.valid)
+        if self.rotary is not None:
+            cut.positions, cut.shift = renumber(given.get("position_ids"), run.input_valid, cut.valid)
+        run.cuts.append(cut)
         return out.x
 
     # ---- decoding ---------------------------------------------------------------------------
@@ -331,7 +371,17 @@ class LayerStage:
         key = (id(mask), cut.start, kv)
         if key not in self.memo:
             self.memo[key] = decode_cut(mask, cut.cols, cut.valid, pre.width, kv, q, self.flash)
-        return args, {**kwargs, "attention_mask": self.memo[key]}
+        out = {**kwargs, "attention_mask": self.memo[key]}
+        if cut.shift is not None:  # renumbered prompt: a later token continues its numbering
+            pos = kwargs.get("position_ids")
+            key = ("positions", id(pos), cut.start)
+            if key not in self.memo:
+                if not isinstance(pos, Tensor) or pos.ndim != 2:
+                    raise ValueError("positions='reindex' needs the 1-D position ids of the new tokens")
+                new = pos.expand(cut.shift.shape[0], q) - cut.shift[:, None]
+                self.memo[key] = (new, self.rotary(kwargs["position_embeddings"][0], new))
+            out["position_ids"], out["position_embeddings"] = self.memo[key]
+        return args, out
 
 
 @dataclass

@@ -1,0 +1,175 @@
+"""In-LLM presses against independent re-implementations of their official selections, written
+from the official code (tiny LLaVA with a 4-layer language model, float64 so that no near-tie
+decides a pick): PyramidDrop (Cooperx521/PyramidDrop ``pdrop_forward`` / ``pdrop_rank_drop``),
+FastV (pkunlp-icler/FastV ``fastv_forward``), DART (ZichenWen1/DART ``get_retained_image_token``).
+Each oracle runs the language model's layers by hand as the official forward does (its own
+picks, its own position ids) and must give the pressed model's logits; decoding and a later turn
+continue the official numbering."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import IMAGE_TOKEN, make_batch
+from test_stages import LAYERS, NEW, VISUAL_IDS, deep
+
+import mmpress
+from mmpress.models.lm import decoder_layers
+
+N_IMAGE = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    return deep("llava").double()
+
+
+def lm_inputs(model, batch):
+    """The language model's input embeddings of an unpadded batch-1 prompt."""
+    seen = {}
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    return seen["inputs_embeds"]
+
+
+def rope(q, k, cos, sin):
+    def rotate(x):
+        half = x.shape[-1] // 2
+        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[:, None], sin[:, None]
+    return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+
+
+def attention_from_last(lm, layer, hidden, positions):
+    """Official ``pdrop_rank_drop`` / FastV's attention map row: softmax attention of the last
+    token over every token at ``layer`` (its input_layernorm, q_proj, k_proj, RoPE at
+    ``positions``), averaged over heads (keys repeated to every query head)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    b, length, _ = x.shape
+    d = attn.head_dim
+    q = attn.q_proj(x).view(b, length, -1, d).transpose(1, 2)
+    k = attn.k_proj(x).view(b, length, -1, d).transpose(1, 2)
+    cos, sin = lm.rotary_emb(x, positions[None])
+    q, k = rope(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    weights = (q[:, :, -1:] @ k.transpose(2, 3) / math.sqrt(d)).softmax(dim=-1)  # the last row sees every key
+    return weights.mean(dim=1)[0, 0]  # (L,)
+
+
+def run_layer(lm, layer, hidden, positions):
+    n = hidden.shape[1]
+    mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    out = layer(hidden, attention_mask=mask, position_embeddings=lm.rotary_emb(hidden, positions[None]),
+                position_ids=positions[None])
+    return out[0] if isinstance(out, tuple) else out
+
+
+# ---- PyramidDrop ------------------------------------------------------------------------------
+def official_pdrop(model, embeds, image_start, layer_list, ratios, kept=None, appended=0):
+    """``pdrop_forward``: entering layer ``layer_list[s]``, rank the image tokens of the current
+    sequence by the last instruction token's attention (layer's own projections, RoPE at the
+    current ids), keep ``int(N * ratios[s + 1])``, and renumber the sequence 0..L'-1. Returns the
+    logits and the kept image indices (into the original image) per stage. ``kept``: reuse these
+    picks and run ``appended`` extra tokens at the end of ``embeds`` (decoding / a later turn:
+    each continues its stage's numbering, as the official decoding shift does)."""
+    lm = model.model.language_model
+    hidden, picks = embeds, []
+    image = torch.arange(N_IMAGE)  # the original image index of each image token still present
+    length = embeds.shape[1]
+    for i, layer in enumerate(decoder_layers(lm)):
+        if i in layer_list:
+            s = layer_list.index(i)
+            cur, keep = int(N_IMAGE * ratios[s]), int(N_IMAGE * ratios[s + 1])
+            assert cur == image.shape[0]
+            if kept is None:
+                prompt = hidden[:, :hidden.shape[1] - appended]
+                score = attention_from_last(lm, layer, prompt, torch.arange(prompt.shape[1]))
+                top = score[image_start:image_start + cur].topk(keep).indices.sort().values
+            else:
+                top = torch.searchsorted(image, kept[s])
+            hidden = torch.cat([hidden[:, :image_start], hidden[:, image_start + top], hidden[:, image_start + cur:]], 1)
+            image = image[top]
+            picks.append(image)
+        hidden = run_layer(lm, layer, hidden, torch.arange(hidden.shape[1]))
+    assert hidden.shape[1] <= length
+    return model.lm_head(lm.norm(hidden)), picks
+
+
+def pressed_picks(pre, image_start):
+    return [cut.cols[0][(cut.cols[0] >= image_start) & (cut.cols[0] < image_start + N_IMAGE)] - image_start
+            for cut in pre.cuts]
+
+
+def test_pdrop_default_is_the_official_selection_and_numbering(model):
+    """Forward: the same picks at every stage and the same logits as the official forward
+    (stages renumbered 0..L'-1). Decoding and a later turn continue each stage's numbering."""
+    from test_stages import prefill_record
+
+    batch = make_batch((8,))
+    stages, ratios = (1, 2, 3), [1.0, 0.5, 0.25, 0.125]
+    press = mmpress.get_press("pdrop", stages=stages)
+    assert press.positions == "reindex"
+    image_start = int((batch["input_ids"][0] == IMAGE_TOKEN).nonzero()[0])
+    embeds = lm_inputs(model, batch)
+    expected, picks = official_pdrop(model, embeds, image_start, stages, ratios)
+    out, pre = prefill_record(model, batch, press)
+    got = pressed_picks(pre, image_start)
+    assert [p.tolist() for p in got] == [p.tolist() for p in picks]
+    torch.testing.assert_close(out.logits, expected, atol=1e-9, rtol=1e-9)
+
+    # greedy decoding: each step equals the official stages run on prompt + generated tokens
+    steps = 3
+    with torch.no_grad(), press(model):
+        gen = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, suppress_tokens=VISUAL_IDS)
+    tokens = gen.sequences[:, -steps:]
+    embed = model.get_input_embeddings()
+    for t in range(steps):
+        full = torch.cat([embeds, embed(tokens[:, :t])], dim=1)
+        logits, _ = official_pdrop(model, full, image_start, stages, ratios, kept=picks, appended=t)
+        torch.testing.assert_close(gen.logits[t][0].double(), logits[0, -1], atol=1e-5, rtol=1e-5)  # (generate returns float32)
+
+    # a later turn fed onto the pressed cache with its original position ids
+    with torch.no_grad(), press(model):
+        first = model(**batch, use_cache=True)
+        length = batch["input_ids"].shape[1]
+        later = model(input_ids=NEW, attention_mask=torch.ones(1, length + NEW.shape[1], dtype=torch.long),
+                      position_ids=length + torch.arange(NEW.shape[1])[None], past_key_values=first.past_key_values)
+    full = torch.cat([embeds, embed(NEW)], dim=1)
+    logits, _ = official_pdrop(model, full, image_start, stages, ratios, kept=picks, appended=NEW.shape[1])
+    torch.testing.assert_close(later.logits, logits[:, -NEW.shape[1]:], atol=1e-9, rtol=1e-9)
+
+
+def test_pdrop_keep_positions_is_a_different_selection(model):
+    """The option ``positions="keep"`` (original ids) is not the official numbering: on this
+    prompt it ranks differently from stage 2 on, or at least gives other logits."""
+    from test_stages import prefill_record
+
+    batch = make_batch((8,))
+    official, _ = prefill_record(model, batch, mmpress.get_press("pdrop", stages=(1, 2, 3)))
+    kept, _ = prefill_record(model, batch, mmpress.get_press("pdrop", stages=(1, 2, 3), positions="keep"))
+    assert not torch.allclose(official.logits, kept.logits)
+    with pytest.raises(ValueError, match="positions must be"):
+        mmpress.get_press("pdrop", positions="renumber")
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_pdrop_renumbering_refused_on_m_rope(kind):
+    """The official code has no M-RoPE path: renumbering Qwen-VL's (t, h, w) ids is refused with
+    the fix named; positions="keep" runs."""
+    from test_qwen_vl import SINGLE
+    from test_qwen_vl import make_batch as qwen_batch
+
+    model = deep(kind)
+    batch = qwen_batch(model, SINGLE)
+    with pytest.raises(ValueError, match="positions='keep'"):
+        with mmpress.get_press("pdrop", stages=(1, 2, 3))(model):
+            pass
+    with torch.no_grad(), mmpress.get_press("pdrop", stages=(1, 2, 3), positions="keep")(model):
+        assert model(**batch).logits.isfinite().all()
