@@ -161,3 +161,85 @@ def test_tome_official_order_differs_from_reorder_option():
     official = get_press("tome", keep=6).press(batch(xs), VisualContext())[1]
     reordered = get_press("tome", keep=6, reorder=True).press(batch(xs), VisualContext())[1]
     assert not torch.equal(official, reordered)
+
+
+# ---- DyCoke TTM (temporal_merge) -------------------------------------------------------------
+def dycoke_official(x, t, p, prune=0.7):
+    """Official ``dycole_ttm(image_feature, p, prune)`` for one video, as written there: pairs
+    (i, i+1), i even: frame i whole, frame i+1's int((1 - K) p) tokens least similar to frame i;
+    then windows i = 0, 4, ... < t - 4: frame i + 2's tokens least similar to frame i. Returns the
+    kept indices sorted (the official order is frame by frame, ascending similarity within)."""
+    keep = int((1 - prune) * p)
+    frames = x.view(t, p, -1)
+    pairs = [F.cosine_similarity(F.normalize(frames[i], dim=1), F.normalize(frames[i + 1], dim=1), dim=1)
+             for i in range(0, t - 1, 2)]
+    kept = []
+    for i in range(0, t - 1, 2):
+        kept.append(torch.arange(p) + i * p)
+        kept.append(pairs[i // 2].topk(keep, largest=False).indices + (i + 1) * p)
+    for i in range(0, t - 4, 4):
+        sim = F.cosine_similarity(frames[i], frames[i + 2], dim=1)
+        kept[i] = torch.arange(p) + i * p
+        kept[i + 2] = sim.topk(keep, largest=False).indices + (i + 2) * p
+    return sorted(torch.cat(kept).tolist())
+
+
+def video(t, p, d, seed, m=3):
+    """m videos (m, t*p, d) float64 whose places drift slowly between frames."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, t, p, d, generator=g, dtype=torch.float64).cumsum(dim=1) * 0.5).reshape(m, t * p, d)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("t,h,w,prune", [(4, 3, 4, 0.7), (8, 3, 4, 0.7), (9, 2, 5, 0.7), (12, 4, 4, 0.5),
+                                         (16, 3, 3, 0.7), (2, 3, 4, 0.3)])
+def test_temporal_merge_matches_dycoke(seed, t, h, w, prune):
+    p = h * w
+    ref0 = dycoke_official(video(t, p, 6, seed)[0], t, p, prune)
+    k = len(ref0)  # the official count: whole frames * P + compared frames * int((1 - K) P)
+    tokens = video(t, p, 6, seed)
+    ctx = VisualContext(grid=(h, w), grid_thw=(t, h, w))
+    out, index = get_press("temporal_merge", keep=k).press(tokens, ctx)
+    for i in range(3):
+        assert index[i].tolist() == dycoke_official(tokens[i], t, p, prune)
+    torch.testing.assert_close(out, tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, 6)))  # pruned, not merged
+
+
+def test_temporal_merge_dycoke_ties_go_to_the_lower_place():
+    """A static video: every cosine is 1, DyCoke's topk(largest=False) has only ties (order
+    unspecified there); each compared frame keeps its first places."""
+    t, h, w = 8, 3, 4
+    p = h * w
+    frame = 2.0 * torch.eye(p, dtype=torch.float64)  # cosines exactly 1 (unit vectors are exact)
+    tokens = frame.expand(2, t, p, p).reshape(2, t * p, p)
+    k = 3 * p + 12  # whole: 0, 4, 6; compared: 1, 2 (against 0), 3, 5, 7 share 12 as 3, 3, 2, 2, 2
+    index = get_press("temporal_merge", keep=k).press(tokens, VisualContext(grid=(h, w), grid_thw=(t, h, w)))[1]
+    whole = [0, 4, 6]
+    expected = sorted([f * p + q for f in whole for q in range(p)]
+                      + [f * p + q for f, n in zip([1, 2, 3, 5, 7], [3, 3, 2, 2, 2]) for q in range(n)])
+    assert index[0].tolist() == expected and index[1].tolist() == expected
+
+
+def test_temporal_merge_merge_option_is_size_weighted():
+    """merge=True (HoliTom): a token left out joins its partner's token at the same place; with
+    every frame identical up to scale, the merged token is the mean of its copies."""
+    t, h, w = 8, 2, 3
+    p = h * w
+    tokens = video(t, p, 4, 0, m=2)
+    k = 3 * p + 5 * 2
+    ctx = VisualContext(grid=(h, w), grid_thw=(t, h, w))
+    out, index = get_press("temporal_merge", keep=k, merge=True).press(tokens, ctx)
+    pruned = get_press("temporal_merge", keep=k).press(tokens, ctx)[1]
+    assert torch.equal(index, pruned)
+    # the merged mass equals the total mass: sizes of the groups sum to N
+    partner = {f: (f - 1 if f % 2 else (f - 2 if f % 4 == 2 and f < t - 2 else -1)) for f in range(t)}
+    for i in range(2):
+        kept = set(index[i].tolist())
+        groups = {}
+        for j in range(t * p):
+            r = j
+            while r not in kept:
+                r = partner[r // p] * p + r % p
+            groups.setdefault(r, []).append(j)
+        ref = torch.stack([tokens[i, groups[j]].mean(0) for j in index[i].tolist()])
+        torch.testing.assert_close(out[i], ref)

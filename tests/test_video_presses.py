@@ -100,7 +100,7 @@ def test_static_video_keeps_the_first_frame(name):
 
 def test_static_video_merge_is_the_mean_of_identical_runs():
     tokens, ctx = make_video(static=True)
-    out, index = get_press("temporal_merge", keep=P + 2).press(tokens, ctx)
+    out, index = get_press("temporal_merge", keep=P + 2, merge=True).press(tokens, ctx)
     # frame 0 whole; the remaining 2: one token of frame 1, one of frame 2 (cosines all ~1)
     assert torch.equal(index[:, :P], torch.arange(P).expand(3, P))
     assert torch.equal(index[:, P:] // P, torch.tensor([1, 2]).expand(3, 2))
@@ -152,8 +152,10 @@ def test_evs_below_one_frame_samples_frame_zero_uniformly():
 
 
 def temporal_merge_reference(x, thw, k):
-    """Per video with Python loops: per-frame least-redundant tokens open runs, runs along time
-    at each place, then (k < P) raster merging of the place runs."""
+    """The ``reference="previous", merge=True`` option (our algorithm, not DyCoke's windows: the
+    official selection is checked in tests/test_official_pre.py), per video with Python loops:
+    per-frame least-redundant tokens open runs, runs along time at each place, then (k < P)
+    raster merging of the place runs."""
     t, h, w = thw
     p = h * w
     frames = x.view(t, p, -1).double()
@@ -196,7 +198,7 @@ def test_temporal_merge_matches_reference(thw, k):
     if k >= t * h * w:
         return
     tokens, ctx = make_video(t=t, h=h, w=w)
-    out, index = get_press("temporal_merge", keep=k).press(tokens, ctx)
+    out, index = get_press("temporal_merge", keep=k, reference="previous", merge=True).press(tokens, ctx)
     for i in range(3):
         ref_index, ref_out = temporal_merge_reference(tokens[i], thw, k)
         assert index[i].tolist() == ref_index.tolist()
