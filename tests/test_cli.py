@@ -214,10 +214,11 @@ def test_bench_interrupted_keeps_finished_cells_and_resumes(files, tmp_path, mon
     for row in first["rows"]:
         assert rows[(row["press"], row["keep"])] == row  # kept as it was, not recomputed
 
-    result = _bench(files, tmp_path, "--resume", "--max-new-tokens", "3")  # checked once the model is loaded
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.output.strip().splitlines()[-1] == ("error: cannot resume a run made with other settings: "
-                                                       "max_new_tokens 2 (now 3)")
+    monkeypatch.setattr(mmpress.cli, "_load", _no_model)  # other settings: refused before the model loads
+    result = _bench(files, tmp_path, "--resume", "--max-new-tokens", "3")
+    _assert_one_line_error(result, "error: cannot resume a run made with other data, model or settings: "
+                                   f"max_new_tokens 2 (now 3). {tmp_path / 'bench.json'} cannot be resumed; run "
+                                   "without --resume (it starts afresh), or use another --out")
 
 
 def test_bench_cost_on_a_small_shape(tmp_path):

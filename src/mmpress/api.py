@@ -28,9 +28,33 @@ def build_prompt(processor, question: str, hint: str | None = ANSWER_HINT) -> st
     return template_owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def check_inputs(images: Sequence, questions: Sequence) -> None:
+    """ValueError unless every question is a non-empty string and no image is missing (None)."""
+    for i, question in enumerate(questions):
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"question {i} must be a non-empty string, got {question!r}")
+    for i, image in enumerate(images):
+        if image is None:
+            raise ValueError(f"image {i} is None; pass a PIL image, e.g. PIL.Image.open(path).convert('RGB')")
+
+
+def check_press(press) -> None:
+    """ValueError unless ``press`` is None or a press object (a name is not: the press needs its budget)."""
+    if isinstance(press, str):
+        from mmpress.presses.base import PRESSES
+
+        budget = ", keep=64" if press in PRESSES and PRESSES[press].needs_budget else ""
+        raise ValueError(f"press={press!r} is a name, not a press: pass press=mmpress.get_press({press!r}{budget}) "
+                         "(mmpress.list_presses() names them all)")
+    if press is not None and not callable(press):
+        raise ValueError(f"press must be a press object, e.g. mmpress.get_press('divprune', keep=64), "
+                         f"got {type(press).__name__}")
+
+
 def encode(model, processor, images: Sequence, questions: Sequence[str], hint: str | None = ANSWER_HINT) -> dict:
     """Left-padded model inputs for one image per question, on the model's device and dtype
     (left padding: every row ends where generation starts)."""
+    check_inputs(images, questions)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -60,7 +84,12 @@ def ask(
     given, generation runs inside ``with press(model):`` so its hooks are removed afterwards
     whatever happens. Returns the decoded new tokens of each answer, stripped. A single image and
     question may be passed without wrapping them in lists.
+
+    ``press`` is a press object (``mmpress.get_press("divprune", keep=64)``), not its name: a name
+    alone lacks the budget, so it is a ValueError naming the call to make. A question that is not
+    a non-empty string, or a None image, is a ValueError too.
     """
+    check_press(press)
     if isinstance(questions, str):
         questions = [questions]
     if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):

@@ -8,6 +8,7 @@ traceback instead.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from mmpress.presses.base import PRESSES, get_press, list_presses
+from mmpress.presses.base import PRESSES, get_press, list_presses, press_suggestion
 
 try:  # recent typer ships its own click, whose errors derive from TyperException
     from typer import TyperException as UsageErrors
@@ -64,8 +65,8 @@ def _press_names(text: str, param_hint: str = "--presses") -> list[str]:
     names = text.split(",")
     unknown = [name for name in names if name not in PRESSES]
     if unknown:
-        raise typer.BadParameter(f"unknown press {', '.join(map(repr, unknown))}; choose from all, "
-                                 f"{', '.join(list_presses())}", param_hint=param_hint)
+        raise typer.BadParameter(f"unknown press {unknown[0]!r}; {press_suggestion(unknown[0])} (or all)",
+                                 param_hint=param_hint)
     return names
 
 
@@ -96,15 +97,28 @@ def _check_model(model_id: str) -> None:
 
 
 def _load(model_id: str):
-    """The embedded demo model, or any local / cached transformers LLaVA model."""
+    """The embedded demo model, or any local / cached transformers LLaVA model. Never runs code
+    shipped in the model's folder (``trust_remote_code=False``): a model that needs it is refused
+    with transformers' ValueError, one red line, not a question on the terminal."""
     if model_id == DEMO:
         from mmpress.demo import load_demo
 
         return load_demo()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(model_id).eval()
-    return model, AutoProcessor.from_pretrained(model_id)
+    model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=False).eval()
+    return model, AutoProcessor.from_pretrained(model_id, trust_remote_code=False)
+
+
+def _check_out(out: Path) -> None:
+    """Fail before loading on an ``--out`` folder that cannot be made or written into."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise typer.BadParameter(f"cannot write to {out} ({e.strerror or e}); choose a writable folder",
+                                 param_hint="--out") from None
 
 
 @app.command("list")
@@ -140,14 +154,13 @@ def run(
 ):
     """Answer a question about an image with a pressed model; report tokens kept, prefill time, FLOPs saved."""
     import torch
-    from PIL import Image
 
     from mmpress.api import ask, encode
     from mmpress.eval.cost import llava_prefill_flops, stats_lengths, time_call
+    from mmpress.eval.data import read_image
 
     pressor = get_press(press, **_budget(keep, keep_ratio))
-    with Image.open(image) as opened:  # not an image: PIL's OSError, one line
-        picture = opened.convert("RGB")
+    picture = read_image(image, "--image")  # not an image, or a decompression bomb: one line
     _check_model(model)
     vlm, processor = _load(model)
     answer = ask(vlm, processor, [picture], [question], press=pressor, max_new_tokens=max_new_tokens)[0]
@@ -238,7 +251,8 @@ def bench(
     Default: 4 presses x 2 budgets on 24 easy-vqa questions, about 2 minutes on 2 CPU cores.
     --full: every press x 4 budgets on 200 scenes.
     bench.json is rewritten as each cell finishes; on Ctrl-C the report covers the finished cells."""
-    from mmpress.eval.bench import run_bench
+    from mmpress.api import ANSWER_HINT
+    from mmpress.eval.bench import ResumeError, fingerprint, resumable_rows, run_bench
     from mmpress.eval.data import load_dataset
     from mmpress.eval.report import print_table, save_json, write_report
 
@@ -246,8 +260,9 @@ def bench(
                     out=out)
     names, keeps = _press_names(settings["presses"]), _budgets(settings["keep"])
     data, out = settings["data"], settings["out"]
-    samples = load_dataset(data, split=split, limit=settings["limit"])
+    samples = load_dataset(data, split=split, limit=settings["limit"])  # an empty data set: ValueError
     _check_model(model)
+    _check_out(out)
     record_path, previous = out / "bench.json", None
     if resume and record_path.is_file():
         try:
@@ -256,6 +271,13 @@ def bench(
             raise typer.BadParameter(f"{record_path} is not JSON ({e}): delete it, or drop --resume") from None
     elif resume:
         console.print(f"[yellow]nothing to resume in {out}: starting afresh[/yellow]")
+    options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, timing_batch=settings["timing_batch"],
+                   dataset=f"{data}:{split}", hint=ANSWER_HINT, seed=0)
+    refusal = f"{record_path} cannot be resumed; run without --resume (it starts afresh), or use another --out"
+    try:  # all but the model's part of the fingerprint, before the model loads
+        resumable_rows(previous, fingerprint(samples, **options))
+    except ResumeError as e:
+        raise ValueError(f"{e}. {refusal}") from None
 
     vlm, processor = _load(model)
     finished = {}
@@ -265,9 +287,10 @@ def bench(
         save_json(record, record_path)
 
     try:
-        record = run_bench(vlm, processor, names, keeps, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           console=console, repeats=repeats, timing_batch=settings["timing_batch"],
-                           dataset=f"{data}:{split}", model_id=model, previous=previous, checkpoint=checkpoint)
+        record = run_bench(vlm, processor, names, keeps, samples, console=console, repeats=repeats, model_id=model,
+                           previous=previous, checkpoint=checkpoint, **options)
+    except ResumeError as e:  # the model's part of the fingerprint
+        raise ValueError(f"{e}. {refusal}") from None
     except KeyboardInterrupt:
         if "record" not in finished:
             err_console.print("interrupted before a cell finished: nothing new written", style="yellow")

@@ -56,8 +56,9 @@ def load_base(dtype: torch.dtype = torch.float32):
             if not (folder / "config.json").is_file():
                 raise
         del model
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(folder)
+    # trust_remote_code=False: never run code found in the cache folder, never ask on a terminal
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
     processor.tokenizer.padding_side = "left"
     return model.eval(), processor
 

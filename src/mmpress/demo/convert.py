@@ -236,9 +236,9 @@ def build_demo():
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
     folder, gguf = gguf_location()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
     processor = build_processor(tokenizer)
-    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32, trust_remote_code=False)
     lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # room for <image>
     vision = load_dinov2()
 

@@ -18,6 +18,8 @@ with the unpressed model.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -35,7 +37,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mmpress.api import ANSWER_HINT, encode
+from mmpress.api import ANSWER_HINT, check_inputs, encode
 from mmpress.eval.cost import prefill_flops, prompt_cache_bytes, stats_lengths, time_call
 from mmpress.eval.metrics import (LEVEL, RESAMPLES, accuracy, agreements, bootstrap_ci, correctness, is_labelled,
                                   kl_divergence)
@@ -118,8 +120,12 @@ def run_bench(
     Cells run one after the other; when one finishes, ``checkpoint(record)`` receives the record
     so far (its ``pending`` lists the cells still to run), e.g. to save it, so an interrupted run
     loses only the cell in progress. ``previous``: the record of an earlier run on the same data,
-    model and settings (ValueError if they differ): its rows are kept and their cells not run
-    again; the unpressed model still answers once, as the reference of the cells left.
+    model and settings: its rows are kept and their cells not run again; the unpressed model
+    still answers once, as the reference of the cells left. The record's ``fingerprint``
+    (:func:`fingerprint`: hashes of the data's content and the model's weights, the settings) and
+    each row's ``press_settings`` must equal this run's, else :class:`ResumeError` (a ValueError)
+    names what differs: a row scored against an edited answer, or by a press whose default has
+    changed, is never reused.
 
     Returns a JSON-serialisable record: ``model`` (config summary, ``id`` = ``model_id``),
     ``dataset``, ``n``, ``settings``, ``quality_metric``, ``rows`` (one dict per press x budget,
@@ -133,6 +139,7 @@ def run_bench(
     for i, sample in enumerate(data):
         if "image" not in sample or "question" not in sample:
             raise ValueError(f"sample {i} needs 'image' and 'question' keys, got {sorted(sample)}")
+    check_inputs([s["image"] for s in data], [s["question"] for s in data])
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("repeats", repeats),
                         ("timing_batch", 1 if timing_batch is None else timing_batch)):
         if not isinstance(value, int) or value < 1:
@@ -174,7 +181,10 @@ def run_bench(
         "notes": notes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    rows = _resumable_rows(previous, record)  # (press, keep) -> row
+    record["fingerprint"] = fingerprint(data, dataset=dataset, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                        hint=hint, seed=seed, timing_batch=timing_batch, model=model,
+                                        model_id=model_id)
+    rows = resumable_rows(previous, record["fingerprint"])  # (press, keep) -> row
 
     def inputs_of(samples: list[dict]) -> dict:
         return encode(model, processor, [s["image"] for s in samples], [s["question"] for s in samples], hint)
@@ -226,23 +236,116 @@ def run_bench(
     return record
 
 
-def _resume_key(record: dict) -> dict:
-    """What two runs must share for the rows of one to stand in the other: data, model, answering,
-    and the batch the speedups were timed on."""
-    model, settings = record["model"], record["settings"]
-    return {"dataset": record["dataset"], "n": record["n"], "model id": model.get("id"), "model": model["name"],
-            "parameters": model["parameters"],
-            **{key: settings[key] for key in ("batch_size", "max_new_tokens", "hint", "seed", "timing_batch")}}
+class ResumeError(ValueError):
+    """An earlier record whose rows cannot stand in this run: other data, model or settings."""
 
 
-def _resumable_rows(previous: dict | None, record: dict) -> dict[tuple, dict]:
-    """The rows of ``previous`` by (press, keep); ValueError if it ran on other data, model or settings."""
+#: the fingerprint's parts that are content hashes (a mismatch names the part, not two digests)
+_HASHED = {"questions": "the data's questions", "answers": "the data's answers (or choices)",
+           "kinds": "the data's question kinds", "images": "the data's images",
+           "model config": "the model's config", "model weights": "the model's weights"}
+
+
+def fingerprint(data: list[dict], *, dataset: str | None, batch_size: int, max_new_tokens: int, hint: str | None,
+                seed: int, timing_batch: int | None, model=None, model_id: str | None = None) -> dict:
+    """What a bench row's figures depend on besides its press (whose settings each row holds):
+    the data's content (hashes of its questions, gold answers and choices, kinds, and images'
+    pixels), the answering and timing settings, the mmpress, transformers and torch versions,
+    and, given ``model``, its id, config, weights (a hash of every parameter and buffer: about a
+    second per GB) and device. Stored in the record; :func:`resumable_rows` compares it."""
+    import transformers
+
+    import mmpress
+
+    key = {"dataset": dataset, "n": len(data), **_data_hashes(data), "batch_size": batch_size,
+           "max_new_tokens": max_new_tokens, "hint": hint, "seed": seed,
+           "timing_batch": len(data[: timing_batch or batch_size]),
+           "mmpress": mmpress.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
+    if model is not None:
+        key |= {"model id": model_id, **_model_hashes(model), "device": str(next(model.parameters()).device)}
+    return key
+
+
+def _digest(chunks) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk if isinstance(chunk, (bytes, memoryview)) else json.dumps(chunk, default=repr).encode())
+    return h.hexdigest()[:16]
+
+
+def _image_bytes(image):
+    """An image's pixels as bytes, behind its mode/dtype and size (a PIL image, array or tensor)."""
+    if hasattr(image, "tobytes") and hasattr(image, "mode"):  # PIL
+        return [[image.mode, list(image.size)], image.tobytes()]
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().contiguous()
+        return [[str(image.dtype), list(image.shape)], image.view(torch.uint8).numpy().tobytes()]
+    if hasattr(image, "tobytes") and hasattr(image, "dtype"):  # numpy
+        return [[str(image.dtype), list(image.shape)], image.tobytes(order="C")]
+    return [repr(image)]
+
+
+def _data_hashes(data: list[dict]) -> dict[str, str]:
+    per_image: dict[int, list] = {}  # questions sharing an image object hash its pixels once
+    images = (per_image.setdefault(id(s["image"]), _image_bytes(s["image"])) for s in data)
+    return {"questions": _digest(s["question"] for s in data),
+            "answers": _digest([s.get("answer"), s.get("choices")] for s in data),
+            "kinds": _digest(s.get("kind") for s in data),
+            "images": _digest(chunk for parts in images for chunk in parts)}
+
+
+def _model_hashes(model) -> dict[str, str]:
+    config = model.config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path"):  # where it was loaded from, not what it is
+        config.pop(volatile, None)
+    config["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+    def weights():
+        for name, tensor in tensors.items():
+            tensor = tensor.detach().cpu().contiguous()
+            yield [name, str(tensor.dtype), list(tensor.shape)]
+            yield tensor.reshape(-1).view(torch.uint8).numpy().data
+    return {"model class": type(model).__name__, "model config": _digest([json.dumps(config, sort_keys=True,
+                                                                                    default=repr)]),
+            "model weights": _digest(weights())}
+
+
+def press_settings(name: str, keep: int | None) -> dict:
+    """The settings of the press a bench cell ``(name, keep)`` runs: its class and every field
+    (a changed default changes a row's figures); ValueError if the press cannot be made."""
+    press = _Cell(name, keep).make()
+    fields = {f.name: getattr(press, f.name) for f in dataclasses.fields(press) if f.init}
+    return json.loads(json.dumps({"class": type(press).__name__, **fields}, default=repr))
+
+
+def resumable_rows(previous: dict | None, key: dict) -> dict[tuple, dict]:
+    """The rows of ``previous`` (an earlier record) by (press, keep), to stand in the run whose
+    :func:`fingerprint` is ``key``; :class:`ResumeError` naming what differs if any part of
+    ``key`` or any row's press settings (:func:`press_settings`) differ. Only the parts in
+    ``key`` are compared: a caller without the model yet can check the rest early."""
     if previous is None:
         return {}
-    was, now = _resume_key(previous), _resume_key(record)
-    if was != now:
-        differ = ", ".join(f"{key} {was[key]!r} (now {now[key]!r})" for key in now if was[key] != now[key])
-        raise ValueError(f"cannot resume a run made with other settings: {differ}")
+    if not isinstance(previous, dict) or not isinstance(previous.get("rows"), list):
+        raise ResumeError("cannot resume: the earlier record is not a bench record (a JSON object with rows)")
+    was = previous.get("fingerprint")
+    if was is None or any("press_settings" not in row for row in previous["rows"]):
+        raise ResumeError("cannot resume: the earlier record holds no fingerprint of its data, model and presses "
+                          "(written by an older mmpress), so its rows may not hold for this run")
+    differ = [_HASHED[part] + " differ" if part in _HASHED else f"{part} {was.get(part)!r} (now {now!r})"
+              for part, now in key.items() if was.get(part) != now]
+    for row in previous["rows"]:
+        try:
+            now = press_settings(row["press"], row["keep"])
+        except ValueError as e:
+            differ.append(f"press {row['press']} keep={row['keep']} cannot run now ({' '.join(str(e).split())})")
+            continue
+        if now != row["press_settings"]:
+            changed = ", ".join(f"{k} {row['press_settings'].get(k)!r} (now {v!r})" for k, v in now.items()
+                                if row["press_settings"].get(k) != v)
+            differ.append(f"press {row['press']} keep={row['keep']}: {changed}")
+    if differ:
+        raise ResumeError(f"cannot resume a run made with other data, model or settings: {'; '.join(differ)}")
     return {(row["press"], row["keep"]): row for row in previous["rows"]}
 
 
@@ -423,6 +526,7 @@ def _row(cell: _Cell, data: list[dict], baseline: _Cell, timed: dict, seed: int 
     return {
         "press": cell.press,
         "keep": cell.keep,
+        "press_settings": press_settings(cell.press, cell.keep),
         "stage": "none" if is_base else PRESSES[cell.press].stage,
         "kept_tokens": cell.kept / cell.images,  # mean visual tokens kept per image, after the last stage
         "avg_tokens": cell.avg / cell.images,  # the same, averaged over the LM's layers
@@ -471,4 +575,4 @@ def _model_summary(model, model_id: str | None) -> dict:
     }
 
 
-__all__ = ["run_bench"]
+__all__ = ["ResumeError", "fingerprint", "press_settings", "resumable_rows", "run_bench"]

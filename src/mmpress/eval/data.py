@@ -9,7 +9,8 @@ Built in:
 * ``"easy-vqa"``: the ``easy-vqa`` package (one shape per 64x64 image), upsampled to 224.
 
 Plus loaders for a local JSONL file of ``{image, question, answer}`` (image path relative to the
-file) and a ``datasets`` dataset saved with ``save_to_disk``. Every loader returns a list of dicts
+file; ``answer`` a string or a list of acceptable answers) and a ``datasets`` dataset saved with
+``save_to_disk``. Every loader returns a list of dicts
 ``{image: PIL.Image, question, answer, kind, image_id}``; ``image_id`` lets callers cache per-image
 work (e.g. vision features) when several questions share an image.
 """
@@ -20,6 +21,7 @@ import json
 import random
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,8 +222,11 @@ def _easy_vqa_kind(question: str) -> str:
 
 
 def jsonl_dataset(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Records ``{image, question, answer[, kind]}`` with ``image`` relative to the file. A record
-    that is not such an object, or whose image cannot be read, is a ValueError naming file and line."""
+    """Records ``{image, question, answer[, kind]}``, one JSON object a line, ``image`` a path
+    relative to the file. ``answer`` is a string (a whole number is read as its digits) or a
+    list of acceptable answers, any of which counts as right (as VQA scores its several human
+    answers). A record that is not such an object, a field of another type, or an image that
+    cannot be read, is a ValueError naming file and line; so is a file without a record."""
     path = Path(path)
     samples = []
     with path.open() as f:
@@ -239,25 +244,80 @@ def jsonl_dataset(path: str | Path, limit: int | None = None) -> list[dict]:
             missing = {"image", "question", "answer"} - record.keys()
             if missing:
                 raise ValueError(f"{where}: record lacks {sorted(missing)}")
-            if record["answer"] is None:
-                raise ValueError(f"{where}: 'answer' is null; give the reference answer as a string")
-            image_path = path.parent / record["image"]
-            samples.append(dict(image=_read_image(image_path, where), question=record["question"],
-                                answer=str(record["answer"]), kind=record.get("kind", "jsonl"),
+            image = record["image"]
+            if not isinstance(image, str) or not image.strip():
+                raise ValueError(f"{where}: 'image' must be an image file's path relative to {path.name} "
+                                 f"(a string), got {_shown(image)}")
+            image_path = path.parent / image
+            samples.append(dict(image=read_image(image_path, where), question=_question(record["question"], where),
+                                answer=_answer(record["answer"], where), kind=_kind(record.get("kind", "jsonl"), where),
                                 image_id=str(image_path)))
             if limit is not None and len(samples) == limit:
                 break
+    if not samples:
+        raise ValueError(f"{path}: no records (the file is empty); one JSON object a line: "
+                         '{"image": "a.png", "question": "...", "answer": "..."}')
     return samples
 
 
-def _read_image(path: Path, where: str) -> Image.Image:
+def _shown(value) -> str:
+    """A JSON value as a user wrote it, with its JSON type: ``null``, ``number 42``, ``array [...]``."""
+    kind = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
+            list: "array", dict: "object"}.get(type(value), type(value).__name__)
+    return kind if value is None else f"{kind} {json.dumps(value, default=repr)[:60]}"
+
+
+def _question(value, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: 'question' must be a non-empty string, got {_shown(value)}")
+    return value
+
+
+def _answer(value, where: str) -> str | list[str]:
+    """The gold answer: a string, or a non-empty list of acceptable answers (any one counts)."""
+    def one(v):
+        if isinstance(v, str):
+            return v
+        if isinstance(v, int) and not isinstance(v, bool):  # "answer": 2 for a count: exact as digits
+            return str(v)
+        return None
+
+    if value is None:
+        raise ValueError(f"{where}: 'answer' is null; give the reference answer as a string")
+    if isinstance(value, (list, tuple)):
+        answers = [one(v) for v in value]
+        if not answers or None in answers:
+            raise ValueError(f"{where}: 'answer' as a list must hold one or more strings (any of them counts as "
+                             f"right), got {_shown(list(value))}")
+        return answers
+    answer = one(value)
+    if answer is None:
+        raise ValueError(f"{where}: 'answer' must be a string or a list of strings (any of them counts as right), "
+                         f"got {_shown(value)}")
+    return answer
+
+
+def _kind(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: 'kind' must be a string (a question type to group accuracy by), "
+                         f"got {_shown(value)}")
+    return value
+
+
+def read_image(path: str | Path, where: str | None = None) -> Image.Image:
+    """The image file at ``path`` as RGB; a file PIL cannot read is a ValueError (prefixed with
+    ``where``), a decompression bomb (more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` allows) too."""
+    prefix = f"{where}: " if where else ""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
     except FileNotFoundError:
-        raise ValueError(f"{where}: no such image file {path}") from None
+        raise ValueError(f"{prefix}no such image file {path}") from None
+    except Image.DecompressionBombError as e:  # not an OSError: PIL's guard against a file that would fill memory
+        raise ValueError(f"{prefix}refused image {path}: {e} Shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                         "if you trust the file") from None
     except OSError as e:  # PIL's UnidentifiedImageError, a truncated file, a folder
-        raise ValueError(f"{where}: cannot read image {path} ({e})") from None
+        raise ValueError(f"{prefix}cannot read image {path} ({e})") from None
 
 
 def disk_dataset(path: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
@@ -278,11 +338,17 @@ def disk_dataset(path: str | Path, split: str = "test", limit: int | None = None
     samples = []
     for i, row in enumerate(ds):
         image, where = row["image"], f"{path}: row {i}"
-        if row["answer"] is None:
-            raise ValueError(f"{where}: 'answer' is null; give the reference answer as a string")
-        image = _read_image(Path(path) / image, where) if isinstance(image, str) else image.convert("RGB")
-        samples.append(dict(image=image, question=row["question"], answer=str(row["answer"]),
-                            kind=row.get("kind") or "disk", image_id=f"{path}/{split}/{i}"))
+        if isinstance(image, str):
+            image = read_image(Path(path) / image, where)
+        elif isinstance(image, Image.Image):
+            image = image.convert("RGB")
+        else:
+            raise ValueError(f"{where}: 'image' must be a PIL image or an image file's path, got {_shown(image)}")
+        samples.append(dict(image=image, question=_question(row["question"], where),
+                            answer=_answer(row["answer"], where), kind=_kind(row.get("kind") or "disk", where),
+                            image_id=f"{path}/{split}/{i}"))
+    if not samples:
+        raise ValueError(f"{path}: no rows in split {split!r}")
     return samples
 
 
@@ -322,6 +388,8 @@ def normalize_answer(s: str) -> str:
     return " ".join(_NUMBERS.get(w, w) for w in words if w not in _ARTICLES)
 
 
-def exact_match(pred: str, gold: str) -> bool:
-    """True if the normalised prediction equals the normalised gold answer."""
-    return normalize_answer(pred) == normalize_answer(gold)
+def exact_match(pred: str, gold: str | Sequence[str]) -> bool:
+    """True if the normalised prediction equals the normalised gold answer, or one of them when
+    ``gold`` is a list of acceptable answers."""
+    golds = [gold] if isinstance(gold, str) else gold
+    return normalize_answer(pred) in {normalize_answer(g) for g in golds}

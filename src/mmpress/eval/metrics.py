@@ -1,6 +1,7 @@
 """Quality of a pressed model: accuracy on labelled data, fidelity to the unpressed model on any data.
 
-* accuracy: exact match after :func:`~mmpress.eval.data.normalize_answer`; a sample with
+* accuracy: exact match after :func:`~mmpress.eval.data.normalize_answer`, to the gold answer or
+  to any of a list of them (VQA's several human answers: any match counts); a sample with
   ``choices`` (multiple choice) is right when the prediction names the right option, by its
   text or by its letter (A, B, ...).
 * agreement: the pressed model's answer equals the unpressed model's (normalised), so a press
@@ -47,24 +48,32 @@ def match_choice(prediction: str, choices: Sequence[str]) -> int | None:
     return named[0] if len(named) == 1 else None
 
 
+def gold_answers(sample: dict) -> list[str]:
+    """The sample's acceptable answers: its ``answer``, or each entry of a list of them (VQA's
+    several human answers); empty ones left out."""
+    answer = sample.get("answer")
+    answers = answer if isinstance(answer, (list, tuple)) else [answer]
+    return [str(a) for a in answers if a is not None and str(a).strip() != ""]
+
+
 def is_labelled(sample: dict) -> bool:
     """Whether the sample carries a (non-empty) reference answer."""
-    answer = sample.get("answer")
-    return answer is not None and str(answer).strip() != ""
+    return bool(gold_answers(sample))
 
 
 def is_correct(prediction: str, sample: dict) -> bool | None:
-    """Whether ``prediction`` answers ``sample`` right; None when the sample has no label."""
-    if not is_labelled(sample):
+    """Whether ``prediction`` answers ``sample`` right (any of its gold answers counts); None when
+    the sample has no label."""
+    golds = gold_answers(sample)
+    if not golds:
         return None
-    answer = sample["answer"]
     choices = sample.get("choices")
     if choices:
-        gold = match_choice(str(answer), choices)
-        if gold is None:
-            raise ValueError(f"answer {answer!r} is not one of the sample's choices {list(choices)}")
-        return match_choice(prediction, choices) == gold
-    return exact_match(prediction, str(answer))
+        indices = {match_choice(gold, choices) for gold in golds}
+        if None in indices:
+            raise ValueError(f"answer {sample['answer']!r} is not one of the sample's choices {list(choices)}")
+        return match_choice(prediction, choices) in indices
+    return exact_match(prediction, golds)
 
 
 def correctness(predictions: Sequence[str], samples: Sequence[dict]) -> list[bool | None]:
@@ -166,5 +175,5 @@ def kl_divergence(reference_logits: Tensor, logits: Tensor) -> Tensor:
     return torch.where(ref.isneginf(), 0.0, ref.exp() * (ref - other)).sum(dim=-1)
 
 
-__all__ = ["accuracy", "agreement", "agreements", "bootstrap_ci", "correctness", "is_correct", "is_labelled",
-           "kl_divergence", "match_choice", "paired_bootstrap_ci"]
+__all__ = ["accuracy", "agreement", "agreements", "bootstrap_ci", "correctness", "gold_answers", "is_correct",
+           "is_labelled", "kl_divergence", "match_choice", "paired_bootstrap_ci"]

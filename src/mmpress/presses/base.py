@@ -298,5 +298,20 @@ def list_presses(stage: str | None = None) -> list[str]:
 def get_press(name: str, **kwargs) -> Press:
     """Instantiate a press by name: ``get_press("divprune", keep=64)``."""
     if name not in PRESSES:
-        raise ValueError(f"unknown press {name!r}; choose one of: {', '.join(list_presses())}")
+        raise ValueError(f"unknown press {name!r}; {press_suggestion(name)}")
     return PRESSES[name](**kwargs)
+
+
+def press_suggestion(name) -> str:
+    """``did you mean 'divprune'? choose one of: ...``: the registered names closest to a mistyped
+    one (difflib's ratio, case ignored) first, then every name."""
+    import difflib
+
+    names = list_presses()
+    lowered = {n.lower(): n for n in names}
+    close = [lowered[n] for n in difflib.get_close_matches(str(name).lower(), lowered, n=3, cutoff=0.6)]
+    every = f"choose one of: {', '.join(names)}"
+    if not close:
+        return every
+    *first, last = map(repr, close)
+    return f"did you mean {', '.join(first) + ' or ' if first else ''}{last}? {every}"
