@@ -243,3 +243,61 @@ def test_temporal_merge_merge_option_is_size_weighted():
             groups.setdefault(r, []).append(j)
         ref = torch.stack([tokens[i, groups[j]].mean(0) for j in index[i].tolist()])
         torch.testing.assert_close(out[i], ref)
+
+
+# ---- HoloV, EVS, FastVID: the existing official references, on ties and more seeds ----------
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("k,crops", [(8, None), (16, 4), (20, 3)])
+def test_holov_matches_official_with_tied_attention_and_duplicates(seed, k, crops):
+    """``holov_reference`` (tests/test_new_presses.py) is the official ``HoloV`` loop. Here the
+    attention takes 4 values only (ties inside a crop go to the lower index; official ``topk``
+    leaves them unspecified) and some tokens repeat."""
+    from test_new_presses import holov_reference
+
+    n = 48
+    xs = [tokens_with_duplicates(n, 16, seed * 10 + i, dup=8) for i in range(3)]
+    g = torch.Generator().manual_seed(seed)
+    attn = torch.randint(1, 5, (3, n), generator=g).double()
+    attn = attn / attn.sum(dim=1, keepdim=True)
+    index = get_press("holov", keep=k, crops=crops).press(batch(xs), VisualContext(cls_attn=attn))[1]
+    c = crops or max(1, int(1024 / 576 * n / k))
+    for i, x in enumerate(xs):
+        assert index[i].tolist() == holov_reference(x, attn[i], k, c)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_evs_matches_vllm_with_exactly_static_places(seed):
+    """``evs_reference`` (tests/test_video_presses.py) is vLLM's ``compute_retention_mask``. Half
+    the places never change (unit vectors: dissimilarity exactly 0, ties broken by the stable
+    sort to the earlier token), the others drift."""
+    from test_video_presses import evs_reference
+
+    t, h, w, d = 5, 2, 4, 16
+    p = h * w
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(3, t, p, d, dtype=torch.float64)
+    static = torch.arange(p) % 2 == 0
+    x[:, :, static, : p] = 2.0 * torch.eye(p, dtype=torch.float64)[static]
+    x[:, :, ~static, p:] = torch.randn(3, t, int((~static).sum()), d - p, generator=g, dtype=torch.float64)
+    tokens = x.reshape(3, t * p, d)
+    ctx = VisualContext(grid=(h, w), grid_thw=(t, h, w))
+    for k in [p, p + 5, p + 16 + 3, 3 * p]:
+        index = get_press("evs", keep=k).press(tokens, ctx)[1]
+        for i in range(3):
+            assert index[i].tolist() == evs_reference(tokens[i], (t, h, w), k).tolist()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("segments, k", [(1, 40), (2, 40), (8, 80)])
+def test_fastvid_matches_official_loop_more_seeds(seed, segments, k):
+    """``fastvid_reference`` (tests/test_video_presses.py) is FastVID's official LLaVA-OneVision
+    loop (DySeg, ATS, density-peak anchors, DTM merge); more videos than its own test."""
+    from test_video_presses import fastvid_reference, segmented_video
+
+    tokens, attn = segmented_video(seed=seed)
+    ctx = VisualContext(grid_thw=(8, 4, 5), cls_attn=attn)
+    out, index = get_press("fastvid", keep=k, segments=segments).press(tokens, ctx)
+    for i in range(2):
+        ref_index, ref_out = fastvid_reference(tokens[i], attn[i], (8, 4, 5), k, c=segments)
+        assert index[i].tolist() == ref_index.tolist()
+        torch.testing.assert_close(out[i], ref_out, rtol=1e-4, atol=1e-5)

@@ -17,12 +17,25 @@ class DivPrunePress(SelectorPress):
     """Keeps the k most mutually diverse tokens: the paper's Max-Min Diversity Problem (maximise
     the smallest pairwise distance among the kept tokens) solved by its greedy algorithm, on
     cosine distance 1 - cos of the projected visual tokens -- the tokens official ``DivPrune``
-    (``LLaVA/llava/model/llava_arch.py``) reads from the LM input embeddings. First pick: the token whose nearest neighbour is farthest (official: column-wise
-    second-smallest distance, argmax); then repeatedly the token farthest from the picked set.
+    (``LLaVA/llava/model/llava_arch.py``) reads from the LM input embeddings. First pick: the
+    token whose nearest neighbour is farthest (official: column-wise second-smallest distance,
+    the smallest being the token itself, then argmax); then repeatedly the token farthest from
+    the picked set (argmax of the min distance to it). Ties go to the lower index, as the
+    official ``torch.argmax``. Tested against a re-implementation of the official loop
+    (tests/test_official_pre.py).
 
-    Deviations: a running minimum makes the greedy O(k N) per image (official: min over the
-    |S| x N block at each step, O(k^2 N)), batched over M images (official: batch 1, image at a
-    hard-coded offset 35). Same picks up to floating-point ties.
+    Deviations, none changing the picks while k stays below the number of distinct tokens:
+    (1) a picked token is masked out (official: it scores its self-distance ~0, so once every
+    remaining token duplicates a picked one it may be picked twice and enter the sequence twice);
+    the first pick excludes the diagonal (official: 2nd-smallest, the same unless a duplicate's
+    distance rounds below the self-distance); (2) distances in float32 at least (official: the
+    model dtype, fp16); (3) a running minimum makes the greedy O(k N) per image (official: min
+    over the |S| x N block each step), batched over M images (official: batch 1, the image at a
+    hard-coded offset 35); (4) ``keep_ratio`` gives ceil(ratio N) tokens, as for every press
+    (official ``SUBSET_RATIO``: round(ratio N)): pass ``keep=`` for an exact count.
+    Positions: official LLaVA drops the tokens from the input embeddings and lets the LM number
+    the shorter sequence 0..L'-1, i.e. ``press(model, positions="reindex")``; mmpress's default
+    keeps the original ids (the adapter's convention for every pre-LLM press).
     """
 
     name = "divprune"

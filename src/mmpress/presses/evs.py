@@ -30,9 +30,13 @@ class EVSPress(SelectorPress):
     Budget: vLLM's pruning rate q keeps ``max(h*w, int(t*h*w*(1 - q)))`` tokens; here k comes
     from ``keep`` / ``keep_ratio`` as for every press (``keep_ratio = 1 - q`` up to int vs ceil).
 
-    Deviation: vLLM never keeps less than frame 0; for k < h*w (and for an image, t = 1) we keep
-    k spatially uniform tokens of frame 0 (``ops.pool.grid_sample``) instead of its first k in
-    raster order. Batched over M videos.
+    Below one frame there is no official selection: vLLM's count never goes below h*w. For
+    k < h*w (and for an image, t = 1) the press keeps k spatially uniform tokens of frame 0
+    (``ops.pool.grid_sample``; the stable sort would take its first k in raster order, the top
+    rows only). Positions: vLLM gives the kept tokens their original M-RoPE (t, h, w) ids
+    (``compute_mrope_for_media``), mmpress's default. Batched over M videos. Tested against
+    ``compute_retention_mask`` as written (``evs_reference`` in tests/test_video_presses.py;
+    exact ties in tests/test_official_pre.py).
     """
 
     name = "evs"

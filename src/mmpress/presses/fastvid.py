@@ -53,7 +53,12 @@ class FastVIDPress(Press):
     than it has non-salient ones (high budgets; official: crash) takes them all and the segment's
     remainder goes to its other frames by density; density ties go to the lower index (official:
     1e-6 random noise); the Qwen2.5-VL port's extra sub-segmentation (``DySeg_ignore``) is not
-    reproduced. Batched over M videos, no loop over frames or segments.
+    reproduced; the frame's global feature is the token mean in every family (the LLaVA-OneVision
+    code's SigLIP pooled feature is a signal the adapters do not provide). Batched over M videos,
+    no loop over frames or segments. Positions: the kept tokens keep their original ids, as the
+    official code (``position_ids = keep_indexs``). Tested against the official loop:
+    ``fastvid_reference`` in tests/test_video_presses.py (more videos in
+    tests/test_official_pre.py).
     """
 
     segments: int = 8

@@ -89,8 +89,13 @@ class HoloVPress(SelectorPress):
     (official: lost, the output zero-padded to k) goes to the highest-attention tokens not yet
     kept, so exactly k real tokens are kept; (2) kept tokens stay in raster order (official:
     crop by crop, each by descending attention); (3) C is capped at N (official: empty crops
-    skipped, the same); (4) ties go to the lower index; (5) batched over M images without a
-    loop over images or crops.
+    skipped, the same); (4) ties go to the lower index (official ``topk``: unspecified);
+    (5) batched over M images without a loop over images or crops. (1) and (2) are forced by
+    the token contract: every kept token is a real token with an original position, handed back
+    in position order. Positions: official LLaVA inserts the kept tokens at consecutive
+    positions (``press(model, positions="reindex")``), the Qwen2.5-VL code keeps their original
+    M-RoPE ids (mmpress's default). Tested against the official loop: ``holov_reference`` in
+    tests/test_new_presses.py, with tied attention in tests/test_official_pre.py.
     """
 
     crops: int | None = None

@@ -27,15 +27,22 @@ class MMTokPress(SelectorPress):
     max_{j in S} (the paper's multimodal coverage, weighted sum of the two terms) with the
     greedy of ``ops.coverage`` -- the official greedy, batched over images.
 
-    Defaults are the official ones (``mmtok/llava/llava_inject.py``): alpha=0.5,
-    tv_temperature=0.02, vv_temperature=0.2.
+    Defaults are the official LLaVA ones (``mmtok/llava/llava_inject.py``): alpha=0.5,
+    tv_temperature=0.02, vv_temperature=0.2 (the official Qwen2.5-VL script uses
+    tv_temperature=0.01: pass it for Qwen-VL models; a press does not see the model family).
+    The greedy is official ``greedy_merged_jit_kernel``: gains summed over the rows, picked
+    candidates masked with -inf, ties to the lower index (``torch.argmax``); tested against a
+    re-implementation of ``mm_coverage_selection`` (tests/test_official_pre.py).
 
-    Deviations: (1) the text is every real text token of the sample's prompt (``ctx.text``,
-    input embeddings), masked where ragged; the official code embeds only the question's
-    keywords (stop-words and answer-format instructions removed), which needs the tokenizer.
-    (2) Q uses the projected tokens; the official code uses the CLIP features before the
-    projector (``hidden_states[-2]``), a signal the adapters do not provide. (3) T counts each
-    image's real text tokens; with none, only the visual coverage term remains.
+    Deviations (missing signals): (1) the text is every real text token of the sample's prompt
+    (``ctx.text``, input embeddings), masked where ragged; the official code embeds only the
+    question's keywords (stop-words and answer-format instructions removed; Qwen: "Question: "
+    + the question), which needs the question string and the tokenizer. (2) Q uses the projected
+    tokens; the official code uses the vision tower's features before the projector
+    (``hidden_states[-2]``), a signal the adapters do not provide. (3) T counts each image's
+    real text tokens; with none, only the visual coverage term remains. Positions: the official
+    LLaVA code selects inside the vision tower, so the LM numbers the shorter sequence 0..L'-1
+    (``press(model, positions="reindex")``); mmpress's default keeps the original ids.
     A later turn: the selection made with the first prompt's text stays (a continued cache holds
     only the kept tokens); a new question re-selects only when the conversation is re-run under
     the press without the old cache.

@@ -68,7 +68,10 @@ class TemporalMergePress(Press):
     each at its first place; (3) with odd t, a budget above what the other frames hold is taken
     from the last frame (official: dropped) by the same rule against frame t - 2. Kept tokens
     stay in raster order (official: each compared frame's kept tokens by ascending similarity).
-    Batched over M videos, no loop over frames.
+    Positions: official LLaVA-OneVision inserts the kept tokens at consecutive positions
+    (``press(model, positions="reindex")``); mmpress's default keeps the original ids.
+    Batched over M videos, no loop over frames. Tested against a re-implementation of
+    ``dycole_ttm`` (tests/test_official_pre.py).
     """
 
     merge: bool = False
