@@ -72,13 +72,13 @@ def test_divprune_matches_official(seed, n, d, k, dup):
 
 
 # ---- MMTok -----------------------------------------------------------------------------------
-def mmtok_official(text, x, k, alpha=0.5, tv=0.02, vv=0.2):
+def mmtok_official(text, x, clip, k, alpha=0.5, tv=0.02, vv=0.2):
     """Official ``mm_coverage_selection`` for one image: text (m, D) question tokens, x (n, D)
-    tokens (here also the features of the vision-vision term, see the press's deviations)."""
+    projected tokens, clip (n, C) the tower's features before the projector."""
     def unit(t):
         return t / t.norm(dim=-1, keepdim=True).clamp(min=1e-8)
     p_mat = unit(text) @ unit(x).T
-    q_mat = unit(x) @ unit(x).T
+    q_mat = unit(clip) @ unit(clip).T
     m, n = p_mat.shape
     p_mat = F.softmax(p_mat / tv, dim=1) / m
     q_mat = F.softmax(q_mat / vv, dim=1) / n
@@ -98,20 +98,30 @@ def mmtok_official(text, x, k, alpha=0.5, tv=0.02, vv=0.2):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("n,k,dup", [(40, 6, 0), (40, 25, 0), (30, 12, 8)])
 def test_mmtok_matches_official(seed, n, k, dup):
+    """The vision-vision term on the tower's features (``vision_features``), not the projected
+    tokens: the official signal."""
     d, t_max = 12, 6
     real = [6, 3, 1]  # ragged prompts: padding rows must cover nothing
     xs = [tokens_with_duplicates(n, d, seed * 10 + i, dup) for i in range(3)]
     g = torch.Generator().manual_seed(100 + seed)
+    clip = torch.randn(3, n, 7, generator=g, dtype=torch.float64)
+    for i, x in enumerate(xs):  # a duplicated token has duplicated features
+        first = [next(j for j in range(n) if torch.equal(x[j], x[q])) for q in range(n)]
+        clip[i] = clip[i, first]
     text = torch.randn(3, t_max, d, generator=g, dtype=torch.float64)
     mask = torch.arange(t_max) < torch.tensor(real)[:, None]
-    ctx = VisualContext(text=text * mask.unsqueeze(-1), text_mask=mask)
+    ctx = VisualContext(text=text * mask.unsqueeze(-1), text_mask=mask, vision_features=clip)
     index = get_press("mmtok", keep=k).press(batch(xs), ctx)[1]
     for i, x in enumerate(xs):
-        ref = mmtok_official(text[i, : real[i]], x, k)
+        ref = mmtok_official(text[i, : real[i]], x, clip[i], k)
         if dup:
             assert canonical(x, index[i].tolist()) == canonical(x, ref)
         else:
             assert index[i].tolist() == ref
+    projected = get_press("mmtok", keep=k, similarity="projected").press(batch(xs), ctx)[1]
+    for i, x in enumerate(xs):  # the option: the official greedy on the projected tokens
+        ref = mmtok_official(text[i, : real[i]], x, x, k)
+        assert canonical(x, projected[i].tolist()) == canonical(x, ref)
 
 
 # ---- ToMe ------------------------------------------------------------------------------------

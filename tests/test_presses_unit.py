@@ -34,6 +34,8 @@ def make_inputs(m=M, dtype=torch.float32, seed=0):
         vision_keys=torch.randn(m, N, 8, generator=g),
         text=torch.randn(m, T, D, generator=g) * text_mask.unsqueeze(-1),
         text_mask=text_mask,
+        # the tower's features before the projector (own generator: the draws above stay as they were)
+        vision_features=torch.randn(m, N, 12, generator=torch.Generator().manual_seed(seed + 1)),
     )
     return tokens.to(dtype), ctx
 
@@ -165,8 +167,10 @@ def test_random_seed_changes_the_draw():
 
 def test_vtc_cls_keeps_top_attention_and_ensembles_layers():
     tokens, ctx = make_inputs()
-    index = get_press("vtc_cls", keep=6).press(tokens, ctx)[1]
+    index = get_press("vtc_cls", keep=6, start_layer=None).press(tokens, ctx)[1]
     assert torch.equal(index, ctx.cls_attn.topk(6).indices.sort().values)
+    index = get_press("vtc_cls", keep=6).press(tokens, ctx)[1]  # official: the layers' sum
+    assert torch.equal(index, ctx.cls_attn_layers.sum(1).topk(6).indices.sort().values)
     index = get_press("vtc_cls", keep=6, layers=(-4, -3, -2)).press(tokens, ctx)[1]
     assert torch.equal(index, ctx.cls_attn_layers.sum(1).topk(6).indices.sort().values)
 
@@ -250,7 +254,7 @@ def test_any_batch_grid_and_budget(name, m, h, w, data):
     ctx = VisualContext(grid=(h, w), cls_attn=torch.rand(m, n, generator=g).softmax(-1),
                         cls_attn_layers=torch.rand(m, 2, n, generator=g).softmax(-1),
                         vision_keys=torch.randn(m, n, 4, generator=g), text=torch.randn(m, 3, D, generator=g),
-                        text_mask=mask)
+                        text_mask=mask, vision_features=torch.randn(m, n, 5, generator=torch.Generator().manual_seed(k)))
     out, index = make(name, keep=k).press(torch.randn(m, n, D, generator=g), ctx)
     assert out.shape == (m, k, D) and torch.isfinite(out).all()
     assert ((index >= 0) & (index < n)).all() and (index.diff(dim=1) > 0).all()

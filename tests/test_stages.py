@@ -77,7 +77,9 @@ def model(kind):
 def make(kind, name, **override):
     if "@" in name:  # a pre-LLM selector run in the LM: "divprune@2"
         inner, layer = name.split("@")
-        return mmpress.at_layer(mmpress.get_press(inner, keep=presses(kind)["fastv"]["keep"]), layer=int(layer))
+        hidden_only = {"similarity": "projected"} if inner == "mmtok" else {}  # no tower features in the LM
+        return mmpress.at_layer(mmpress.get_press(inner, keep=presses(kind)["fastv"]["keep"], **hidden_only),
+                                layer=int(layer))
     kw = {**presses(kind)[name], **override}
     return mmpress.get_press(name, **kw)
 

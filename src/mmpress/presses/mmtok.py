@@ -21,7 +21,9 @@ class MMTokPress(SelectorPress):
     Coverage matrices (paper: multimodal coverage formulation; official
     ``SemanticTokenSelector.mm_coverage_selection``):
       P = softmax_j(cos(text_t, v_j) / tv_temperature) / T   text -> vision, (T, N)
-      Q = softmax_j(cos(v_i, v_j) / vv_temperature) / N      vision -> vision, (N, N)
+      Q = softmax_j(cos(f_i, f_j) / vv_temperature) / N      vision -> vision, (N, N)
+    with v the projected tokens (the LM input) and f the vision tower's features before the
+    projector (``ctx.vision_features``; official: CLIP ``hidden_states[-2]``, [CLS] dropped);
     rows are the items to cover, columns the candidate visual tokens, each row a distribution
     over candidates. The selection maximises f(S) = sum over rows of [P; alpha Q] of
     max_{j in S} (the paper's multimodal coverage, weighted sum of the two terms) with the
@@ -34,15 +36,19 @@ class MMTokPress(SelectorPress):
     candidates masked with -inf, ties to the lower index (``torch.argmax``); tested against a
     re-implementation of ``mm_coverage_selection`` (tests/test_official_pre.py).
 
+    similarity: "vision" (default, official) computes Q on the tower's features; "projected" on
+    the projected tokens instead (the option for ``at_layer``, where only hidden states exist).
+
     Deviations (missing signals): (1) the text is every real text token of the sample's prompt
     (``ctx.text``, input embeddings), masked where ragged; the official code embeds only the
     question's keywords (stop-words and answer-format instructions removed; Qwen: "Question: "
-    + the question), which needs the question string and the tokenizer. (2) Q uses the projected
-    tokens; the official code uses the vision tower's features before the projector
-    (``hidden_states[-2]``), a signal the adapters do not provide. (3) T counts each image's
-    real text tokens; with none, only the visual coverage term remains. Positions: the official
-    LLaVA code selects inside the vision tower, so the LM numbers the shorter sequence 0..L'-1
-    (``press(model, positions="reindex")``); mmpress's default keeps the original ids.
+    + the question), which needs the question string and the tokenizer. (2) Qwen-VL: the
+    official Qwen2.5-VL code averages each token's 2x2 patches of the last vision block;
+    ``vision_features`` concatenates them (the merger's input), a different cosine. (3) T counts
+    each image's real text tokens; with none, only the visual coverage term remains. Positions:
+    the official LLaVA code selects inside the vision tower, so the LM numbers the shorter
+    sequence 0..L'-1 (``press(model, positions="reindex")``); mmpress's default keeps the
+    original ids.
     A later turn: the selection made with the first prompt's text stays (a continued cache holds
     only the kept tokens); a new question re-selects only when the conversation is re-run under
     the press without the old cache.
@@ -51,10 +57,19 @@ class MMTokPress(SelectorPress):
     alpha: float = 0.5
     tv_temperature: float = 0.02
     vv_temperature: float = 0.2
+    similarity: str = "vision"
 
     name = "mmtok"
     paper = "Dong et al., ICLR 2026, arXiv 2508.18264"
-    needs = ("text",)
+    needs = ("text", "vision_features")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.similarity not in ("vision", "projected"):
+            raise ValueError(f"similarity must be 'vision' (official: the tower's features before the projector) or "
+                             f"'projected' (the LM input tokens), got {self.similarity!r}")
+        if self.similarity == "projected":
+            self.needs = ("text",)  # the instance's signals: no tower features to record
 
     def select(self, tokens: Tensor, ctx: VisualContext, k: int) -> Tensor:
         text, mask = ctx.require("text"), ctx.require("text_mask")
@@ -62,5 +77,6 @@ class MMTokPress(SelectorPress):
         real = mask.unsqueeze(-1).float()
         p = (cosine_similarity(text, tokens) / self.tv_temperature).softmax(dim=-1)
         p = p * real / real.sum(dim=1, keepdim=True).clamp_min(1)  # padding rows cover nothing
-        q = (cosine_similarity(tokens) / self.vv_temperature).softmax(dim=-1) / n
+        features = ctx.require("vision_features") if self.similarity == "vision" else tokens
+        q = (cosine_similarity(features) / self.vv_temperature).softmax(dim=-1) / n
         return greedy_coverage(torch.cat([p, self.alpha * q], dim=1), k)
