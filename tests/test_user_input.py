@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
@@ -312,6 +313,19 @@ def test_mistyped_press_name_suggests_the_closest(typo, closest):
     assert "choose one of: " in str(error.value)
     with pytest.raises(ValueError, match="unknown press 'xyz'; choose one of: "):
         get_press("xyz")
+
+
+def test_bench_of_a_model_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = tiny_llava()
+    with pytest.raises(ValueError, match="weights on the meta device"):
+        run_bench(model, tiny_processor(), [], [8], samples(1), console=Console(file=io.StringIO()))
+
+
+def test_run_refuses_an_empty_question(tmp_path, monkeypatch):
+    monkeypatch.setattr(mmpress.cli, "_load", _no_model)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    _one_red_line(runner.invoke(app, ["run", "--image", str(tmp_path / "a.png"), " "]), "the question is empty")
 
 
 def test_cli_suggests_the_closest_press(tmp_path, monkeypatch):

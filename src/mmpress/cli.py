@@ -159,6 +159,8 @@ def run(
     from mmpress.eval.cost import llava_prefill_flops, stats_lengths, time_call
     from mmpress.eval.data import read_image
 
+    if not question.strip():
+        raise typer.BadParameter("the question is empty", param_hint="QUESTION")
     pressor = get_press(press, **_budget(keep, keep_ratio))
     picture = read_image(image, "--image")  # not an image, or a decompression bomb: one line
     _check_model(model)

@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -273,16 +275,16 @@ def _digest(chunks) -> str:
     return h.hexdigest()[:16]
 
 
-def _image_bytes(image):
-    """An image's pixels as bytes, behind its mode/dtype and size (a PIL image, array or tensor)."""
-    if hasattr(image, "tobytes") and hasattr(image, "mode"):  # PIL
+def _image_bytes(image) -> list:
+    """An image's pixels as bytes, after its mode (dtype) and size: a PIL image, array or tensor."""
+    if isinstance(image, Image.Image):
         return [[image.mode, list(image.size)], image.tobytes()]
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().contiguous()
-        return [[str(image.dtype), list(image.shape)], image.view(torch.uint8).numpy().tobytes()]
-    if hasattr(image, "tobytes") and hasattr(image, "dtype"):  # numpy
+        return [[str(image.dtype), list(image.shape)], image.reshape(-1).view(torch.uint8).numpy().tobytes()]
+    if isinstance(image, np.ndarray):
         return [[str(image.dtype), list(image.shape)], image.tobytes(order="C")]
-    return [repr(image)]
+    return [repr(image)]  # a path or URL the processor opens: its name is all there is to compare
 
 
 def _data_hashes(data: list[dict]) -> dict[str, str]:
@@ -300,14 +302,18 @@ def _model_hashes(model) -> dict[str, str]:
         config.pop(volatile, None)
     config["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    if any(tensor.is_meta for tensor in tensors.values()):
+        raise ValueError("the model has weights on the meta device (not loaded, or offloaded by a device_map): "
+                         "load it onto a device first")
 
     def weights():
         for name, tensor in tensors.items():
             tensor = tensor.detach().cpu().contiguous()
             yield [name, str(tensor.dtype), list(tensor.shape)]
             yield tensor.reshape(-1).view(torch.uint8).numpy().data
-    return {"model class": type(model).__name__, "model config": _digest([json.dumps(config, sort_keys=True,
-                                                                                    default=repr)]),
+
+    described = json.dumps(config, sort_keys=True, default=repr)
+    return {"model class": type(model).__name__, "model config": _digest([described]),
             "model weights": _digest(weights())}
 
 
