@@ -152,12 +152,14 @@ def test_greedy_coverage_is_optimal_on_disjoint_blocks():
 
 
 # ---- bipartite soft matching ------------------------------------------------------------------
+@pytest.mark.parametrize("reorder", [False, True])
 @ops_settings
 @given(batches())
-def test_merge_conserves_sizes_and_weighted_sum(batch):
+def test_merge_conserves_sizes_and_weighted_sum(reorder, batch):
+    """Both token orders between rounds (official, and position order with ``reorder``)."""
     x, k = batch
     m, n, _ = x.shape
-    merged, size, pos = merge_to(x, k)
+    merged, size, pos = merge_to(x, k, reorder=reorder)
     assert merged.shape == (m, k, x.shape[2]) and merged.dtype == x.dtype
     assert_valid_selection(pos, m, n, k)
     assert (pos.diff(dim=1) > 0).all()  # position order
