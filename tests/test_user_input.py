@@ -333,3 +333,12 @@ def test_cli_suggests_the_closest_press(tmp_path, monkeypatch):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     result = runner.invoke(app, ["run", "--press", "divprun", "--keep", "8", "--image", str(tmp_path / "a.png"), "q"])
     _one_red_line(result, "unknown press 'divprun'; did you mean 'divprune'")
+
+
+def test_disk_dataset_decompression_bomb_is_a_value_error(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "question": ["q"], "answer": ["a"]}).save_to_disk(
+        str(tmp_path / "ds"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(ValueError, match="ds: row 0: refused its image"):
+        load_dataset(tmp_path / "ds")

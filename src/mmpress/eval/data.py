@@ -336,8 +336,14 @@ def disk_dataset(path: str | Path, split: str = "test", limit: int | None = None
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     samples = []
-    for i, row in enumerate(ds):
-        image, where = row["image"], f"{path}: row {i}"
+    for i in range(len(ds)):
+        where = f"{path}: row {i}"
+        try:
+            row = ds[i]  # datasets decodes the image here
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{where}: refused its image: {e} Shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                             "if you trust the file") from None
+        image = row["image"]
         if isinstance(image, str):
             image = read_image(Path(path) / image, where)
         elif isinstance(image, Image.Image):
