@@ -47,7 +47,7 @@ def greedy_coverage(cover: Tensor, k: int) -> Tensor:
     n = cover.shape[2]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    cover = at_least_float32(cover)
+    cover = at_least_float32(cover.detach())  # indices carry no gradient (the loop runs in place)
     if triton_greedy.use_triton(cover) and triton_greedy.fits(cover):
         return triton_greedy.greedy_coverage(cover, k)
     return greedy_coverage_torch(cover, k)

@@ -57,7 +57,9 @@ def max_min_diversity(tokens: Tensor, k: int, first: Tensor | None = None) -> Te
     n = tokens.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    dist = cosine_distance(tokens)  # (M, N, N), float32 at least
+    # indices carry no gradient: select on detached values (the in-place loop cannot run under
+    # autograd, and a k-step graph would only cost memory); the kept tokens keep theirs
+    dist = cosine_distance(tokens.detach())  # (M, N, N), float32 at least
     first = farthest_nearest_neighbour(dist) if first is None else first
     if triton_greedy.use_triton(dist):
         return triton_greedy.max_min(dist, first, k)

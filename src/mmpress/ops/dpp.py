@@ -47,7 +47,7 @@ def greedy_dpp_map(kernel: Tensor, k: int, eps: float = 1e-10) -> Tensor:
     n = kernel.shape[-1]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    kernel = at_least_float32(kernel)
+    kernel = at_least_float32(kernel.detach())  # indices carry no gradient (the loop runs in place)
     if triton_greedy.use_triton(kernel) and triton_greedy.fits(kernel):
         return triton_greedy.greedy_dpp(kernel, k, eps)
     return greedy_dpp_map_torch(kernel, k, eps)
