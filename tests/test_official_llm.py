@@ -12,6 +12,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import IMAGE_TOKEN, make_batch
 from test_stages import LAYERS, NEW, VISUAL_IDS, deep
 
@@ -23,7 +26,12 @@ N_IMAGE = 64
 
 @pytest.fixture(scope="module")
 def model():
-    return deep("llava").double()
+    """float64; the final norm's weight random (its init, all ones, would hide a missing norm:
+    a uniform scale leaves cosines unchanged)."""
+    model = deep("llava").double()
+    with torch.no_grad():
+        model.model.language_model.norm.weight.uniform_(0.2, 3.0, generator=torch.Generator().manual_seed(0))
+    return model
 
 
 def lm_inputs(model, batch):
@@ -173,3 +181,102 @@ def test_pdrop_renumbering_refused_on_m_rope(kind):
             pass
     with torch.no_grad(), mmpress.get_press("pdrop", stages=(1, 2, 3), positions="keep")(model):
         assert model(**batch).logits.isfinite().all()
+
+
+# ---- FastV ------------------------------------------------------------------------------------
+def official_fastv(model, embeds, image_start, k_layer, keep):
+    """``fastv_forward``: entering layer K, the attention map of layer K-1 (``layer_outputs[1]``),
+    head mean, last row, image span: its top ``keep`` image tokens and every text token go on,
+    with ``position_ids = keep_indexs`` (the original ids)."""
+    lm = model.model.language_model
+    hidden, positions, previous = embeds, torch.arange(embeds.shape[1]), None
+    for i, layer in enumerate(decoder_layers(lm)):
+        if i == k_layer:
+            score = attention_from_last(lm, decoder_layers(lm)[i - 1], previous, positions)
+            top = score[image_start:image_start + N_IMAGE].topk(keep).indices + image_start
+            keep_index = torch.cat([torch.arange(image_start), top, torch.arange(image_start + N_IMAGE, hidden.shape[1])])
+            keep_index = keep_index.sort().values
+            hidden, positions = hidden[:, keep_index], keep_index
+        previous = hidden
+        hidden = run_layer(lm, layer, hidden, positions)
+    return model.lm_head(lm.norm(hidden)), positions
+
+
+def test_fastv_default_is_the_official_selection(model):
+    from test_stages import prefill_record
+
+    batch = make_batch((8,))
+    image_start = int((batch["input_ids"][0] == IMAGE_TOKEN).nonzero()[0])
+    expected, kept = official_fastv(model, lm_inputs(model, batch), image_start, 2, 16)
+    out, pre = prefill_record(model, batch, mmpress.get_press("fastv", keep=16))
+    assert pre.cuts[0].cols[0].tolist() == kept.tolist()
+    torch.testing.assert_close(out.logits, expected, atol=1e-9, rtol=1e-9)
+
+
+# ---- DART -------------------------------------------------------------------------------------
+def official_dart(model, embeds, image_start, k_layer, per_pivot, image_pivots=4, text_pivots=4):
+    """``DART_K_norm`` + ``get_retained_image_token``: entering layer K, pivots are the image
+    tokens and the tokens after the image of largest L1 norm of layer K-1's (rotated) keys, visited
+    in the order of ``list(set(image_indices + query_indices).copy())``; each takes the
+    ``per_pivot`` (``max_num_trunction // 8``) remaining image tokens least cosine-similar to it on
+    ``self.norm`` of the hidden states entering layer K; the text pivots are then dropped.
+    Original position ids."""
+    lm = model.model.language_model
+    layers = decoder_layers(lm)
+    hidden, positions, previous = embeds, torch.arange(embeds.shape[1]), None
+    for i, layer in enumerate(layers):
+        if i == k_layer:
+            attn, length = layers[i - 1].self_attn, hidden.shape[1]
+            x = layers[i - 1].input_layernorm(previous)
+            k = attn.k_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
+            _, k = rope(k, k, *lm.rotary_emb(x, positions[None]))
+            k_states = k.permute(0, 2, 1, 3).reshape(1, length, -1)[0]
+            last_layer_state = lm.norm(hidden)[0]
+            end = image_start + N_IMAGE
+            image_indices = (k_states[image_start:end].norm(p=1, dim=-1).topk(image_pivots).indices + image_start).tolist()
+            query_indices = (k_states[end:].norm(p=1, dim=-1).topk(text_pivots).indices + end).tolist()
+            indices_set = set(image_indices + query_indices)
+            valid = set(range(image_start, end))
+            valid.difference_update(image_indices)
+            for item in list(indices_set.copy()):
+                valid_list = list(valid)
+                cos = -F.cosine_similarity(last_layer_state[item], last_layer_state[valid_list], dim=-1)
+                real = [valid_list[j] for j in cos.topk(per_pivot).indices.tolist()]
+                indices_set.update(real)
+                valid.difference_update(real)
+            indices_set.difference_update(query_indices)
+            retained = torch.tensor(sorted(indices_set))
+            keep_index = torch.cat([torch.arange(image_start), retained, torch.arange(end, length)]).sort().values
+            hidden, positions = hidden[:, keep_index], keep_index
+        previous = hidden
+        hidden = run_layer(lm, layer, hidden, positions)
+    return model.lm_head(lm.norm(hidden)), positions
+
+
+@pytest.mark.parametrize("per_pivot", [1, 2, 5])
+def test_dart_llm_default_is_the_official_selection(model, per_pivot):
+    """keep = 4 + 8 T is the official ``max_num_trunction = 8 T``: the same kept tokens (final
+    norm, text pivots after the image, the official set order) and the same logits."""
+    from test_stages import prefill_record
+
+    batch = make_batch((8,), seed=per_pivot)
+    image_start = int((batch["input_ids"][0] == IMAGE_TOKEN).nonzero()[0])
+    expected, kept = official_dart(model, lm_inputs(model, batch), image_start, 2, per_pivot)
+    out, pre = prefill_record(model, batch, mmpress.get_press("dart_llm", keep=4 + 8 * per_pivot))
+    assert pre.cuts[0].cols[0].tolist() == kept.tolist()
+    torch.testing.assert_close(out.logits, expected, atol=1e-9, rtol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**20), min_size=1, max_size=12, unique=True), st.data())
+def test_set_order_is_cpython_set_iteration(keys, data):
+    """DART visits its pivots as ``for item in list(set(indices).copy())`` does: our tensor
+    version of CPython's set gives the interpreter's order, for any count of inserted keys."""
+    from mmpress.presses.dart import set_order
+
+    count = data.draw(st.integers(1, len(keys)))
+    other = data.draw(st.permutations(keys))  # a second row: rows are independent
+    got = set_order(torch.tensor([keys, other]), torch.tensor([count, len(keys)]))
+    assert [keys[c] for c in got[0, :count].tolist()] == list(set(keys[:count]).copy())
+    assert [other[c] for c in got[1].tolist()] == list(set(other).copy())
+    assert sorted(got[0].tolist()) == list(range(len(keys)))

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from mmpress.eval.cost import layer_lengths
 from mmpress.models.protocol import cache_length, protocol
-from mmpress.models.stages import KVStage, LayerStage, Layout, press_items
+from mmpress.models.stages import KVStage, LayerStage, Layout, press_items, sequence_index
 from mmpress.ops.sequence import gather_rows
 from mmpress.presses.base import STAGES, Press, VisualContext
 
@@ -357,7 +357,7 @@ class Adapter:
         text: list = []  # every row's padded text, made once for all groups
 
         def press_group(members, flat, tokens):
-            return press.press(tokens, self._context(press, embeds, layout, members, flat[:, 0] // length, text))
+            return press.press(tokens, self._context(press, embeds, layout, members, flat, text))
 
         out, kept_lengths = press_items(embeds, layout, groups.values(), press_group)
         k_total = sum(kept_lengths)
@@ -399,9 +399,10 @@ class Adapter:
         return Layout(ids.masked_fill(~visual, -1), valid, [i.token_id for i in items], [i.length for i in items],
                       list(self.state.rows), True)
 
-    def _context(self, press: Press, embeds, layout: Layout, members: list[int], owner: Tensor, text: list):
-        """The signals ``press.needs`` for one group of items of equal shape (``owner``: the row
-        of each, on the device); ``text`` caches the padded text of every row across groups."""
+    def _context(self, press: Press, embeds, layout: Layout, members: list[int], flat: Tensor, text: list):
+        """The signals ``press.needs`` for one group of items of equal shape (``flat``: their tokens'
+        flat positions); ``text`` caches the padded text of every row across groups."""
+        owner = flat[:, 0] // layout.ids.shape[1]  # the row of each item, on the device
         needs, items = set(press.needs), [self.state.items[i] for i in members]
         ctx = VisualContext()
         grid = items[0].grid
@@ -415,8 +416,9 @@ class Adapter:
         if "text" in needs:
             if not text:
                 src, text_mask = layout.text_rows()
-                text[:] = gather_rows(embeds, src), text_mask
+                text[:] = gather_rows(embeds, src), text_mask, src
             ctx.text, ctx.text_mask = text[0][owner], text[1][owner]
+            ctx.token_index, ctx.text_index = sequence_index(layout, flat, text[2], owner)
         return ctx
 
     # ---- decoding ---------------------------------------------------------------------------

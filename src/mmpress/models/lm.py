@@ -26,6 +26,14 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def final_norm(lm: nn.Module) -> nn.Module:
+    """The language model's norm after its last decoder layer (``lm.norm``)."""
+    norm = getattr(lm, "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise ValueError(f"{type(lm).__name__} has no final `norm`: this press needs a Llama-style language model")
+    return norm
+
+
 def rotary_embedding(lm: nn.Module) -> nn.Module:
     """The language model's rotary embedding (``rotary_emb(x, position_ids) -> (cos, sin)``)."""
     rotary = getattr(lm, "rotary_emb", None)

@@ -28,7 +28,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from mmpress.models.lm import cut_mask, decode_cut, decoder_layers, queries_keys, rotary_embedding
+from mmpress.models.lm import cut_mask, decode_cut, decoder_layers, final_norm, queries_keys, rotary_embedding
 from mmpress.ops.attention import attention_rows, received_attention
 from mmpress.ops.sequence import compact_index, flat_positions, gather_rows
 from mmpress.presses.base import KVPress, LayerPress, VisualContext
@@ -93,6 +93,14 @@ class Layout:
         q, k, scaling = queries_keys(layer, hidden, position_embeddings, rows, keys=keys is None, projected=projected)
         k = keys if keys is not None else k
         return received_attention(q, k, rows, ok, self.valid, scaling), k
+
+
+def sequence_index(layout: Layout, flat: Tensor, text_cols: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
+    """The index in the sequence its row runs on (0: the row's first token) of each item's tokens
+    (``flat`` (G, n): their flat positions) and of its row's text tokens (``text_cols`` (B, T),
+    ``owner`` (G,): the row of each item): what a batch-1 official implementation indexes by."""
+    index = layout.valid.long().cumsum(dim=1) - 1
+    return index.view(-1)[flat], index.gather(1, text_cols)[owner]
 
 
 def _group(layout: Layout, extra: list | None = None) -> dict[tuple, list[int]]:
@@ -307,12 +315,14 @@ class LayerStage:
                     out["rows"] = attention_rows(q, k, rows, layout.valid, scaling)
             if "llm_keys" in needs:
                 out["keys"] = _heads_last(k).flatten(1)  # (B * W, Hkv * d)
-        if needs & {"text", "llm_keys"}:
+        if needs & {"text", "llm_keys", "llm_normed"}:
             rows, out["text_mask"] = layout.text_rows()
             out["text"] = gather_rows(run.embeds, run.cols.gather(1, rows))  # input embeddings, as pre_llm
-            out["text_hidden"] = gather_rows(hidden, rows)
+            out["text_hidden"], out["text_cols"] = gather_rows(hidden, rows), rows
             if "keys" in out:
                 out["text_keys"] = gather_rows(out["keys"].view(b, w, -1), rows)
+        if "llm_normed" in needs:
+            out["normed"] = final_norm(self.adapter.vlm.language_model)(hidden)
         return out
 
     def _context(self, signals: dict, run: _Run, flat: Tensor, first: Tensor, w: int) -> VisualContext:
@@ -328,6 +338,11 @@ class LayerStage:
             ctx.text_hidden = signals["text_hidden"][owner]
             if "text_keys" in signals:
                 ctx.llm_text_keys = signals["text_keys"][owner]
+            ctx.token_index, ctx.text_index = sequence_index(run.layout, flat, signals["text_cols"], owner)
+        if "normed" in signals:
+            normed = signals["normed"]
+            ctx.llm_normed = normed.reshape(-1, normed.shape[-1])[flat]
+            ctx.llm_text_normed = gather_rows(normed, signals["text_cols"])[owner]
         if "visual_inputs" in self.press.needs:
             ctx.visual_inputs = run.embeds.reshape(-1, run.embeds.shape[-1])[first]
         return ctx

@@ -32,7 +32,7 @@ from mmpress.ops.select import gather_tokens, topk_indices
 from mmpress.registry import get_adapter
 
 #: signals a press may declare in ``needs``; adapters compute only the declared ones
-SIGNALS = ("grid", "cls_attn", "vision_keys", "text", "llm_attn", "llm_keys", "visual_inputs")
+SIGNALS = ("grid", "cls_attn", "vision_keys", "text", "llm_attn", "llm_keys", "llm_normed", "visual_inputs")
 #: where a press acts, in the order a forward meets them (a composition follows this order)
 STAGES = ("pre_llm", "in_llm", "kv")
 
@@ -53,6 +53,8 @@ class VisualContext:
     vision_keys:  (M, N, d) that layer's attention keys, averaged over heads (VisionZip's metric).
     text:         (M, T, D) input embeddings of the text tokens of the sample owning each image.
     text_mask:    (M, T) True where ``text`` holds a real token (prompts are ragged).
+    token_index, text_index: (M, N), (M, T) each visual / text token's index in the sequence its row
+                  runs on (0: the row's first token). Structural, given with ``text``.
 
     Language-model signals (``in_llm`` and ``kv`` presses), at the press's signal layer:
     llm_attn:     (M, N) softmax attention the tokens receive from the press's query rows (last
@@ -66,6 +68,8 @@ class VisualContext:
                   press, else concatenated over KV heads); ``llm_text_keys`` (M, T, d) the text's.
     text_hidden:  (M, T, D) in-LLM: the text tokens' hidden states entering the pressed layer
                   (``text`` stays their input embeddings, as for a pre-LLM press).
+    llm_normed:   (M, N, D) in-LLM: the tokens' hidden states entering the pressed layer after the
+                  language model's final norm (DART's duplication space); ``llm_text_normed`` the text's.
     visual_inputs: (M, N0, D) in-LLM: the input embeddings of every visual token of the image as
                   it entered the language model (before any in-LLM stage dropped some).
     """
@@ -77,11 +81,15 @@ class VisualContext:
     vision_keys: Tensor | None = None
     text: Tensor | None = None
     text_mask: Tensor | None = None
+    token_index: Tensor | None = None
+    text_index: Tensor | None = None
     llm_attn: Tensor | None = None
     llm_attn_rows: Tensor | None = None
     llm_keys: Tensor | None = None
     llm_text_keys: Tensor | None = None
     text_hidden: Tensor | None = None
+    llm_normed: Tensor | None = None
+    llm_text_normed: Tensor | None = None
     visual_inputs: Tensor | None = None
 
     def require(self, name: str) -> Tensor | tuple[int, int]:
