@@ -28,6 +28,7 @@ def make_inputs(m=M, n=N, d=D, dtype=torch.float32, seed=0):
     ctx = VisualContext(grid=(H, W) if n == N else None,
                         cls_attn=torch.randn(m, n, generator=g).mul(2).softmax(dim=-1),
                         vision_keys=torch.randn(m, n, 8, generator=g),
+                        vision_features=torch.randn(m, n, 12, generator=g, dtype=dtype),
                         text=torch.randn(m, T, d, generator=g, dtype=dtype) * text_mask.unsqueeze(-1),
                         text_mask=text_mask)
     return tokens, ctx
@@ -37,6 +38,7 @@ def alone(ctx: VisualContext, i: int) -> VisualContext:
     """Image i's context alone, its prompt trimmed to its real tokens."""
     t = int(ctx.text_mask[i].sum())
     return VisualContext(grid=ctx.grid, cls_attn=ctx.cls_attn[i : i + 1], vision_keys=ctx.vision_keys[i : i + 1],
+                         vision_features=ctx.vision_features[i : i + 1],
                          text=ctx.text[i : i + 1, :t], text_mask=ctx.text_mask[i : i + 1, :t])
 
 
@@ -76,7 +78,8 @@ def test_options_are_validated(name):
 # ---- VisPruner -------------------------------------------------------------------------------
 def vispruner_reference(x, attn, k, ratio=0.5, per_round=8):
     """The official loop, one image, Python lists: important by attention, then rounds of
-    bipartite duplicate removal over the rest in descending-attention order."""
+    bipartite duplicate removal over the rest in descending-attention order. ``x``: the vision
+    features before the projector (official ``image_features``)."""
     important = int(k * ratio)
     order = sorted(range(len(attn)), key=lambda i: (-float(attn[i]), i))
     rest, unit = order[important:], F.normalize(x, dim=-1)
@@ -95,7 +98,10 @@ def test_vispruner_matches_reference(k, ratio, per_round):
     tokens, ctx = make_inputs(dtype=torch.float64)
     index = get_press("vispruner", keep=k, important_ratio=ratio, per_round=per_round).press(tokens, ctx)[1]
     for i in range(M):
-        assert index[i].tolist() == vispruner_reference(tokens[i], ctx.cls_attn[i], k, ratio, per_round)
+        assert index[i].tolist() == vispruner_reference(ctx.vision_features[i], ctx.cls_attn[i], k, ratio, per_round)
+    projected = get_press("vispruner", keep=k, important_ratio=ratio, per_round=per_round, similarity="projected")
+    for i, row in enumerate(projected.press(tokens, ctx)[1]):  # the option: the LM input tokens' similarity
+        assert row.tolist() == vispruner_reference(tokens[i], ctx.cls_attn[i], k, ratio, per_round)
 
 
 def test_vispruner_keeps_important_and_drops_duplicates():
@@ -105,7 +111,7 @@ def test_vispruner_keeps_important_and_drops_duplicates():
     tokens = (centres.repeat_interleave(8, 0) + 0.01 * torch.randn(N, D)).unsqueeze(0)
     attn = torch.rand(1, N) * 0.1
     attn[0, :8] += 1
-    index = get_press("vispruner", keep=12).press(tokens, VisualContext(cls_attn=attn))[1][0]
+    index = get_press("vispruner", keep=12).press(tokens, VisualContext(cls_attn=attn, vision_features=tokens))[1][0]
     assert set(attn[0].topk(6).indices.tolist()) <= set(index.tolist())
     assert len(set((index // 8).tolist())) >= 5
 
@@ -178,7 +184,7 @@ def logdet_greedy(kernel, k):
 
 def cdpruner_reference(x, text, k):
     unit, text = F.normalize(x, dim=-1), F.normalize(text, dim=-1)
-    r = (unit @ text.T).mean(1) if len(text) else torch.zeros(len(x), dtype=x.dtype)
+    r = (-(unit @ text.T)).mean(1) if len(text) else torch.zeros(len(x), dtype=x.dtype)  # official: negated
     q = (r - r.min() + 1e-6) / (r.max() - r.min()) if r.max() > r.min() else torch.ones_like(r)
     sim = (unit @ unit.T).fill_diagonal_(1.0)
     return sorted(logdet_greedy(q[:, None] * sim * q[None], k))
@@ -194,12 +200,14 @@ def test_cdpruner_matches_reference(k):
 
 
 def test_cdpruner_follows_the_text_and_spreads():
-    """Text equal to token 5: token 5 is the most relevant, so the first pick; 4 clusters and no
+    """Text equal to token 5: with the official negated sign token 5 gets the lowest relevance
+    and is not kept; un-negated it is the most relevant, so the first pick. 4 clusters and no
     text: one token per cluster (near-duplicates add no volume)."""
     tokens, ctx = make_inputs(m=1)
     ctx.text, ctx.text_mask = tokens[:, [5]], torch.ones(1, 1, dtype=torch.bool)
-    press = get_press("cdpruner", keep=4)
-    assert press.relevance(tokens, ctx).argmax().item() == 5 and 5 in press.press(tokens, ctx)[1][0].tolist()
+    press, flipped = get_press("cdpruner", keep=4), get_press("cdpruner", keep=4, negate_relevance=False)
+    assert press.relevance(tokens, ctx).argmin().item() == 5 and 5 not in press.press(tokens, ctx)[1][0].tolist()
+    assert flipped.relevance(tokens, ctx).argmax().item() == 5 and 5 in flipped.press(tokens, ctx)[1][0].tolist()
     centres = torch.randn(4, D) * 5
     clustered = (centres.repeat_interleave(12, 0) + 0.01 * torch.randn(N, D)).unsqueeze(0)
     no_text = VisualContext(text=torch.zeros(1, 0, D), text_mask=torch.zeros(1, 0, dtype=torch.bool))
@@ -209,7 +217,7 @@ def test_cdpruner_follows_the_text_and_spreads():
 def test_cdpruner_theta_and_negation_change_the_kernel():
     tokens, ctx = make_inputs()
     base = get_press("cdpruner", keep=10).press(tokens, ctx)[1]
-    assert not torch.equal(base, get_press("cdpruner", keep=10, negate_relevance=True).press(tokens, ctx)[1])
+    assert not torch.equal(base, get_press("cdpruner", keep=10, negate_relevance=False).press(tokens, ctx)[1])
     no_text = VisualContext(text=ctx.text[:, :0], text_mask=ctx.text_mask[:, :0])  # q = 1, as exp(0 * r)
     assert torch.equal(get_press("cdpruner", keep=10, theta=0.0).press(tokens, ctx)[1],
                        get_press("cdpruner", keep=10).press(tokens, no_text)[1])

@@ -12,8 +12,8 @@ ADAPTERS.update({"llava": LlavaAdapter, "qwen2_vl": QwenVLAdapter, "qwen2_5_vl":
 
 # the signals each family's adapter provides (a press runs on a family that has all it needs)
 LLM_SIGNALS = {"llm_attn", "llm_keys", "llm_normed", "visual_inputs"}  # the language model's: every family's core gives them
-FAMILY_SIGNALS = {"llava": {"grid", "cls_attn", "vision_keys", "text"} | LLM_SIGNALS,
-                  "qwen_vl": {"grid", "cls_attn", "vision_keys", "text"} | LLM_SIGNALS}
+FAMILY_SIGNALS = {"llava": {"grid", "cls_attn", "vision_keys", "vision_features", "text"} | LLM_SIGNALS,
+                  "qwen_vl": {"grid", "cls_attn", "vision_keys", "vision_features", "text"} | LLM_SIGNALS}
 # what a family's vision signals are, where they are not what their name says (``mmpress list``)
 FAMILY_NOTES = {
     "llava": "cls_attn = [CLS] row of the attention in the vision_feature_layer block; vision_keys = its keys",

@@ -8,7 +8,9 @@ Where the visual tokens are: LLaVA writes each image's projected features (one p
 
 Signals: [CLS] attention and keys of the vision layer feeding the projector (and of the layers a
 press lists in ``layers``), from a forward pre-hook on that layer's attention module
-(``models.vision``), so the tower keeps running with SDPA.
+(``models.vision``), so the tower keeps running with SDPA; ``vision_features``, what the projector
+receives (the feature layer's hidden states, [CLS] dropped with the "default" strategy), from a
+forward pre-hook on the projector.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from mmpress.models.base import Adapter, Item, encoded_sources
-from mmpress.models.vision import attention_module, cls_attention_and_keys, encoder_layers, layer_index
+from mmpress.models.vision import attention_module, cls_attention_and_keys, encoder_layers, layer_index, press_layers
 from mmpress.presses.base import Press, VisualContext
 
 
@@ -32,12 +34,13 @@ class LlavaAdapter(Adapter):
             raise ValueError(f"{type(model).__name__} does not look like a transformers LLaVA model")
         self.token_ids = (self.config.image_token_id,)
         self.vision: dict[int, tuple[Tensor, Tensor]] = {}  # vision block -> ([CLS] attention, keys)
+        self.features: Tensor | None = None  # the projector's input of the last tower call
 
     def visual_items(self, args, kwargs) -> list[Item]:
         pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
         token = self.config.image_token_id
         if pixel_values is not None:
-            self.vision = {}  # the tower runs inside this call and refills the signals
+            self.vision, self.features = {}, None  # the tower runs inside this call and refills the signals
             patch = self.config.vision_config.patch_size
             h, w = (s // patch for s in pixel_values.shape[-2:])
             n = h * w + (self.config.vision_feature_select_strategy == "full")
@@ -53,19 +56,23 @@ class LlavaAdapter(Adapter):
 
     # ---- [CLS] signals ------------------------------------------------------------------------
     def signal_hooks(self, press: Press) -> list:
+        handles = []
+        if "vision_features" in press.needs:
+            handles.append(self.vlm.multi_modal_projector.register_forward_pre_hook(self._projector_hook))
         if not {"cls_attn", "vision_keys"} & set(press.needs):
-            return []
+            return handles
         layers = encoder_layers(self.vlm.vision_tower)
-        wanted = {self._block(self._feature_layer()), *map(self._block, press.vision_layers)}
-        return [attention_module(layers[block]).register_forward_pre_hook(self._vision_hook(block), with_kwargs=True)
-                for block in wanted]
+        wanted = {self._block(self._feature_layer()), *map(self._block, self._press_layers(press))}
+        return handles + [attention_module(layers[block]).register_forward_pre_hook(self._vision_hook(block),
+                                                                                    with_kwargs=True)
+                          for block in wanted]
 
     def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
         drop_cls = self.config.vision_feature_select_strategy == "default"
         sources, n = [item.source for item in items], items[0].length
 
-        def patches(t: Tensor) -> Tensor:  # drop [CLS] when the LM does not see it
-            t = t[:, 1:] if drop_cls else t
+        def patches(t: Tensor, with_cls: bool = True) -> Tensor:  # drop [CLS] when the LM does not see it
+            t = t[:, 1:] if drop_cls and with_cls else t
             if max(sources) >= t.shape[0] or t.shape[1] != n:
                 raise ValueError(f"vision signal covers {tuple(t.shape[:2])} tokens, the LM sees "
                                  f"({len(items)}, {n})")
@@ -73,13 +80,19 @@ class LlavaAdapter(Adapter):
                 return t  # the common case: no index tensor to copy to the device
             return t[sources]  # generate encodes each image once, then repeats it per beam / sequence
 
+        if "vision_features" in press.needs:
+            if self.features is None:
+                raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
+            ctx.vision_features = patches(self.features, with_cls=False)  # the projector's input: [CLS] already gone
+        if not {"cls_attn", "vision_keys"} & set(press.needs):
+            return
         feature_block = self._block(self._feature_layer())
         if feature_block not in self.vision:
             raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
         attn, keys = self.vision[feature_block]
         ctx.cls_attn, ctx.vision_keys = patches(attn), patches(keys)
-        if press.vision_layers:
-            ctx.cls_attn_layers = torch.stack([patches(self.vision[self._block(i)][0]) for i in press.vision_layers], dim=1)
+        if layers := self._press_layers(press):
+            ctx.cls_attn_layers = torch.stack([patches(self.vision[self._block(i)][0]) for i in layers], dim=1)
 
     def _feature_layer(self) -> int:
         layer = self.config.vision_feature_layer
@@ -87,9 +100,15 @@ class LlavaAdapter(Adapter):
             raise ValueError("presses needing [CLS] attention support a single vision_feature_layer, not a list")
         return layer
 
+    def _press_layers(self, press: Press) -> tuple[int, ...]:
+        return press_layers(press, len(encoder_layers(self.vlm.vision_tower)))
+
     def _block(self, hs_index: int) -> int:
         """Vision block producing hidden state ``hs_index`` (-2 and its positive twin: one hook)."""
         return layer_index(hs_index, len(encoder_layers(self.vlm.vision_tower)))
+
+    def _projector_hook(self, module, args):
+        self.features = args[0]
 
     def _vision_hook(self, block: int):
         def hook(module, args, kwargs):

@@ -43,7 +43,10 @@ Qwen2-VL attends fully in every block; Qwen2.5-VL in ``fullatt_block_indexes`` o
 block in every released config; were it windowed, the last full-attention block is used).
 ``layers`` of a press (VTC-CLS, PruMerge: hidden-state indices, as ``vision_feature_layer``)
 name further blocks, scored the same way within the segments that block attends over (windows,
-for a windowed Qwen2.5-VL block).
+for a windowed Qwen2.5-VL block). ``vision_features`` (VisPruner's similarity): what the merger
+(Qwen's projector) receives for each token, its ``spatial_merge_size**2`` patches of the last
+block concatenated (``view(-1, C * merge**2)``), from a forward pre-hook on the merger, in raster
+order.
 """
 
 from __future__ import annotations
@@ -55,10 +58,11 @@ from torch import Tensor
 from transformers.vision_utils import get_vision_window_index
 
 from mmpress.models.base import Adapter, Item, encoded_sources
-from mmpress.models.vision import layer_index, received_attention
+from mmpress.models.vision import layer_index, press_layers, received_attention
 from mmpress.presses.base import Press, VisualContext
 
-Signals = dict[int, tuple[list[Tensor], list[Tensor]]]  # vision block -> per item (scores (n,), keys (n, d))
+# vision block -> per item (scores (n,), keys (n, d)); "features" -> per item merger input (n, merge**2 * C)
+Signals = dict[int | str, tuple[list[Tensor], list[Tensor]] | list[Tensor]]
 
 
 class QwenVLAdapter(Adapter):
@@ -94,12 +98,28 @@ class QwenVLAdapter(Adapter):
         # are recorded where the tower sees them
         visual = self.vlm.visual
         handles = [visual.register_forward_pre_hook(self._record_grids, with_kwargs=True)]
-        if {"cls_attn", "vision_keys"} & set(press.needs):
+        needs = set(press.needs)
+        if {"cls_attn", "vision_keys", "vision_features"} & needs:
             handles += [visual.register_forward_pre_hook(self._start_encoding),
                         visual.register_forward_hook(self._record_output)]
+        if {"cls_attn", "vision_keys"} & needs:
             handles += [visual.blocks[b].attn.register_forward_pre_hook(self._attention_hook(b), with_kwargs=True)
-                        for b in {self._feature_block(), *map(self._block, press.vision_layers)}]
+                        for b in {self._feature_block(), *map(self._block, press_layers(press, len(visual.blocks)))}]
+        if "vision_features" in needs:
+            handles.append(visual.merger.register_forward_pre_hook(self._merger_hook))
         return handles
+
+    def _merger_hook(self, module, args):
+        """``vision_features``: the merger's input, each token's ``spatial_merge_size**2`` patches
+        concatenated as the merger's ``view(-1, C * merge**2)`` reads them, in raster order."""
+        encoding = self._encoding
+        if encoding is None:
+            return
+        x = args[0]
+        features = x.reshape(-1, self.merge**2 * x.shape[-1])
+        if encoding["window"] is not None:  # window order -> raster order, as the tower does
+            features = features[encoding["window"].to(x.device).argsort()]
+        encoding["signals"]["features"] = list(features.split([self._shape(g)[0] for g in encoding["grid"]]))
 
     def _record_grids(self, module, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -169,9 +189,11 @@ class QwenVLAdapter(Adapter):
         return hook
 
     def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
-        signals = self._signals.get(items[0].token_id)
-        blocks = [self._feature_block(), *map(self._block, press.vision_layers)]
-        if not signals or any(b not in signals for b in blocks):
+        signals, needs = self._signals.get(items[0].token_id), set(press.needs)
+        layers = press_layers(press, len(self.vlm.visual.blocks))
+        blocks = [self._feature_block(), *map(self._block, layers)] if {"cls_attn", "vision_keys"} & needs \
+            else []
+        if not signals or any(b not in signals for b in blocks) or ("vision_features" in needs and "features" not in signals):
             raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
         sources, n = [item.source for item in items], items[0].length
 
@@ -181,9 +203,13 @@ class QwenVLAdapter(Adapter):
                                  f"sees {len(items)} items of {n}")
             return torch.stack([per_item[s] for s in sources])  # generate repeats items per beam / sequence
 
+        if "vision_features" in needs:
+            ctx.vision_features = stack(signals["features"])
+        if not blocks:
+            return
         scores, keys = signals[blocks[0]]
         ctx.cls_attn, ctx.vision_keys = stack(scores), stack(keys)
-        if press.vision_layers:
+        if layers:
             ctx.cls_attn_layers = torch.stack([stack(signals[b][0]) for b in blocks[1:]], dim=1)
 
     def numbers_from_cache(self, kwargs: dict) -> bool:

@@ -39,10 +39,22 @@ def attention_module(layer: nn.Module) -> nn.Module:
 def layer_index(hidden_state_index: int, num_layers: int) -> int:
     """Map a ``hidden_states`` index (``vision_feature_layer`` convention: entry 0 is the
     embeddings, entry i the output of block i-1) to the block that produces it."""
+    if not -(num_layers + 1) <= hidden_state_index <= num_layers:
+        raise ValueError(f"vision layer {hidden_state_index} does not exist: the tower has {num_layers} blocks, so "
+                         f"hidden-state indices run from {-num_layers - 1} to {num_layers}")
     i = hidden_state_index % (num_layers + 1)
     if i == 0:
         raise ValueError("vision_feature_layer 0 is the patch embedding: it has no attention")
     return i - 1
+
+
+def press_layers(press, num_layers: int) -> tuple[int, ...]:
+    """Hidden-state indices of the vision layers whose [CLS] attention ``press`` reads in
+    ``cls_attn_layers``, for a tower of ``num_layers`` blocks: ``press.vision_layers_for(num_layers)``
+    where the press's layers depend on the tower's depth (VTC-CLS: official blocks 16 .. L-2), else
+    ``press.vision_layers``."""
+    resolve = getattr(press, "vision_layers_for", None)
+    return tuple(resolve(num_layers) if resolve is not None else press.vision_layers)
 
 
 def cls_attention_and_keys(attn: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:

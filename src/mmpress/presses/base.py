@@ -32,7 +32,7 @@ from mmpress.ops.select import gather_tokens, topk_indices
 from mmpress.registry import get_adapter
 
 #: signals a press may declare in ``needs``; adapters compute only the declared ones
-SIGNALS = ("grid", "cls_attn", "vision_keys", "text", "llm_attn", "llm_keys", "llm_normed", "visual_inputs")
+SIGNALS = ("grid", "cls_attn", "vision_keys", "vision_features", "text", "llm_attn", "llm_keys", "llm_normed", "visual_inputs")
 #: where a press acts, in the order a forward meets them (a composition follows this order)
 STAGES = ("pre_llm", "in_llm", "kv")
 
@@ -51,6 +51,10 @@ class VisualContext:
     cls_attn_layers: (M, L, N) the same at the vision layers a press lists in its ``layers`` field
                   (hidden-state indices, as ``vision_feature_layer``; VTC-CLS's ensemble).
     vision_keys:  (M, N, d) that layer's attention keys, averaged over heads (VisionZip's metric).
+    vision_features: (M, N, d_vision) the vision tower's features as the projector receives them, one
+                  row per visual token (LLaVA: the feature layer's hidden states, [CLS] dropped with
+                  the "default" strategy; Qwen-VL: each token's merge group of patches, concatenated,
+                  as the merger reads them). VisPruner's official similarity.
     text:         (M, T, D) input embeddings of the text tokens of the sample owning each image.
     text_mask:    (M, T) True where ``text`` holds a real token (prompts are ragged).
     token_index, text_index: (M, N), (M, T) each visual / text token's index in the sequence its row
@@ -79,6 +83,7 @@ class VisualContext:
     cls_attn: Tensor | None = None
     cls_attn_layers: Tensor | None = None
     vision_keys: Tensor | None = None
+    vision_features: Tensor | None = None
     text: Tensor | None = None
     text_mask: Tensor | None = None
     token_index: Tensor | None = None

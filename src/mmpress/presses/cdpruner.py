@@ -19,38 +19,41 @@ class CDPrunerPress(SelectorPress):
     """Keeps the k tokens of a DPP's greedy MAP on instruction-conditioned similarity.
 
     The paper's conditional DPP, as official ``LlavaMetaForCausalLM.encode_images`` (``llava_arch.py``):
-    1. Similarity: S_ij = cos(v_i, v_j) of the projected visual tokens, float32.
-    2. Relevance (:meth:`relevance`): r_i = mean over the instruction of cos(v_i, text),
-       min-max normalised over the image's tokens: (r - min + 1e-6) / (max - min).
+    1. Similarity: S_ij = cos(v_i, v_j) of the projected visual tokens (the projector's outputs,
+       as official), float32.
+    2. Relevance (:meth:`relevance`): r_i = mean over the instruction of -cos(v_i, text) -- the
+       official ``(-relevance).mean``, NEGATED -- min-max normalised over the image's tokens:
+       (r - min + 1e-6) / (max - min).
     3. Conditional kernel: L = diag(q) S diag(q), q = r (official default); with ``theta``,
        q = exp(alpha r), alpha = theta / (2 (1 - theta)) (the relevance/diversity trade-off of
        Chen et al. 2018, left as a commented-out option in the official code).
     4. Selection: greedy MAP inference of the DPP with kernel L (:func:`ops.dpp.greedy_dpp_map`,
-       Chen et al. 2018 Algorithm 1, the official fast loop), batched over the M images.
+       Chen et al. 2018 Algorithm 1, the official fast loop: ``argmax`` of the residuals, first
+       on ties), batched over the M images.
 
-    negate_relevance: the official LLaVA code averages the NEGATED cosines ((-relevance).mean)
-    because CLIP's patch embeddings score inversely against its text embeddings; other models'
-    ports (OpenVINO GenAI's ``use_negative_relevance``, off except for CLIP towers) do not negate.
-    Our relevance lives in the LM's embedding space (below), so the default is False.
+    negate_relevance: True (default) is the official sign. ``negate_relevance=False`` (the sign
+    this press used before issue 16, also OpenVINO GenAI's default for non-CLIP towers) keeps
+    completely different tokens; on the demo model the two signs were measured against each other
+    (``benchmarks/cdpruner_sign.py``, ``benchmarks/results/cdpruner_sign.md``).
 
-    Deviations: (1) text side: the official code embeds the question (answer-format instruction
-    removed) with CLIP's text tower and compares it with the CLIP-projected patch features; the
-    adapters have no CLIP text tower, so we compare the projected visual tokens with the LM input
-    embeddings of the prompt's real text tokens (``ctx.text``, padding masked), averaging the
-    cosine over those tokens as the official code averages over 77-token text segments. (2) The
-    min-max is per image (official: over the whole batch, which is one image at batch size 1).
-    (3) An image with no text, or with constant relevance, gets q = 1: an unconditional DPP on
-    S (official: division by zero). (4) Once the kernel's rank is exhausted (possible when
-    k > D), remaining picks follow the last residuals (``greedy_dpp_map``; official: NaN).
-    (5) S_ii is set to exactly 1 (official: the rounded self-cosine), so tokens of equal
-    quality tie exactly and go to the lower index on every device.
+    Deviations: (1) text side (a missing signal): the official code embeds the question
+    (answer-format instruction removed) with CLIP's text tower and compares it with the
+    CLIP-projected patch features; a transformers VLM has no CLIP text tower, so we compare the
+    projected visual tokens with the LM input embeddings of the prompt's real text tokens
+    (``ctx.text``, padding masked), averaging the cosine over those tokens as the official code
+    averages over 77-token text segments. (2) The min-max is per image (official: over the whole
+    batch, which is one image at batch size 1). (3) An image with no text, or with constant
+    relevance, gets q = 1: an unconditional DPP on S (official: division by zero). (4) Once the
+    kernel's rank is exhausted (possible when k > D), remaining picks follow the last residuals
+    (``greedy_dpp_map``; official: NaN). (5) S_ii is set to exactly 1 (official: the rounded
+    self-cosine), so tokens of equal quality tie exactly and go to the lower index on every device.
     A later turn: the selection made with the first prompt's text stays (a continued cache holds
     only the kept tokens); a new question re-selects only when the conversation is re-run under
     the press without the old cache.
     """
 
     theta: float | None = None
-    negate_relevance: bool = False
+    negate_relevance: bool = True
 
     name = "cdpruner"
     paper = "Zhang et al., NeurIPS 2025, arXiv 2506.10967"
