@@ -276,10 +276,11 @@ def bench(
     options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, timing_batch=settings["timing_batch"],
                    dataset=f"{data}:{split}", hint=ANSWER_HINT, seed=0)
     refusal = f"{record_path} cannot be resumed; run without --resume (it starts afresh), or use another --out"
-    try:  # all but the model's part of the fingerprint, before the model loads
-        resumable_rows(previous, fingerprint(samples, **options))
-    except ResumeError as e:
-        raise ValueError(f"{e}. {refusal}") from None
+    if previous is not None:  # all but the model's part of the fingerprint, before the model loads
+        try:
+            resumable_rows(previous, fingerprint(samples, **options))
+        except ResumeError as e:
+            raise ValueError(f"{e}. {refusal}") from None
 
     vlm, processor = _load(model)
     finished = {}
