@@ -14,10 +14,11 @@ from mmpress import presses  # noqa: E402,F401  (registers every press)
 from mmpress.api import ask  # noqa: E402
 from mmpress.demo import load_demo  # noqa: E402
 from mmpress.models import get_adapter  # noqa: E402
+from mmpress.models.base import continue_positions  # noqa: E402
 from mmpress.presses.base import PRESSES, Press, VisualContext, get_press, list_presses, register  # noqa: E402
 from mmpress.presses.compose import at_layer, compose  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESSES", "Press", "VisualContext", "ask", "at_layer", "compose", "get_adapter", "get_press", "list_presses", "load_demo",
-           "register"]
+__all__ = ["PRESSES", "Press", "VisualContext", "ask", "at_layer", "compose", "continue_positions", "get_adapter", "get_press",
+           "list_presses", "load_demo", "register"]

@@ -19,6 +19,10 @@ How a ``pre_llm`` press is applied, with hooks only (no model source is edited):
    later calls on that cache (decoding steps, a later turn's new tokens) get the pressed mask and
    their original position ids mapped onto it.
 
+A pressed cache outlives its `with` block (generate returns it) but is valid only under the press
+that made it: it is recorded, weakly, with that press, and a call on it from another press, or
+from the bare model (a guard hook left on the model while such caches are alive), raises.
+
 Position ids (a documented choice): kept tokens keep their ORIGINAL position ids by default
 (``positions="keep"``; 1-D, or M-RoPE's (3 or 4, B, L)), so RoPE still encodes where each kept
 patch and the text after it sit. ``positions="reindex"`` (1-D RoPE only) numbers the pressed
@@ -27,6 +31,7 @@ sequence 0..L'-1. The choice is carried into decoding.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
@@ -37,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from mmpress.eval.cost import layer_lengths
-from mmpress.models.protocol import cache_length, protocol
+from mmpress.models.protocol import CACHE_NAMES, cache_length, protocol
 from mmpress.models.stages import KVStage, LayerStage, Layout, press_items, sequence_index
 from mmpress.ops.sequence import gather_rows
 from mmpress.presses.base import STAGES, Press, VisualContext
@@ -45,7 +50,17 @@ from mmpress.presses.base import STAGES, Press, VisualContext
 CONTINUE = ("A pressed cache holds fewer entries than the tokens it stands for. Run generate on the whole "
             "conversation under the press without past_key_values, or feed only the new turn's tokens: "
             "model(input_ids=new_ids, attention_mask=full_mask, past_key_values=cache)")
+STALE = ("this KV cache was pressed by mmpress: it holds only the kept tokens, so it is valid only inside the "
+         "`with press(model):` block that made it (without that press's hooks the model reads it as the whole "
+         "prompt and answers wrongly). Re-enter the same press on the same model with the cache "
+         "(`with press(model): model.generate(..., past_key_values=cache)`), or re-run the conversation without it")
 _PRESSED_MODELS: weakref.WeakSet = weakref.WeakSet()  # models a press is applied to right now
+# Pressed KV caches outlive the `with` block that made them (generate returns them). Each is
+# recorded here with what continuing it needs, weakly (a cache dropped by the user is forgotten);
+# a model holding live pressed caches outside any press gets a guard hook (see ``_guard``).
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> _Entry
+_OWNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VLM -> WeakSet of its pressed caches
+_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VLM -> its guard hook's handle
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,82 @@ class _Prefill:
     shift: Tensor | None  # (B,) subtracted from original position ids (0 or None with positions="keep")
     cuts: list = field(default_factory=list)  # in_llm: from layer k on, the cache holds these columns
     width: int = 0  # prompt columns the language model's input had (what ``cuts`` index)
+    next: Tensor | None = None  # (B,) the original position id of the first token after the prompt
+    mrope: bool = False  # positions are M-RoPE's (t, h, w) rows (``continue_positions``)
+
+
+@dataclass
+class _Entry:
+    """A pressed KV cache: what continuing it needs, and who may continue it (the same press,
+    with the same options, on the same model)."""
+
+    prefill: _Prefill
+    vlm: weakref.ref
+    press: object
+    positions: str
+
+
+def _entry(cache) -> _Entry | None:
+    try:
+        return _CACHES.get(cache) if cache is not None else None
+    except TypeError:  # not weak-referenceable (a legacy tuple cache): never pressed
+        return None
+
+
+def _same_press(a, b) -> bool:
+    """Whether ``b`` is the press (or composition) ``a``, or an equal one (same class and fields)."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(getattr(a, "presses", a) == getattr(b, "presses", b))
+    except Exception:  # a field that does not compare to a bool
+        return False
+
+
+def _cache_in(kwargs: dict):
+    return next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+
+
+def _guard(module, args, kwargs):
+    """Forward pre-hook left on a VLM while it holds live pressed caches and no press is applied:
+    one dictionary lookup per call; removes itself once those caches are gone."""
+    if module in _PRESSED_MODELS:
+        return  # the press applied now checks the cache (Adapter._capture_inputs)
+    entry = _entry(_cache_in(kwargs))
+    if entry is not None:
+        raise ValueError(STALE)
+    if not len(_OWNED.get(module, ())):
+        handle = _GUARDS.pop(module, None)
+        if handle is not None:
+            handle.remove()
+
+
+class _Pressed:
+    """The pressed KV caches an adapter continues: those its press made on its model, in this
+    `with` block or an earlier one (``Adapter.pressed[cache]`` -> :class:`_Prefill`)."""
+
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+
+    def get(self, cache, default=None):
+        entry = _entry(cache)
+        return entry.prefill if entry is not None and self.adapter.continues(entry) else default
+
+    def __contains__(self, cache) -> bool:
+        return self.get(cache) is not None
+
+    def __getitem__(self, cache) -> _Prefill:
+        pre = self.get(cache)
+        if pre is None:
+            raise KeyError(cache)
+        return pre
+
+    def __setitem__(self, cache, pre: _Prefill) -> None:
+        adapter = self.adapter
+        _CACHES[cache] = _Entry(pre, weakref.ref(adapter.vlm), adapter.outer, adapter.positions)
+        _OWNED.setdefault(adapter.vlm, weakref.WeakSet()).add(cache)
 
 
 @dataclass
@@ -79,6 +170,7 @@ class _State:
     positions_from_cache: bool = False  # the model numbers new tokens from the (pressed) cache length
     pending: _Prefill | None = None  # a pressed prefill whose KV cache the language model returns
     layout: Layout | None = None  # the visual tokens of the language model's input, for later stages
+    next: tuple | None = None  # (next position id per row, M-RoPE?) of the prefill in flight
 
 
 def encoded_sources(encoded: list[Tensor]) -> list[int] | None:
@@ -99,6 +191,8 @@ class Adapter:
     position_modes: ClassVar[tuple[str, ...]] = ("keep", "reindex")
     #: generate(whole conversation, past_key_values=pressed cache) continues it (see _continue_generate)
     continues_generate: ClassVar[bool] = True
+    #: how a later turn continues a pressed cache (error messages)
+    continue_hint: ClassVar[str] = CONTINUE
 
     def __init__(self, model: nn.Module, positions: str = "keep"):
         # after each pressed prefill, ``self.stats`` (also set as ``press.stats``) holds the
@@ -111,14 +205,25 @@ class Adapter:
         self.vlm = model.model if hasattr(getattr(model, "model", None), "language_model") else model
         if not hasattr(self.vlm, "language_model"):
             raise ValueError(f"{type(model).__name__} does not look like a transformers {self.family} model")
+        # every weight on meta: never loaded (accelerate's offloading leaves some there, with a device map)
+        first = next(model.parameters(), None)
+        if first is not None and first.is_meta and all(p.is_meta for p in model.parameters()) \
+                and not hasattr(model, "hf_device_map"):
+            raise ValueError(f"the {type(model).__name__}'s weights are on the meta device (built without loading "
+                             "them, e.g. under torch.device('meta') or init_empty_weights): load real weights before "
+                             "pressing, e.g. from_pretrained(path, device_map='auto'), or model.to_empty(device=...) "
+                             "then load_state_dict(...)")
         self.config = self.vlm.config
         self.protocol = protocol(self.vlm, self.vlm.language_model)
         self.positions = positions
         self.state = _State()
-        self.pressed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> _Prefill
+        self.pressed = _Pressed(self)  # KV cache -> _Prefill, for the caches this press made on this model
         self.stats: dict[str, int] = {}
         self.stage_objs: list = []  # the in_llm / kv stages of the press applied now
         self.outer = None  # the press (or composition) applied now
+        self.stages: dict[str, Press] = {}
+        self._uncached: tuple | None = None  # (B, L) of the last prefill run without a KV cache
+        self._warned = False
 
     # ---- what a family file says ------------------------------------------------------------
     token_ids: tuple[int, ...] = ()  # placeholder ids of the visual tokens (set by the family)
@@ -150,16 +255,20 @@ class Adapter:
         return False
 
     # ---- hooks ------------------------------------------------------------------------------
+    def context(self, press) -> Applied:
+        """What ``press(model)`` returns: see :class:`Applied`."""
+        return Applied(self, press)
+
     @contextmanager
     def apply(self, press):
         """Hooks ``press`` (or a composition: ``mmpress.compose``) into the model for the block."""
-        stages = self._stages(press)
-        self.check_stages(stages)
-        self.outer = press
         if self.vlm in _PRESSED_MODELS:
             raise ValueError("a press is already applied to this model: presses do not nest (the second would "
                              "see the first's tokens or none); exit the first `with press(model):` block first; "
                              "to chain presses of different stages use mmpress.compose(...)")
+        stages = self._stages(press)
+        self.check_stages(stages)
+        self.outer, self.stages, self._uncached, self._warned = press, stages, None, False
         lm = self.vlm.language_model
         self.stage_objs = [cls(self, stages[name]) for name, cls in (("in_llm", LayerStage), ("kv", KVStage))
                            if name in stages]
@@ -185,6 +294,14 @@ class Adapter:
             _PRESSED_MODELS.discard(self.vlm)
             self.state = _State()
             self.stage_objs = []
+            if len(_OWNED.get(self.vlm, ())) and self.vlm not in _GUARDS:  # its pressed caches outlive the block
+                _GUARDS[self.vlm] = self.vlm.register_forward_pre_hook(_guard, with_kwargs=True, prepend=True)
+
+    def continues(self, entry: _Entry) -> bool:
+        """Whether the press applied now may continue the pressed cache of ``entry``: the press that
+        made it (or an equal one) with the same options, on this model."""
+        return (entry.vlm() is self.vlm and entry.positions == self.positions
+                and _same_press(entry.press, self.outer))
 
     def _stages(self, press) -> dict[str, Press]:
         """The presses of a press or composition, by stage (at most one each, in stage order)."""
@@ -213,6 +330,9 @@ class Adapter:
         cache = self.protocol.cache_of(kwargs)
         state.positions_from_cache = False
         past = cache_length(cache)
+        entry = _entry(cache)
+        if entry is not None and not self.continues(entry):
+            raise ValueError(STALE)
         if past:  # decoding or a later turn: no new images expected
             if items:
                 raise ValueError("mmpress presses images in a fresh prefill; this call continues a non-empty KV "
@@ -234,6 +354,32 @@ class Adapter:
                                  "(one image per <image> placeholder)")
             return
         state.rows = self._rows(items, dict(zip(self.token_ids, counts)))
+        use_cache = kwargs.get("use_cache")
+        if cache is None and not (self.vlm.language_model.config.use_cache if use_cache is None else use_cache):
+            self._uncached_prefill(kwargs, tuple(input_ids.shape))
+
+    def _uncached_prefill(self, kwargs: dict, shape: tuple) -> None:
+        """A pressed prefill without a KV cache (``use_cache=False``). A KV press has nothing to
+        evict: raise. Under ``generate`` every step then re-runs the whole sequence, so a press
+        whose selection reads the prompt (in-LLM presses: the last token's attention; text-guided
+        pre-LLM presses) re-selects at every step: warn, once per `with` block. ``generate`` is
+        recognised by the images it encodes beforehand, or (older transformers) by a prefill one
+        token longer than the last one."""
+        if "kv" in self.stages:
+            raise ValueError(f"{type(self.stages['kv']).__name__} is a KV press: it evicts entries of the KV cache "
+                             "after the prefill, and this call runs without one (use_cache=False), so it would do "
+                             "nothing. Call with use_cache=True (the default), or pick a pre_llm / in_llm press")
+        last, self._uncached = self._uncached, shape
+        reads_prompt = "in_llm" in self.stages or "text" in getattr(self.stages.get("pre_llm"), "needs", ())
+        in_generate = self.protocol.starts_generate(kwargs) or last == (shape[0], shape[1] - 1)
+        if reads_prompt and in_generate and not self._warned:
+            self._warned = True
+            warnings.warn("generate(use_cache=False) under a press that selects from the prompt (an in-LLM press, or "
+                          "a text-guided pre-LLM press): without a KV cache every step re-runs the whole sequence, so "
+                          "the press re-selects the visual tokens at every step, from the newest tokens (as FastV's "
+                          "cache-less mode does), instead of selecting once at the prefill and keeping that "
+                          "selection while decoding. Pass use_cache=True (the default) to select once",
+                          UserWarning, stacklevel=2)
 
     def _continue_generate(self, pre: _Prefill, kwargs: dict, past: int) -> dict:
         """``generate(whole conversation, attention_mask, past_key_values=pressed cache)``: generate
@@ -242,18 +388,22 @@ class Adapter:
         (A call with only the new tokens and the whole mask needs nothing.)"""
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         if not self.continues_generate:
-            raise ValueError(f"generate() cannot continue a pressed KV cache of a {self.family} model yet. {CONTINUE}")
-        if ids is None or mask is None or mask.ndim != 2:
+            raise ValueError(f"generate() cannot continue a pressed KV cache of a {self.family} model yet. "
+                             f"{self.continue_hint}")
+        if ids is None or (mask is not None and mask.ndim != 2):
             raise ValueError(f"generate() was called on a pressed KV cache without input_ids and a 2-D attention "
-                             f"mask. {CONTINUE}")
+                             f"mask. {self.continue_hint}")
         width = pre.mask.shape[1] if pre.mask is not None else pre.length  # prompt entries in layer 0's cache
         prior = pre.length + past - width  # tokens the cache stands for
-        trim = prior - (mask.shape[1] - ids.shape[1])
+        # no mask: generate dropped an all-ones one (batch 1, no padding) and cut the conversation
+        # at the cache's length, numbering the ids from there: trimmed, they are the original ids
+        seen = mask.shape[1] if mask is not None else past + ids.shape[1]  # the conversation's length
+        trim = prior - (seen - ids.shape[1])
         if trim == 0:
             return kwargs
         if not 0 < trim < ids.shape[1]:
             raise ValueError(f"generate() continues a pressed cache standing for {prior} tokens with {ids.shape[1]} "
-                             f"new input ids and a {mask.shape[1]}-column mask: they do not line up. {CONTINUE}")
+                             f"new input ids and a {seen}-column mask: they do not line up. {self.continue_hint}")
         out = dict(kwargs)
         for name in ("input_ids", "mm_token_type_ids", "token_type_ids"):
             if isinstance(kwargs.get(name), Tensor):
@@ -292,10 +442,16 @@ class Adapter:
         past = cache_length(cache)
         if past:  # decoding, or a later turn appended to a cache
             pre = self.pressed.get(cache)
-            return None if pre is None or pre.mask is None else (args, self._map_decoding(pre, kwargs, embeds, past))
+            if pre is None:
+                return None
+            pos = kwargs.get("position_ids")
+            if pos is not None and pos.shape[-1] != embeds.shape[1]:  # transformers' Qwen-VL: a full mask, several new tokens
+                raise ValueError(f"this call continues a pressed KV cache with {embeds.shape[1]} new tokens but the model "
+                                 f"made position ids for {pos.shape[-1]}. {self.continue_hint}")
+            return None if pre.mask is None else (args, self._map_decoding(pre, kwargs, embeds, past))
         if not self.state.rows:
             return None
-        self.state.layout = None
+        self.state.layout, self.state.next = None, self._next_positions(kwargs, embeds)
         if press is not None:
             kwargs, self.state.pending = self._press_prefill(press, kwargs, embeds)
         elif self.stage_objs:
@@ -316,7 +472,25 @@ class Adapter:
             self.outer.stats = self.stats
         cache = getattr(output, self.protocol.cache, None)  # (not the deprecated alias: it warns)
         if pre is not None and cache is not None:
+            if self.state.next is not None:
+                pre.next, pre.mrope = self.state.next
             self.pressed[cache] = pre
+        self.state.next = None
+
+    @staticmethod
+    def _next_positions(kwargs: dict, embeds: Tensor) -> tuple[Tensor, bool]:
+        """(B,) the original position id of a token right after this prompt (the largest id of
+        the row's tokens + 1, over M-RoPE's rows too: Qwen's text continues from there), and
+        whether positions are M-RoPE's (``continue_positions``). No host sync."""
+        b, length = embeds.shape[:2]
+        pos, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+        pos = torch.arange(length, device=embeds.device).expand(b, length) if pos is None else pos
+        mrope = pos.ndim == 3
+        pos = pos[-3:].amax(dim=0) if mrope else pos  # (4, B, L) from generate: row 0 is the text's
+        pos = pos.expand(b, length)
+        if mask is not None and mask.ndim == 2:
+            pos = pos.masked_fill(~mask.bool(), torch.iinfo(pos.dtype).min if not pos.is_floating_point() else -1)
+        return pos.amax(dim=1) + 1, mrope
 
     def _finish_stages(self, pre: _Prefill | None) -> _Prefill | None:
         """Adds what the in-LLM / KV stage did in this prefill to what decoding needs."""
@@ -436,7 +610,7 @@ class Adapter:
                 raise ValueError(
                     f"this call continues a pressed KV cache ({past} entries standing for a {pre.length}-token "
                     f"prompt + {past - new_len} later tokens) with an attention mask of {mask.shape[-1]} columns, "
-                    f"expected {pre.length + grown}. {CONTINUE}")
+                    f"expected {pre.length + grown}. {self.continue_hint}")
             tail = mask[:, pre.length:].to(pre.mask.dtype)
         pos = kwargs.get("position_ids")
         if pos is None:  # what the unpressed model would use: cache length + offset
@@ -446,3 +620,64 @@ class Adapter:
         if pre.shift is not None:
             pos = pos - pre.shift[:, None]
         return {**kwargs, "attention_mask": torch.cat([pre.mask, tail], dim=1), "position_ids": pos}
+
+    # ---- later turns ------------------------------------------------------------------------
+    def text_positions(self, attention_mask: Tensor, new: int) -> Tensor:
+        """Position ids of the last ``new`` tokens of a conversation (``attention_mask`` (B, L))
+        continuing an UNPRESSED cache, as ``generate`` numbers them (each row from its first
+        real token). A family with other positions (M-RoPE) overrides this."""
+        return (attention_mask.long().cumsum(-1) - 1)[:, -new:].masked_fill(attention_mask[:, -new:] == 0, 1)
+
+
+class Applied:
+    """What ``press(model)`` returns: a context manager that hooks the press into the model on
+    entry and removes the hooks on exit, exception or not. It may be entered again after it
+    exits (each `with` applies the press afresh); entering it (or any press) again on the same
+    model while it is applied raises: presses do not nest."""
+
+    def __init__(self, adapter: Adapter, press):
+        self.adapter, self.press = adapter, press
+        self._open: list = []
+
+    def __enter__(self) -> nn.Module:
+        block = self.adapter.apply(self.press)
+        block.__enter__()
+        self._open.append(block)
+        return self.adapter.model
+
+    def __exit__(self, *exc) -> bool | None:
+        return self._open.pop().__exit__(*exc)
+
+
+def continue_positions(model: nn.Module, cache, attention_mask: Tensor, new_tokens) -> Tensor:
+    """Position ids of the new tokens of a later turn fed onto a KV cache (pressed or not):
+
+        ids = continue_positions(model, cache, full_mask, new_ids.shape[1])
+        model(input_ids=new_ids, attention_mask=full_mask, past_key_values=cache, position_ids=ids)
+
+    ``attention_mask`` (B, L) covers the whole conversation, its last ``new_tokens`` columns the
+    new tokens (an int, or the new ids (B, q)). The ids are in the ORIGINAL coordinates of the
+    unpressed conversation, as the unpressed model would number those tokens: a pressed cache's
+    prefill recorded where its prompt ends (the kept tokens keep their ids, so the cache's
+    length says nothing about it); an unpressed cache continues as ``generate`` does. Returns
+    (B, q) for 1-D RoPE, (3, B, q) for M-RoPE (Qwen-VL: transformers' own numbering of several new
+    tokens with a full-length mask fails, pressed or not)."""
+    from mmpress.registry import get_adapter  # (the registry is filled by mmpress.models)
+
+    q = new_tokens.shape[1] if isinstance(new_tokens, Tensor) else int(new_tokens)
+    if attention_mask is None or attention_mask.ndim != 2 or not 0 < q <= attention_mask.shape[1]:
+        raise ValueError("continue_positions needs the (batch, seq) attention mask of the whole conversation, its "
+                         f"last {q} columns the new tokens; got "
+                         f"{None if attention_mask is None else tuple(attention_mask.shape)}")
+    adapter = get_adapter(model)
+    entry = _entry(cache)
+    if entry is None or entry.vlm() is not adapter.vlm:
+        return adapter.text_positions(attention_mask, q)
+    pre = entry.prefill
+    if pre.next is None or attention_mask.shape[1] < pre.length + q:
+        raise ValueError(f"the cache stands for a {pre.length}-token prompt: the attention mask must cover the prompt, "
+                         f"the tokens since and the {q} new ones; got {attention_mask.shape[1]} columns")
+    tail = attention_mask[:, pre.length:].long()
+    pos = pre.next.to(tail.device)[:, None] + (tail.cumsum(-1) - 1)[:, -q:]
+    pos = pos.masked_fill(tail[:, -q:] == 0, 1)
+    return pos.expand(3, *pos.shape) if pre.mrope else pos

@@ -72,7 +72,13 @@ class QwenVLAdapter(Adapter):
     position_modes = ("keep",)
     # generate() recomputes M-RoPE ids of a continued conversation from the cache length: not
     # mapped yet, so a later turn feeds the new text with model(...) (see Adapter._continue_generate)
+    # and the ids mmpress.continue_positions builds (transformers' own, from a full-length mask,
+    # fail with more than one new token, pressed or not)
     continues_generate = False
+    continue_hint = ("A pressed cache holds fewer entries than the tokens it stands for. Run generate on the whole "
+                     "conversation under the press without past_key_values, or feed only the new turn's tokens with "
+                     "their M-RoPE ids: model(input_ids=new_ids, attention_mask=full_mask, past_key_values=cache, "
+                     "position_ids=mmpress.continue_positions(model, cache, full_mask, new_ids))")
     deepstack = False  # Qwen3-VL's file (qwen3_vl.py) presses DeepStack features too
 
     def __init__(self, model, positions: str = "keep"):
@@ -215,6 +221,16 @@ class QwenVLAdapter(Adapter):
     def numbers_from_cache(self, kwargs: dict) -> bool:
         # without a mask or positions, Qwen numbers new tokens from the (pressed) cache length
         return kwargs.get("position_ids") is None and kwargs.get("attention_mask") is None
+
+    def text_positions(self, attention_mask: Tensor, new: int) -> Tensor:
+        # text continues every M-RoPE row from the prompt's largest id: the 1-D numbering plus
+        # the offset transformers recorded for the last prefill (rope_deltas), as its generate does
+        deltas = getattr(self.vlm, "rope_deltas", None)
+        if deltas is None:
+            raise ValueError("continue_positions: this Qwen-VL model ran no prefill with images to continue (no "
+                             "rope_deltas); run the first turn first")
+        pos = super().text_positions(attention_mask, new) + deltas.to(attention_mask.device)
+        return pos.expand(3, *pos.shape)
 
     def visual_items(self, args, kwargs) -> list[Item]:
         items = []

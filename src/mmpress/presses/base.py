@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -182,12 +181,11 @@ class Press:
         raise NotImplementedError
 
     # ---- where: applying to a model -----------------------------------------------------
-    @contextmanager
-    def __call__(self, model: torch.nn.Module, **adapter_options) -> Iterator[torch.nn.Module]:
-        """Hooks this press into ``model``; ``adapter_options`` go to the model's adapter
-        (e.g. ``positions="reindex"``). Hooks are removed on exit, exception or not."""
-        with get_adapter(model, **adapter_options).apply(self):
-            yield model
+    def __call__(self, model: torch.nn.Module, **adapter_options):
+        """Hooks this press into ``model`` for a `with` block; ``adapter_options`` go to the model's
+        adapter (e.g. ``positions="reindex"``). Hooks are removed on exit, exception or not; the
+        returned context may be entered again after it exits (``models.base.Applied``)."""
+        return get_adapter(model, **adapter_options).context(self)
 
 
 @dataclass

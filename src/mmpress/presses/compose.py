@@ -11,15 +11,11 @@ reports the final count and the layer-averaged one.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator
 
-import torch
 from torch import Tensor
 
 from mmpress.presses.base import LayerPress, Press, VisualContext
-from mmpress.registry import get_adapter
 
 
 @dataclass
@@ -37,10 +33,7 @@ class ComposedPress:
     def stage(self) -> str:
         return "+".join(p.stage for p in self.presses)
 
-    @contextmanager
-    def __call__(self, model: torch.nn.Module, **adapter_options) -> Iterator[torch.nn.Module]:
-        with get_adapter(model, **adapter_options).apply(self):
-            yield model
+    __call__ = Press.__call__
 
 
 def compose(*presses: Press) -> ComposedPress:
