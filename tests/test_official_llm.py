@@ -280,3 +280,70 @@ def test_set_order_is_cpython_set_iteration(keys, data):
     assert [keys[c] for c in got[0, :count].tolist()] == list(set(keys[:count]).copy())
     assert [other[c] for c in got[1].tolist()] == list(set(other).copy())
     assert sorted(got[0].tolist()) == list(range(len(keys)))
+
+
+# ---- SnapKV -----------------------------------------------------------------------------------
+def test_snapkv_default_is_the_official_vote(model):
+    """``SnapKVCluster.update_kv``: per layer, the window's (last ``window`` prompt tokens) softmax
+    attention over the prefix, summed over the window rows, ``avg_pool1d`` (kernel 5, zero-padded)
+    along the whole prefix before the window; per KV head (query heads of a group averaged: the
+    cache keeps entries per KV head), the top ``keep`` of the image's entries are what the pressed
+    cache holds."""
+    from test_stages import kv_allowed, prefill_record
+
+    batch, keep, window = make_batch((8,)), 16, 4
+    press = mmpress.get_press("snapkv", keep=keep, window=window)
+    image_start = int((batch["input_ids"][0] == IMAGE_TOKEN).nonzero()[0])
+    out, _ = prefill_record(model, batch, press)
+    kept = kv_allowed(model, batch, out.past_key_values)
+    lm, seen = model.model.language_model, {}
+    layers = decoder_layers(lm)
+    handles = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: seen.__setitem__(i, a[0] if a else kw["hidden_states"]),
+                                               with_kwargs=True) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(**batch)
+    for h in handles:
+        h.remove()
+    length = batch["input_ids"].shape[1]
+    positions = torch.arange(length)
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(seen[i])
+            q = attn.q_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
+            q, k = rope(q, k, *lm.rotary_emb(x, positions[None]))
+            group = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(group, dim=1)
+            logits = q[:, :, -window:] @ k.transpose(2, 3) / math.sqrt(attn.head_dim)
+            logits[..., -window:] += torch.full((window, window), -torch.inf).triu(1)
+            votes = logits.softmax(dim=-1)[..., :-window].sum(dim=-2)  # (1, H, L - window)
+            pooled = F.avg_pool1d(votes, kernel_size=5, padding=2, stride=1)
+            pooled = pooled.view(1, -1, group, pooled.shape[-1]).mean(dim=2)[0]  # per KV head
+            top = pooled[:, image_start:image_start + N_IMAGE].topk(keep, dim=-1).indices + image_start
+            expected = torch.zeros(pooled.shape[0], length, dtype=torch.bool).scatter_(1, top, True)
+            image = slice(image_start, image_start + N_IMAGE)
+            got = kept(i)[0, ::group]  # (Hkv, L): the entries the pressed cache holds
+            assert torch.equal(got[:, image], expected[:, image]), i
+
+
+# ---- VTW --------------------------------------------------------------------------------------
+def test_vtw_default_is_the_official_withdrawal(model):
+    """``temp_cache`` defaults (pe_type "keep"): entering layer K every image token is cut out of
+    the hidden states and of the position ids; the text keeps its original ids."""
+    from test_stages import prefill_record
+
+    batch = make_batch((8,))
+    image_start = int((batch["input_ids"][0] == IMAGE_TOKEN).nonzero()[0])
+    lm = model.model.language_model
+    hidden = lm_inputs(model, batch)
+    positions = torch.arange(hidden.shape[1])
+    with torch.no_grad():
+        for i, layer in enumerate(decoder_layers(lm)):
+            if i == 2:
+                hidden = torch.cat([hidden[:, :image_start], hidden[:, image_start + N_IMAGE:]], dim=1)
+                positions = torch.cat([positions[:image_start], positions[image_start + N_IMAGE:]])
+            hidden = run_layer(lm, layer, hidden, positions)
+        expected = model.lm_head(lm.norm(hidden))
+    out, _ = prefill_record(model, batch, mmpress.get_press("vtw", layer=2))
+    torch.testing.assert_close(out.logits, expected, atol=1e-9, rtol=1e-9)

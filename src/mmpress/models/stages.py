@@ -463,6 +463,11 @@ class KVStage:
         attn, _ = run.layout.attention(self.layers[i], hidden, pe, press.query, press.window, keys=keys,
                                        projected=run.queries)
         run.queries = None
+        smooth = getattr(press, "smooth", None)
+        if smooth is not None:  # votes smoothed along the whole prompt row, before any item is cut out
+            rows, ok = run.layout.query_rows(press.query, press.window)
+            queried = torch.zeros_like(run.layout.valid).scatter_(1, rows, ok)
+            attn = smooth(attn, run.layout.valid & ~queried)
         kv = torch.cat([keys, values], dim=-1)  # (B, Hkv, W, 2d): an entry's key and value travel together
         if press.per_head:  # each KV head's entries are an item of their own: rows (b, h)
             layout = run.head_layout or _per_head(run.layout, heads)

@@ -21,10 +21,13 @@ class SnapKVPress(KVPress):
     ``SnapKVCluster.update_kv`` / ``init_snapkv`` defaults: window 32, kernel 5, avgpool).
 
     Scores: softmax attention of the window's queries (the layer's own, rotated) over all keys,
-    averaged over the window rows and over the query heads that share a KV head (kvpress's
-    ``SnapKVPress`` convention; official: per query head, with the keys repeated to every head).
-    Text entries, the window included, are never evicted (official: the window is kept; the
-    rest of the text competes for the budget, which here counts visual entries only).
+    summed over the window rows (here averaged: the same ranking), then pooled along the whole
+    prompt before the window (``smooth``), so the text next to an image enters the pooled votes
+    of its first and last tokens as in the official code. Deviations, forced by the cache layout
+    and the press's budget: votes are averaged over the query heads that share a KV head (the
+    cache keeps entries per KV head; official: MHA, per query head); text entries, the window
+    included, are never evicted and the budget counts visual entries per image (official: the
+    window is kept, the rest of the prompt competes for ``max_capacity_prompt - window``).
     A later turn's question does not re-select: the evicted entries are gone.
     """
 
@@ -34,8 +37,12 @@ class SnapKVPress(KVPress):
     name = "snapkv"
     paper = "Li et al., NeurIPS 2024, arXiv 2404.14469"
 
-    def score(self, tokens: Tensor, ctx: VisualContext) -> Tensor:
-        votes = ctx.require("llm_attn")  # (M, N)
+    def smooth(self, votes: Tensor, candidates: Tensor) -> Tensor:
+        """(B, H, W) votes of every prompt column -> pooled along the prompt as the official
+        ``update_kv`` pools ``attn_weights_sum`` (the prefix before the window, zero-padded):
+        ``candidates`` (B, W) False at the window and padding, which are not voted on."""
         if self.kernel_size <= 1:
             return votes
-        return F.avg_pool1d(votes[:, None], self.kernel_size, stride=1, padding=self.kernel_size // 2)[:, 0]
+        b, h, w = votes.shape
+        flat = (votes * candidates[:, None]).reshape(b * h, 1, w)
+        return F.avg_pool1d(flat, self.kernel_size, stride=1, padding=self.kernel_size // 2)[..., :w].view(b, h, w)
