@@ -12,7 +12,9 @@ Positions: 3-D M-RoPE ids (t, h, w) computed by the model from the unpressed pro
 or (4, B, L) with a text row when generate prepares them). Kept tokens keep their ids, the text
 after an image keeps its own, and ``rope_deltas`` (computed on the unpressed prompt) keeps
 decoding in the original coordinates, consistent with the pressed cache. ``positions="reindex"``
-is not offered: a renumbered 1-D sequence has no meaning for M-RoPE.
+is not offered: a renumbered 1-D sequence has no meaning for M-RoPE. A later turn's new text
+continues from the prompt's largest id on every M-RoPE row: ``mmpress.continue_positions`` builds
+those ids (transformers numbers several new tokens over the whole mask's width and fails).
 
 Signals: the tower has no [CLS] token, so ``cls_attn`` is a documented substitute: the attention
 each patch RECEIVES in the last full-attention vision block (the block whose output the merger
