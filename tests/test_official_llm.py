@@ -347,3 +347,26 @@ def test_vtw_default_is_the_official_withdrawal(model):
         expected = model.lm_head(lm.norm(hidden))
     out, _ = prefill_record(model, batch, mmpress.get_press("vtw", layer=2))
     torch.testing.assert_close(out.logits, expected, atol=1e-9, rtol=1e-9)
+
+
+# ---- SparseVLM --------------------------------------------------------------------------------
+def test_sparsevlm_places_merged_tokens_after_the_kept_ones_and_renumbers(model):
+    """Official v1.0 (``USE_VERSION`` unset): after a pruning layer the kept visual tokens (in
+    sequence order) are followed by the recycled (merged) ones, and the whole sequence is
+    renumbered (``position_ids[:, :L']``); a later token continues that numbering."""
+    press = mmpress.get_press("sparsevlm", keep=64)
+    assert press.positions == "reindex"
+    g = torch.Generator().manual_seed(0)
+    m, n, t, d = 2, 64, 5, 8
+    ctx = mmpress.VisualContext(text=torch.randn(m, t, d, generator=g), text_mask=torch.ones(m, t, dtype=torch.bool),
+                                visual_inputs=torch.randn(m, n, d, generator=g),
+                                llm_attn_rows=torch.rand(m, t, n, generator=g))
+    tokens = torch.randn(m, n, d, generator=g)
+    k = press.budgets(n)[0]
+    out, index = press.press(tokens, ctx, k)
+    assert index.tolist() == [list(range(k))] * m  # slots: the order the tokens take in the sequence
+    kept_n = next(c for c in range(k, 0, -1) if c + mmpress.presses.sparsevlm.recycled(n, c) == k)
+    top = press.rater_attention(ctx).topk(kept_n, dim=-1).indices.sort(dim=-1).values
+    torch.testing.assert_close(out[:, :kept_n], tokens.gather(1, top[..., None].expand(-1, -1, d)))
+    keep_ids = mmpress.get_press("sparsevlm", keep=64, positions="keep").press(tokens, ctx, k)[1]
+    assert not torch.equal(keep_ids, index)  # original ids: merged tokens at their peaks' columns

@@ -51,7 +51,7 @@ def presses(kind: str) -> dict:
         "pdrop": dict(stages=(1, 2, 3), ratio=0.5, **({} if kind == "llava" else {"positions": "keep"})),
         "vtw": dict(layer=2),
         "dart_llm": dict(keep=k, layer=2),
-        "sparsevlm": dict(signal_layers=(0, 1, 2), counts=(300, 150, 60)),
+        "sparsevlm": dict(signal_layers=(0, 1, 2), counts=(300, 150, 60), **({} if kind == "llava" else {"positions": "keep"})),
         "snapkv": dict(keep=k, window=4),
         "lookm": dict(keep=k),
     }
@@ -60,7 +60,7 @@ def presses(kind: str) -> dict:
 NAMES = list(presses("llava"))
 # pure eviction (the merging presses with merging off) at the original position ids: an attention
 # mask is their oracle (PyramidDrop's official renumbering: test_official_llm.py)
-DROPPING = {"fastv": {}, "pdrop": {"positions": "keep"}, "vtw": {}, "dart_llm": {}, "sparsevlm": dict(recycle=False), "snapkv": {},
+DROPPING = {"fastv": {}, "pdrop": {"positions": "keep"}, "vtw": {}, "dart_llm": {}, "sparsevlm": dict(recycle=False, positions="keep"), "snapkv": {},
             "lookm": dict(merge=None), "divprune@2": {}, "mmtok@2": {}}
 
 
@@ -554,7 +554,7 @@ def test_cut_masks_agree_across_formats():
                        torch.cat([valid, torch.ones(b, grown + q, dtype=torch.bool)], 1).long())
 
 
-@pytest.mark.parametrize("name", ["fastv", "pdrop", "pdrop-keep", "dart_llm"])
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "pdrop-keep", "dart_llm", "sparsevlm", "sparsevlm-keep"])
 def test_pressed_forward_equals_kept_tokens_run_through_the_remaining_layers(name):
     """The literal oracle: run the language model's layers by hand on the unpressed input, and at
     each pressed layer keep only the columns the press kept (their own position ids, or 0..L'-1
@@ -562,7 +562,8 @@ def test_pressed_forward_equals_kept_tokens_run_through_the_remaining_layers(nam
     head. Equals the pressed forward."""
     model, batch = deep("llava"), make_batch((5,))
     name, _, variant = name.partition("-")
-    press = make("llava", name, **({"positions": variant} if variant else {}))
+    press = make("llava", name, **({"positions": variant} if variant else {}),
+                 **({"recycle": False} if name == "sparsevlm" else {}))  # (merging: no literal oracle)
     renumbered = getattr(press, "positions", "keep") == "reindex"
     out, pre = prefill_record(model, batch, press)
     lm, seen = model.model.language_model, {}
@@ -585,7 +586,7 @@ def test_pressed_forward_equals_kept_tokens_run_through_the_remaining_layers(nam
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=ids[None])
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         expected = model.lm_head(lm.norm(hidden))
-    assert len(pre.cuts) == (3 if name == "pdrop" else 1)
+    assert len(pre.cuts) == (3 if name in ("pdrop", "sparsevlm") else 1)
     torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
 
 
