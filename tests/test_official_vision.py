@@ -305,3 +305,119 @@ def test_out_of_range_vision_layer_raises():
     for bad in (-5, 4, -8):
         with pytest.raises(ValueError, match="does not exist"):
             layer_index(bad, 3)
+
+
+# ---- PruMerge --------------------------------------------------------------------------------
+def prumerge_official_merge(x, attn, keys, idx, neighbours=32):
+    """The merge loop of ``token_prune_merge_advanced_plus`` for one image: each kept token i
+    (``idx``, in the official topk order) becomes x_i + sum_j a_j x_j over its ``neighbours``
+    nearest tokens by key cosine among the other kept tokens and the pruned ones."""
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    compl = sorted(set(range(len(x))) - set(idx))
+    merged = {}
+    for pos, i in enumerate(idx):
+        rest = idx[:pos] + idx[pos + 1 :] + compl
+        sims = [float(unit[i] @ unit[j]) for j in rest]
+        near = [rest[t] for t in sorted(range(len(rest)), key=lambda t: (-sims[t], t))[:neighbours]]
+        merged[i] = x[i] + sum(attn[j] * x[j] for j in near)
+    return merged
+
+
+def outliers_official(attn):
+    """``outlier_dectection``: the tokens above Q3 + 1.5 IQR (numpy's linear percentiles)."""
+    values = sorted(float(a) for a in attn)
+
+    def percentile(q):
+        pos = q * (len(values) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(values) - 1)
+        return values[lo] + (pos - lo) * (values[hi] - values[lo])
+
+    q1, q3 = percentile(0.25), percentile(0.75)
+    return [i for i, a in enumerate(attn) if float(a) > q3 + 1.5 * (q3 - q1)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("neighbours", [32, 5])
+def test_prumerge_outliers_and_merge_match_official(seed, neighbours):
+    """With the budget equal to the number of IQR outliers (the official adaptive budget), the
+    kept tokens are the official ones and each is merged as the official loop merges it."""
+    from mmpress.presses import VisualContext
+
+    g = torch.Generator().manual_seed(seed)
+    m, n, d = 3, 48, 16
+    x = torch.randn(m, n, d, generator=g, dtype=torch.float64)
+    attn = torch.randn(m, n, generator=g, dtype=torch.float64).softmax(dim=-1)
+    spikes = torch.randperm(n, generator=g)[:5]
+    attn[:, spikes] += torch.rand(m, 5, generator=g, dtype=torch.float64)  # a few clear outliers
+    attn = attn / attn.sum(dim=-1, keepdim=True)
+    keys = torch.randn(m, n, 8, generator=g, dtype=torch.float64)
+    for i in range(m):
+        kept = outliers_official(attn[i])
+        press = get_press("prumerge", keep=len(kept), plus=False, neighbours=neighbours, layers=None)
+        ctx = VisualContext(cls_attn=attn[i : i + 1], vision_keys=keys[i : i + 1])
+        out, index = press.press(x[i : i + 1], ctx)
+        assert index[0].tolist() == sorted(kept)
+        idx = order_by(attn[i])[: len(kept)]  # official topk(int(N * ratio)) order
+        merged = prumerge_official_merge(x[i], attn[i], keys[i], idx, neighbours)
+        for slot, position in enumerate(index[0].tolist()):
+            torch.testing.assert_close(out[0, slot], merged[position])
+
+
+# ---- vision_features: what the projector receives ----------------------------------------------
+def spy_context(model, press, batch):
+    """(tokens, ctx) of every group the press was called on in one pressed forward."""
+    seen, pressing = [], press.press
+
+    def spy(tokens, ctx, k=None):
+        seen.append((tokens, ctx))
+        return pressing(tokens, ctx, k)
+
+    press.press = spy
+    with torch.no_grad(), press(model):
+        model(**batch)
+    return seen
+
+
+def qwen_models():
+    from test_qwen3_vl import TEXT as TEXT3
+    from test_qwen_vl import IMAGE, VIDEO, tiny_qwen
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen3VLConfig(vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4,
+                                              out_hidden_size=48, patch_size=4, spatial_merge_size=2,
+                                              temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
+                                              deepstack_visual_indexes=[0, 1]),
+                           text_config=TEXT3, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=5,
+                           vision_end_token_id=6)
+    config._attn_implementation = "sdpa"
+    qwen3 = Qwen3VLForConditionalGeneration(config).eval()
+    return {"qwen2_vl": tiny_qwen("qwen2_vl"), "qwen2_5_vl": tiny_qwen("qwen2_5_vl"), "qwen3_vl": qwen3}
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_vision_features_are_the_merger_input_in_raster_order(kind):
+    """Each token's row of ``vision_features`` is its 2x2 patches as the merger reads them: the
+    merger applied to the rows gives exactly the token the LM receives (Qwen2.5-VL: after the
+    window order is undone), for images of different sizes in one batch."""
+    from test_qwen_vl import RAGGED, make_batch as qwen_batch
+
+    model = qwen_models()[kind]
+    seen = spy_context(model, get_press("vispruner", keep=3), qwen_batch(model, RAGGED))
+    merger = model.model.visual.merger
+    assert len(seen) >= 2  # two image sizes: two groups
+    for tokens, ctx in seen:
+        features = ctx.vision_features
+        assert features.shape[:2] == tokens.shape[:2]
+        with torch.no_grad():
+            merged = merger(features.reshape(-1, features.shape[-1] // 4)).view(tokens.shape)
+        torch.testing.assert_close(merged, tokens)
+
+
+def test_llava_vision_features_are_the_projector_input(models):
+    sdpa, _ = models
+    for tokens, ctx in spy_context(sdpa, get_press("vispruner", keep=8), inputs(seed=5)):
+        assert ctx.vision_features.shape[:2] == tokens.shape[:2]
+        with torch.no_grad():
+            torch.testing.assert_close(sdpa.model.multi_modal_projector(ctx.vision_features), tokens)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from mmpress.ops.pool import spaced_mask
 from mmpress.ops.select import gather_tokens, topk_indices
+from mmpress.ops.similarity import at_least_float32
 from mmpress.presses.base import Press, VisualContext, register
 
 
@@ -53,13 +54,22 @@ class PruMergePress(Press):
     ``vision_feature_layer`` convention). Official: the last CLIP block, whose input is the
     feature layer -2, i.e. ``(-1,)``; None uses the feature layer's attention (``ctx.cls_attn``).
 
-    Deviations: the attention is the head-averaged softmax [CLS] row the adapter computes (the
-    official code forms one softmax over the full, head-concatenated q/k); the keys are the
-    feature layer's, head-averaged (official: the last block's, concatenated). Quartiles are
-    per image (official: over the whole batch). The official extra token (attention-weighted
-    sum of all pruned tokens, appended with no position in the image) is not added: every kept
-    token must take the position of an image token. We merge projector outputs (official: CLIP
-    features before the projector).
+    Checked against official ``token_prune_merge_advanced_plus`` (tests/test_official_vision.py):
+    the IQR outliers (numpy's linear percentiles), and, given the signals, the merge loop (32
+    nearest by key cosine among all other tokens, ``topk`` ties as official, weights the [CLS]
+    attention, no normalisation).
+
+    Deviations forced by the fixed budget or the stage: the budget (step 2 above; official
+    PruMerge+ appends ``arange(0, 575, step // 3)`` with step = 1 / outlier ratio, a budget of
+    its own); quartiles per image (official: over the whole batch, one image); the official
+    extra token (attention-weighted sum of all pruned tokens, appended with no position in the
+    image) is not added: every kept token must take the position of an image token; we merge
+    projector outputs (official: the tower's features before the projector).
+    Not yet official (issue 16, left open): the attention is the head-averaged softmax [CLS] row
+    the adapter computes (official: ONE softmax over the heads-concatenated q/k of the last block,
+    scaled by C^-1/2 of the full width C), and the merge keys are the feature layer's, averaged
+    over heads (official: the last block's, concatenated). Both need signals the adapters do not
+    give yet.
     """
 
     plus: bool = True
@@ -76,7 +86,7 @@ class PruMergePress(Press):
 
     def compress(self, tokens: Tensor, ctx: VisualContext, k: int) -> tuple[Tensor, Tensor]:
         attn = ctx.require("cls_attn_layers").mean(dim=1) if self.layers else ctx.require("cls_attn")
-        attn = attn.float()
+        attn = at_least_float32(attn)  # float64 stays float64: ties are decided at full precision
         n = tokens.shape[1]
         q1, q3 = quartiles(attn)
         outlier = attn > q3 + 1.5 * (q3 - q1)
@@ -85,10 +95,10 @@ class PruMergePress(Press):
             outlier = outlier | spaced_mask(~outlier, fill)
         index = topk_indices(attn + 2.0 * outlier, k)  # attention <= 1: kept tokens rank first
 
-        keys = F.normalize(ctx.require("vision_keys").float(), dim=-1)
+        keys = F.normalize(at_least_float32(ctx.require("vision_keys")), dim=-1)
         sim = gather_tokens(keys, index) @ keys.transpose(1, 2)  # (M, k, N)
         sim.scatter_(2, index.unsqueeze(-1), -torch.inf)  # a token is not its own neighbour
         near = sim.topk(min(self.neighbours, n - 1), dim=-1).indices  # (M, k, neighbours)
         weight = torch.zeros_like(sim).scatter_(2, near, attn.unsqueeze(1).expand_as(sim).gather(2, near))
-        x = tokens.float()
+        x = at_least_float32(tokens)
         return (gather_tokens(x, index) + weight @ x).to(tokens.dtype), index

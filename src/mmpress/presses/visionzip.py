@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmpress.ops.select import gather_tokens, topk_indices
+from mmpress.ops.similarity import at_least_float32
 from mmpress.presses.base import Press, VisualContext, register
 
 
@@ -31,10 +32,21 @@ class VisionZipPress(Press):
     contextual_ratio: c = round(k * contextual_ratio). The official LLaVA-1.5 settings are
     54 + 10 (k=64), 108 + 20 (128) and 162 + 30 (192): c = k * 10/64 for all three.
 
-    Deviations: we act on the projector outputs (LM embeddings), the official code on the CLIP
-    features before the projector; the LM sees no [CLS] token in LLaVA (``default`` feature
-    strategy), so all k slots go to patch tokens (official: 54 dominant = [CLS] + 53 patches).
-    Contextual tokens take the position of their target token.
+    Checked against official ``CLIPVisionTower_VisionZip.forward`` (tests/test_official_vision.py):
+    the same layer (the block producing ``hidden_states[-2]``), the same signals ([CLS] row of its
+    attention; its keys averaged over heads, official ``raw_key_states.mean(1)``), the same
+    stride, assignment (``argmax``, first on ties) and merge formula; ties in the dominant
+    ``topk`` as official (head mean here, head sum there: the same order).
+
+    Deviations, each forced: (1) the LM sees no [CLS] token in LLaVA (``default`` feature
+    strategy), so all k slots go to patch tokens: keep=k equals official ``dominant = k - c + 1``
+    ([CLS] + k - c patches) with its [CLS] slot given to the next patch by attention (official
+    54 + 10 = [CLS] + 53 patches + 10). With the ``full`` strategy [CLS] is an LM token and ranks
+    by its own attention like a patch (official: always kept). (2) The press acts after the
+    projector, on the tokens the adapter hands it: contextual tokens are
+    ``proj(target) + mean(proj(members))`` (official: ``proj(target + mean(members))`` on the
+    tower's features; equal for a linear projector). (3) Contextual tokens take the position of
+    their target token. Precision: float32 at least (official: the tower's fp16).
     """
 
     contextual_ratio: float = 10 / 64
@@ -59,10 +71,10 @@ class VisionZipPress(Press):
         non_target = is_target.to(torch.uint8).argsort(stable=True)[: r - c]  # no boolean index: no sync
         targets, others = rest[:, slot], rest[:, non_target]  # (M, c), (M, R - c)
 
-        keys = F.normalize(ctx.require("vision_keys").float(), dim=-1)
+        keys = F.normalize(at_least_float32(ctx.require("vision_keys")), dim=-1)
         sim = gather_tokens(keys, others) @ gather_tokens(keys, targets).transpose(1, 2)  # (M, R-c, c)
         assign = sim.argmax(dim=-1)  # (M, R - c): the target each other token joins
-        x = tokens.float()
+        x = at_least_float32(tokens)
         members = gather_tokens(x, others)
         total = x.new_zeros(m, c, d).scatter_add_(1, assign.unsqueeze(-1).expand_as(members), members)
         count = x.new_zeros(m, c).scatter_add_(1, assign, x.new_ones(assign.shape)).clamp_min(1)
