@@ -370,3 +370,24 @@ def test_sparsevlm_places_merged_tokens_after_the_kept_ones_and_renumbers(model)
     torch.testing.assert_close(out[:, :kept_n], tokens.gather(1, top[..., None].expand(-1, -1, d)))
     keep_ids = mmpress.get_press("sparsevlm", keep=64, positions="keep").press(tokens, ctx, k)[1]
     assert not torch.equal(keep_ids, index)  # original ids: merged tokens at their peaks' columns
+
+
+def test_sparsevlm_raters_are_the_text_after_the_image():
+    """Official raters: the text tokens after the image (``hidden_states[:, text_token_start:]``)
+    whose relevance ``softmax_text(V T^T)`` (over that text) beats the mean; a text token before
+    the image, however relevant, never rates."""
+    press = mmpress.get_press("sparsevlm", keep=64)
+    g = torch.Generator().manual_seed(1)
+    n, t, d = 16, 6, 8
+    visual = torch.randn(1, n, d, generator=g)
+    text = torch.randn(1, t, d, generator=g)
+    text[0, 0] = visual[0].mean(0) * 50  # before the image: the most relevant by far
+    rows = torch.rand(1, t, n, generator=g)
+    rows[0, 0] = torch.arange(n, dtype=torch.float) * 10  # its attention would decide the ranking
+    ctx = mmpress.VisualContext(text=text, text_mask=torch.ones(1, t, dtype=torch.bool), visual_inputs=visual,
+                                llm_attn_rows=rows, token_index=torch.arange(2, 2 + n)[None],
+                                text_index=torch.tensor([[0, 18, 19, 20, 21, 22]]))
+    relevance = (visual @ text[:, 1:].transpose(1, 2)).softmax(dim=-1).mean(1)  # over the text after the image
+    raters = relevance > relevance.mean(dim=-1, keepdim=True)
+    expected = rows[:, 1:][raters[..., None].expand(-1, -1, n)].view(1, -1, n).mean(1)
+    torch.testing.assert_close(press.rater_attention(ctx), expected)

@@ -29,7 +29,7 @@ class SparseVLMPress(LayerPress):
     """Text-guided visual-token sparsification at several layers, with token recycling.
 
     1. Raters (paper Sec. 3.2, official ``LlamaDynamicvitModel.forward``): from the language
-       model's input embeddings, the relevance of each text token to the image,
+       model's input embeddings, the relevance of each text token after the image to the image,
        ``softmax_text(V T^T)`` averaged over the visual tokens; raters are the text tokens above
        the mean relevance.
     2. At each pruning layer l in ``signal_layers`` (default 2, 6, 15), layer l's own attention
@@ -48,8 +48,8 @@ class SparseVLMPress(LayerPress):
 
     Budget: ``keep`` in {64, 96, 128, 192} picks the official counts for that average
     (e.g. 64: 66, 30, 17 of 576), scaled to the image's token count; or pass ``counts``.
-    Deviations: raters are all text tokens of the prompt ranked (official: the text after the
-    image); per image at batch > 1 (both not yet aligned with the official code); the official
+    Raters are drawn from the text after the image (official ``t_t = hidden_states[:,
+    text_token_start:]``). Deviations: per image at batch > 1 (official: batch 1); the official
     clustering adds random noise (1e-6) to the densities, so its merged tokens are not
     reproducible exactly. A later turn's question does not re-rank.
     """
@@ -121,6 +121,8 @@ class SparseVLMPress(LayerPress):
     def rater_attention(self, ctx: VisualContext) -> Tensor:
         """(M, N) the raters' mean attention over the visual tokens (steps 1-2)."""
         text, mask = ctx.require("text").float(), ctx.require("text_mask")
+        if ctx.text_index is not None:  # official: the text after the image (``text_token_start:``)
+            mask = mask & (ctx.text_index > ctx.token_index[:, -1:])
         visual = ctx.require("visual_inputs").float()
         relevance = (visual @ text.transpose(1, 2)).masked_fill(~mask[:, None], -torch.inf).softmax(dim=-1).mean(1)
         mean = (relevance * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
