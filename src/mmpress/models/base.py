@@ -273,8 +273,9 @@ class Adapter:
         self.stage_objs = [cls(self, stages[name]) for name, cls in (("in_llm", LayerStage), ("kv", KVStage))
                            if name in stages]
         if self.stage_objs and self.positions != "keep":
-            raise ValueError("in-LLM and KV presses keep position ids (the layers before them saw the original "
-                             "ones): use positions='keep'")
+            raise ValueError("in-LLM and KV presses start from the original position ids (the layers before them "
+                             "saw them; PyramidDrop and SparseVLM renumber by their own `positions` field): use "
+                             "positions='keep' here")
         handles = [
             self.vlm.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
             lm.register_forward_pre_hook(lambda m, a, kw: self._language_model_hook(stages.get("pre_llm"), a, kw),
