@@ -23,10 +23,15 @@ A pressed cache outlives its `with` block (generate returns it) but is valid onl
 that made it: it is recorded, weakly, with that press, and a call on it from another press, or
 from the bare model (a guard hook left on the model while such caches are alive), raises.
 
-Position ids (a documented choice): kept tokens keep their ORIGINAL position ids by default
-(``positions="keep"``; 1-D, or M-RoPE's (3 or 4, B, L)), so RoPE still encodes where each kept
-patch and the text after it sit. ``positions="reindex"`` (1-D RoPE only) numbers the pressed
-sequence 0..L'-1. The choice is carried into decoding.
+Position ids: by default (``positions=None``) a pre-LLM press gets the numbering its official
+code gives the kept tokens (``Press.official_positions``): "reindex" numbers the pressed sequence
+0..L'-1, as LLaVA's ``prepare_inputs_labels_for_multimodal`` does for any press that prunes before
+the language model; "keep" keeps the ORIGINAL position ids (1-D, or M-RoPE's (3 or 4, B, L)), as
+FastVID and EVS do. "reindex" is defined for 1-D RoPE only: a family without it (M-RoPE) keeps
+the ids, as the official Qwen-VL ports do. In-LLM and KV stages start from the original ids
+(PyramidDrop and SparseVLM renumber by their own ``positions`` field), so a press or composition
+with such a stage resolves to "keep". ``positions="keep"`` / ``"reindex"`` overrides the default.
+The choice is carried into decoding.
 """
 
 from __future__ import annotations
@@ -185,7 +190,8 @@ def encoded_sources(encoded: list[Tensor]) -> list[int] | None:
 
 
 class Adapter:
-    """Applies presses to a vision-language model. ``positions``: "keep" (default) or "reindex"."""
+    """Applies presses to a vision-language model. ``positions``: None (default: the press's
+    official numbering, see the module docstring), "keep" or "reindex"."""
 
     family: ClassVar[str] = ""
     position_modes: ClassVar[tuple[str, ...]] = ("keep", "reindex")
@@ -194,10 +200,10 @@ class Adapter:
     #: how a later turn continues a pressed cache (error messages)
     continue_hint: ClassVar[str] = CONTINUE
 
-    def __init__(self, model: nn.Module, positions: str = "keep"):
+    def __init__(self, model: nn.Module, positions: str | None = None):
         # after each pressed prefill, ``self.stats`` (also set as ``press.stats``) holds the
         # token counts: images, visual_tokens, kept_visual_tokens, seq_len, pressed_seq_len
-        if positions not in self.position_modes:
+        if positions is not None and positions not in self.position_modes:
             raise ValueError(f"positions must be one of {self.position_modes} for {self.family} models, "
                              f"got {positions!r}")
         self.model = model
@@ -215,7 +221,8 @@ class Adapter:
                              "then load_state_dict(...)")
         self.config = self.vlm.config
         self.protocol = protocol(self.vlm, self.vlm.language_model)
-        self.positions = positions
+        self.requested_positions = positions  # None: each press's official numbering (``resolve_positions``)
+        self.positions = positions or "keep"
         self.state = _State()
         self.pressed = _Pressed(self)  # KV cache -> _Prefill, for the caches this press made on this model
         self.stats: dict[str, int] = {}
@@ -272,6 +279,7 @@ class Adapter:
         lm = self.vlm.language_model
         self.stage_objs = [cls(self, stages[name]) for name, cls in (("in_llm", LayerStage), ("kv", KVStage))
                            if name in stages]
+        self.positions = self.resolve_positions(stages)
         if self.stage_objs and self.positions != "keep":
             raise ValueError("in-LLM and KV presses start from the original position ids (the layers before them "
                              "saw them; PyramidDrop and SparseVLM renumber by their own `positions` field): use "
@@ -297,6 +305,16 @@ class Adapter:
             self.stage_objs = []
             if len(_OWNED.get(self.vlm, ())) and self.vlm not in _GUARDS:  # its pressed caches outlive the block
                 _GUARDS[self.vlm] = self.vlm.register_forward_pre_hook(_guard, with_kwargs=True, prepend=True)
+
+    def resolve_positions(self, stages: dict[str, Press]) -> str:
+        """The numbering of this application: the one asked for, else the pre-LLM press's official
+        one where this family has it ("reindex" needs 1-D RoPE) and no later stage follows."""
+        if self.requested_positions is not None:
+            return self.requested_positions
+        official = getattr(stages.get("pre_llm"), "official_positions", "keep")
+        if official not in self.position_modes or len(stages) > 1:
+            return "keep"
+        return official
 
     def continues(self, entry: _Entry) -> bool:
         """Whether the press applied now may continue the pressed cache of ``entry``: the press that

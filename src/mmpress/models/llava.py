@@ -24,11 +24,12 @@ from mmpress.presses.base import Press, VisualContext
 
 
 class LlavaAdapter(Adapter):
-    """Applies presses to a LLaVA model. ``positions``: "keep" (default) or "reindex"."""
+    """Applies presses to a LLaVA model. ``positions``: None (the press's official numbering), "keep"
+    or "reindex"."""
 
     family = "llava"
 
-    def __init__(self, model, positions: str = "keep"):
+    def __init__(self, model, positions: str | None = None):
         super().__init__(model, positions)
         if not hasattr(self.vlm, "vision_tower"):
             raise ValueError(f"{type(model).__name__} does not look like a transformers LLaVA model")

@@ -83,7 +83,7 @@ class QwenVLAdapter(Adapter):
                      "position_ids=mmpress.continue_positions(model, cache, full_mask, new_ids))")
     deepstack = False  # Qwen3-VL's file (qwen3_vl.py) presses DeepStack features too
 
-    def __init__(self, model, positions: str = "keep"):
+    def __init__(self, model, positions: str | None = None):
         super().__init__(model, positions)
         if not hasattr(self.vlm, "visual"):
             raise ValueError(f"{type(model).__name__} does not look like a transformers Qwen-VL model")

@@ -120,6 +120,11 @@ class Press:
     needs_budget: ClassVar[bool] = True
     #: video-aware: uses the temporal structure of ``VisualContext.grid_thw`` (``mmpress list``)
     video: ClassVar[bool] = False
+    #: the position ids the official code gives a pre-LLM press's kept tokens on a 1-D RoPE model,
+    #: the adapter's default (``positions=None``): "reindex" (0..L'-1, what LLaVA's
+    #: ``prepare_inputs_labels_for_multimodal`` gives any sequence pruned before the language model)
+    #: or "keep" (the original ids, e.g. FastVID's ``position_ids = keep_indexs``)
+    official_positions: ClassVar[str] = "reindex"
 
     def __post_init__(self):
         budget = {k: v for k, v in (("keep", self.keep), ("keep_ratio", self.keep_ratio)) if v is not None}

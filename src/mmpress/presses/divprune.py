@@ -34,8 +34,8 @@ class DivPrunePress(SelectorPress):
     hard-coded offset 35); (4) ``keep_ratio`` gives ceil(ratio N) tokens, as for every press
     (official ``SUBSET_RATIO``: round(ratio N)): pass ``keep=`` for an exact count.
     Positions: official LLaVA drops the tokens from the input embeddings and lets the LM number
-    the shorter sequence 0..L'-1, i.e. ``press(model, positions="reindex")``; mmpress's default
-    keeps the original ids (the adapter's convention for every pre-LLM press).
+    the shorter sequence 0..L'-1: the default on 1-D RoPE families (``official_positions``);
+    ``press(model, positions="keep")`` keeps the original ids instead.
     """
 
     name = "divprune"

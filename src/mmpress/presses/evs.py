@@ -43,6 +43,7 @@ class EVSPress(SelectorPress):
     paper = "Bagrov et al., arXiv 2510.14624 (vLLM EVS)"
     needs = ("grid",)
     video = True
+    official_positions = "keep"  # vLLM keeps the original M-RoPE ids of the retained tokens
 
     def select(self, tokens: Tensor, ctx: VisualContext, k: int) -> Tensor:
         m, n, _ = tokens.shape

@@ -72,6 +72,7 @@ class FastVIDPress(Press):
     paper = "Shen et al., NeurIPS 2025, arXiv 2503.11187"
     needs = ("grid", "cls_attn")
     video = True
+    official_positions = "keep"  # official: position_ids = keep_indexs (the original ids)
 
     def __post_init__(self):
         super().__post_init__()

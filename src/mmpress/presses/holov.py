@@ -93,8 +93,8 @@ class HoloVPress(SelectorPress):
     (5) batched over M images without a loop over images or crops. (1) and (2) are forced by
     the token contract: every kept token is a real token with an original position, handed back
     in position order. Positions: official LLaVA inserts the kept tokens at consecutive
-    positions (``press(model, positions="reindex")``), the Qwen2.5-VL code keeps their original
-    M-RoPE ids (mmpress's default). Tested against the official loop: ``holov_reference`` in
+    positions (the default on LLaVA, ``official_positions``); the Qwen2.5-VL code keeps their
+    original M-RoPE ids (what M-RoPE families always do). Tested against the official loop: ``holov_reference`` in
     tests/test_new_presses.py, with tied attention in tests/test_official_pre.py.
     """
 

@@ -47,8 +47,8 @@ class MMTokPress(SelectorPress):
     ``vision_features`` concatenates them (the merger's input), a different cosine. (3) T counts
     each image's real text tokens; with none, only the visual coverage term remains. Positions:
     the official LLaVA code selects inside the vision tower, so the LM numbers the shorter
-    sequence 0..L'-1 (``press(model, positions="reindex")``); mmpress's default keeps the
-    original ids.
+    sequence 0..L'-1 (the default on 1-D RoPE families, ``official_positions``);
+    ``positions="keep"`` keeps the original ids.
     A later turn: the selection made with the first prompt's text stays (a continued cache holds
     only the kept tokens); a new question re-selects only when the conversation is re-run under
     the press without the old cache.

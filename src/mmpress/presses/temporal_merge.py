@@ -69,7 +69,8 @@ class TemporalMergePress(Press):
     from the last frame (official: dropped) by the same rule against frame t - 2. Kept tokens
     stay in raster order (official: each compared frame's kept tokens by ascending similarity).
     Positions: official LLaVA-OneVision inserts the kept tokens at consecutive positions
-    (``press(model, positions="reindex")``); mmpress's default keeps the original ids.
+    (the default on 1-D RoPE families, ``official_positions``); ``positions="keep"`` keeps the
+    original ids.
     Batched over M videos, no loop over frames. Tested against a re-implementation of
     ``dycole_ttm`` (tests/test_official_pre.py).
     """
