@@ -122,7 +122,7 @@ def test_pdrop_default_is_the_official_selection_and_numbering(model):
     batch = make_batch((8,))
     stages, ratios = (1, 2, 3), [1.0, 0.5, 0.25, 0.125]
     press = mmpress.get_press("pdrop", stages=stages)
-    assert press.positions == "reindex"
+    assert press.positions is None  # the official numbering ("reindex") wherever positions are 1-D
     image_start = int((batch["input_ids"][0] == IMAGE_TOKEN).nonzero()[0])
     embeds = lm_inputs(model, batch)
     expected, picks = official_pdrop(model, embeds, image_start, stages, ratios)
@@ -168,19 +168,26 @@ def test_pdrop_keep_positions_is_a_different_selection(model):
 
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
-def test_pdrop_renumbering_refused_on_m_rope(kind):
-    """The official code has no M-RoPE path: renumbering Qwen-VL's (t, h, w) ids is refused with
-    the fix named; positions="keep" runs."""
+@pytest.mark.parametrize("name", ["pdrop", "sparsevlm"])
+def test_renumbering_refused_on_m_rope_and_the_default_keeps_the_ids(kind, name):
+    """The official code has no M-RoPE path: renumbering Qwen-VL's (t, h, w) ids when asked for is
+    refused with the fix named; the default (``positions=None``) keeps the original ids there."""
     from test_qwen_vl import SINGLE
     from test_qwen_vl import make_batch as qwen_batch
 
     model = deep(kind)
     batch = qwen_batch(model, SINGLE)
+    options = dict(stages=(1, 2, 3)) if name == "pdrop" else dict(signal_layers=(0, 1, 2), counts=(300, 150, 60))
     with pytest.raises(ValueError, match="positions='keep'"):
-        with mmpress.get_press("pdrop", stages=(1, 2, 3))(model):
+        with mmpress.get_press(name, positions="reindex", **options)(model):
             pass
-    with torch.no_grad(), mmpress.get_press("pdrop", stages=(1, 2, 3), positions="keep")(model):
-        assert model(**batch).logits.isfinite().all()
+    with torch.no_grad():
+        with mmpress.get_press(name, **options)(model):
+            default = model(**batch).logits
+        with mmpress.get_press(name, positions="keep", **options)(model):
+            kept = model(**batch).logits
+    assert default.isfinite().all()
+    torch.testing.assert_close(default, kept, rtol=0, atol=0)
 
 
 # ---- FastV ------------------------------------------------------------------------------------
@@ -355,7 +362,7 @@ def test_sparsevlm_places_merged_tokens_after_the_kept_ones_and_renumbers(model)
     sequence order) are followed by the recycled (merged) ones, and the whole sequence is
     renumbered (``position_ids[:, :L']``); a later token continues that numbering."""
     press = mmpress.get_press("sparsevlm", keep=64)
-    assert press.positions == "reindex"
+    assert press.positions is None  # the official numbering ("reindex") wherever positions are 1-D
     g = torch.Generator().manual_seed(0)
     m, n, t, d = 2, 64, 5, 8
     ctx = mmpress.VisualContext(text=torch.randn(m, t, d, generator=g), text_mask=torch.ones(m, t, dtype=torch.bool),

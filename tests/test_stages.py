@@ -564,7 +564,7 @@ def test_pressed_forward_equals_kept_tokens_run_through_the_remaining_layers(nam
     name, _, variant = name.partition("-")
     press = make("llava", name, **({"positions": variant} if variant else {}),
                  **({"recycle": False} if name == "sparsevlm" else {}))  # (merging: no literal oracle)
-    renumbered = getattr(press, "positions", "keep") == "reindex"
+    renumbered = getattr(press, "positions", "keep") != "keep"  # None: the official "reindex" on LLaVA
     out, pre = prefill_record(model, batch, press)
     lm, seen = model.model.language_model, {}
     handle = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)

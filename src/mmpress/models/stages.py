@@ -22,7 +22,7 @@ decoding: what the pre-LLM core already maps decoding onto.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -211,6 +211,8 @@ class LayerStage:
     """``in_llm``: presses the hidden states entering the press's layers (see the module doc)."""
 
     def __init__(self, adapter, press: LayerPress):
+        if getattr(press, "positions", "keep") is None:  # the official numbering where the family has 1-D RoPE
+            press = replace(press, positions="reindex" if "reindex" in adapter.position_modes else "keep")
         self.adapter, self.press = adapter, press
         self.layers = decoder_layers(adapter.vlm.language_model)
         starts = press.layers()

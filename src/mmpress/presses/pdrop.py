@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from mmpress.presses.base import LayerPress, register
 
-POSITIONS = ("reindex", "keep")
+POSITIONS = (None, "reindex", "keep")
 
 
 @register
@@ -24,14 +24,15 @@ class PyramidDropPress(LayerPress):
     "lightweight attention": one query row); the top ones survive, in sequence order. Dropped
     tokens are gone from layer k on.
 
-    Positions (``positions``): "reindex" (default, the official ``pdrop_forward``) numbers the
+    Positions (``positions``): None (default) is the official numbering, "reindex", on 1-D RoPE
+    models and the original ids on M-RoPE ones (Qwen-VL: PyramidDrop has no official numbering
+    there). "reindex" (the official ``pdrop_forward``) numbers the
     sequence kept at each stage 0..L'-1 (consecutively from the row's first id), so stage k's
     layers, its ranking's RoPE included, see the renumbered ids; a later token (decoding, a later
     turn) gets, in stage k's layers, its original id minus the ids freed up to stage k (official
     decoding: ``position_ids - (cur_visual_length - next_visual_length)`` at each stage), which
     continues each stage's numbering. "keep" keeps the original ids (a variant: RoPE's recency
-    weighting then ranks differently from stage 2 on). Qwen-VL's M-RoPE has no official
-    PyramidDrop numbering: "reindex" raises there, pass ``positions="keep"``.
+    weighting then ranks differently from stage 2 on). "reindex" asked for on M-RoPE raises.
 
     Deviations, forced by batching: per image at batch > 1 with left padding (official: right
     padding, one image per sample); grouped-query attention is handled (official: MHA only).
@@ -41,7 +42,7 @@ class PyramidDropPress(LayerPress):
 
     stages: tuple[int, ...] = (8, 16, 24)
     ratio: float = 0.5
-    positions: str = "reindex"
+    positions: str | None = None
 
     name = "pdrop"
     paper = "Xing et al., CVPR 2025, arXiv 2410.17247"
@@ -51,7 +52,7 @@ class PyramidDropPress(LayerPress):
         if not 0 < self.ratio <= 1:
             raise ValueError(f"ratio (lambda) must be in (0, 1], e.g. 0.5 (1 keeps every token); got {self.ratio!r}")
         if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be 'reindex' (official: each stage renumbered 0..L'-1) or 'keep' "
+            raise ValueError(f"positions must be None (official numbering where defined), 'reindex' (official: each stage renumbered 0..L'-1) or 'keep' "
                              f"(original ids); got {self.positions!r}")
         self.stages = tuple(self.stages)
         super().__post_init__()

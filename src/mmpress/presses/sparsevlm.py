@@ -39,12 +39,13 @@ class SparseVLMPress(LayerPress):
     3. Recycling (Sec. 3.4): the top 30% of the deleted tokens by that score are clustered
        (DPC-kNN, one cluster per 10) and each cluster's average becomes one token.
 
-    Positions (``positions``): "reindex" (default, the official v1.0 code: ``position_ids[:, :L']``
+    Positions (``positions``): None (default) is the official numbering, "reindex", on 1-D RoPE
+    models and the original ids on M-RoPE ones (Qwen-VL has no official SparseVLM numbering).
+    "reindex" (the official v1.0 code: ``position_ids[:, :L']``
     after each pruning layer) numbers the pressed sequence 0..L'-1 from each pruning layer on,
     the merged tokens placed right after the image's kept tokens; a later token continues each
     layer's numbering (official: its layer's cache length). "keep" keeps the original ids, a
-    merged token taking its cluster peak's column and id. M-RoPE (Qwen-VL) has no official
-    numbering: "reindex" raises there, pass ``positions="keep"``.
+    merged token taking its cluster peak's column and id. "reindex" asked for on M-RoPE raises.
 
     Budget: ``keep`` in {64, 96, 128, 192} picks the official counts for that average
     (e.g. 64: 66, 30, 17 of 576), scaled to the image's token count; or pass ``counts``.
@@ -57,7 +58,7 @@ class SparseVLMPress(LayerPress):
     signal_layers: tuple[int, ...] = (2, 6, 15)
     counts: tuple[int, ...] | None = None
     recycle: bool = True
-    positions: str = "reindex"
+    positions: str | None = None
 
     name = "sparsevlm"
     paper = "Zhang et al., ICML 2025, arXiv 2410.04417"
@@ -71,8 +72,8 @@ class SparseVLMPress(LayerPress):
                 raise ValueError(f"sparsevlm takes keep in {sorted(COUNTS)} (the official settings) or counts=(...) "
                                  f"per layer, e.g. counts=(66, 30, 17) of 576; got keep={self.keep!r}")
             self.counts = COUNTS[self.keep]
-        if self.positions not in ("reindex", "keep"):
-            raise ValueError(f"positions must be 'reindex' (official: renumbered 0..L'-1) or 'keep' (original ids); "
+        if self.positions not in (None, "reindex", "keep"):
+            raise ValueError(f"positions must be None (official numbering where defined), 'reindex' (official: renumbered 0..L'-1) or 'keep' (original ids); "
                              f"got {self.positions!r}")
         self.counts = tuple(self.counts)
         if len(self.counts) != len(self.signal_layers) or any(not isinstance(c, int) or c < 1 for c in self.counts):
@@ -112,7 +113,7 @@ class SparseVLMPress(LayerPress):
             1, assign[..., None].expand_as(x), x)
         size = torch.zeros(m, clusters, device=x.device).scatter_add_(1, assign, torch.ones_like(assign, dtype=x.dtype))
         merged = (sums / size.clamp(min=1)[..., None]).to(tokens.dtype)
-        if self.positions == "reindex":  # official order: the kept tokens, then the merged ones (slots 0..k-1)
+        if self.positions != "keep":  # official order: the kept tokens, then the merged ones (slots 0..k-1)
             keep = keep.sort(dim=1).values
             return torch.cat([gather_tokens(tokens, keep), merged], dim=1), torch.arange(k, device=keep.device).expand(m, k)
         index = torch.cat([keep, deleted.gather(1, peaks)], dim=1)
