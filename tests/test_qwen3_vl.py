@@ -16,19 +16,24 @@ TEXT = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_laye
             eos_token_id=2, rope_scaling={"rope_type": "default", "mrope_section": [2, 2, 2], "mrope_interleaved": True})
 
 
-@pytest.fixture(scope="module")
-def model():
+def tiny_qwen3(layers: int = TEXT["num_hidden_layers"]) -> Qwen3VLForConditionalGeneration:
+    """A tiny random Qwen3-VL (seed 0) with ``layers`` LM layers; DeepStack feeds layers 0 and 1."""
     torch.manual_seed(0)
     config = Qwen3VLConfig(vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4,
                                               out_hidden_size=48, patch_size=4, spatial_merge_size=2,
                                               temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
                                               deepstack_visual_indexes=[0, 1]),
-                           text_config=TEXT, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=5,
-                           vision_end_token_id=6)
+                           text_config={**TEXT, "num_hidden_layers": layers}, image_token_id=IMAGE,
+                           video_token_id=VIDEO, vision_start_token_id=5, vision_end_token_id=6)
     config._attn_implementation = "sdpa"
     model = Qwen3VLForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = PAD
     return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_qwen3()
 
 
 @pytest.mark.parametrize("rows", [SINGLE, RAGGED], ids=["single", "ragged"])

@@ -12,11 +12,9 @@ import weakref
 import pytest
 import torch
 from conftest import make_batch, tiny_llava
-from test_qwen3_vl import TEXT as QWEN3_TEXT
-from test_qwen_vl import IMAGE, PAD, VIDEO
+from test_qwen3_vl import tiny_qwen3
 from test_stages import (NEW, VISUAL_IDS, batches, deep, full_inputs, kv_allowed, layer_allowed, make, oracle_logits,
                          prefill_record, presses)
-from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import mmpress
 
@@ -176,17 +174,7 @@ def test_generate_continues_a_pressed_cache_at_batch_1_and_padded(llava, name, r
 # ---- 6. Qwen-VL later turns: the new tokens' M-RoPE ids -----------------------------------------
 def deep_qwen3():
     """Qwen3-VL with a 4-layer language model; DeepStack feeds layers 0 and 1."""
-    torch.manual_seed(0)
-    config = Qwen3VLConfig(vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4,
-                                              out_hidden_size=48, patch_size=4, spatial_merge_size=2,
-                                              temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
-                                              deepstack_visual_indexes=[0, 1]),
-                           text_config={**QWEN3_TEXT, "num_hidden_layers": 4}, image_token_id=IMAGE,
-                           video_token_id=VIDEO, vision_start_token_id=5, vision_end_token_id=6)
-    config._attn_implementation = "sdpa"
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = PAD
-    return model
+    return tiny_qwen3(layers=4)
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmpress.presses.base import KVPress, VisualContext, register
+from mmpress.presses.base import KVPress, register
 
 
 @register
