@@ -13,8 +13,12 @@ eager attentions and hidden states, the press the adapter's SDPA-safe signals):
              keys of ``layers[-2]``
 - vtc_cls    THU-MIG/VTC-CLS, ``clip_encoder.py: cls_token_only``: [CLS] rows summed over
              ``attentions[start_layer:-1]``
-- prumerge   42Shawn/LLaVA-PruMerge, ``clip_encoder.py: token_prune_merge_advanced_plus``: the
-             merge step (each kept token + its 32 nearest by key cosine, weighted by attention)
+- prumerge   42Shawn/LLaVA-PruMerge, ``clip_encoder.py: token_prune_merge_advanced(_plus)``: ONE
+             softmax of the heads-concatenated [CLS] query of ``layers[23]`` (the last block,
+             whose input is the feature layer -2) against its concatenated keys (``q_proj`` /
+             ``k_proj`` outputs, bias included, after ``layer_norm1``), scaled by C^-1/2; IQR
+             outliers; the merge step (each kept token + its 32 nearest by the cosine of those
+             keys, weighted by attention)
 """
 
 from __future__ import annotations
@@ -242,6 +246,32 @@ def test_visionzip_matches_official(models, k):
             torch.testing.assert_close(out[i, slot], expected)
 
 
+def test_visionzip_full_strategy_keeps_cls_as_official():
+    """With vision_feature_select_strategy="full" the LM sees [CLS] as each image's token 0:
+    official VisionZip always keeps it (``all_indices`` starts with index 0), so keep=k is [CLS] +
+    the k - c - 1 dominant patches + c contextual tokens (official dominant_num = k - c - 1).
+    [CLS] ranked by its own attention like a patch (the earlier behaviour) drops it here."""
+    models = []
+    for attn in ("sdpa", "eager"):
+        model = tiny_llava("clip", attn=attn).double()
+        model.config.vision_feature_select_strategy = "full"
+        models.append(model)
+    sdpa, eager = models
+    batch = make_batch(prompt_lens=(5, 3, 7), n_tokens=65, seed=3)
+    batch["pixel_values"] = batch["pixel_values"].double()
+    k = 12
+    c = round(k * 10 / 64)
+    _, index = run_press(sdpa, get_press("visionzip", keep=k), batch)
+    t = tower(eager, batch)
+    heads = eager.config.vision_config.num_attention_heads
+    keys = t.keys[len(t.attentions) - 2]
+    metric = keys.view(*keys.shape[:-1], heads, -1).mean(dim=-2)
+    for i in range(len(index)):
+        dominant, targets, _ = visionzip_official(t.hidden_states[-2][i], t.attentions[-2][i], metric[i],
+                                                  k - c - 1, c)
+        assert index[i].tolist() == sorted([0] + [j + 1 for j in dominant + targets])  # LM index = patch + 1
+
+
 # ---- VTC-CLS ---------------------------------------------------------------------------------
 def vtc_cls_official(attentions, start_layer, k):
     """``cls_token_only`` + ``topk``: [CLS] rows (head mean, patches) summed over
@@ -354,14 +384,96 @@ def test_prumerge_outliers_and_merge_match_official(seed, neighbours):
     keys = torch.randn(m, n, 8, generator=g, dtype=torch.float64)
     for i in range(m):
         kept = outliers_official(attn[i])
-        press = get_press("prumerge", keep=len(kept), plus=False, neighbours=neighbours, layers=None)
-        ctx = VisualContext(cls_attn=attn[i : i + 1], vision_keys=keys[i : i + 1])
+        press = get_press("prumerge", keep=len(kept), plus=False, neighbours=neighbours)
+        ctx = VisualContext(cls_attn_concat=attn[i : i + 1], vision_keys_concat=keys[i : i + 1])
         out, index = press.press(x[i : i + 1], ctx)
         assert index[0].tolist() == sorted(kept)
         idx = order_by(attn[i])[: len(kept)]  # official topk(int(N * ratio)) order
         merged = prumerge_official_merge(x[i], attn[i], keys[i], idx, neighbours)
         for slot, position in enumerate(index[0].tolist()):
             torch.testing.assert_close(out[0, slot], merged[position])
+
+
+def prumerge_official_signals(model, batch):
+    """Official PruMerge's attention (M, N) and merge keys (M, N, C), in float64, computed here
+    from the eager tower's weights: ``layers[23]`` of CLIP-L is its last block, whose input is the
+    feature layer (``hidden_states[-2]``); its ``q_proj`` / ``k_proj`` outputs (heads
+    concatenated, bias included) of the layer-normed input, ``softmax(q k^T * C^-1/2)``, the
+    [CLS] row over the patches; keys without [CLS] (``Key_wo_cls``)."""
+    from mmpress.models.vision import attention_module, encoder_layers
+
+    last = encoder_layers(model.model.vision_tower)[-1]
+    norm = getattr(last, "layer_norm1", None) or last.norm1  # CLIP / DINOv2: the norm before attention
+    attn = attention_module(last)
+    with torch.no_grad():
+        hidden = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states[-2]
+        x = norm(hidden).double()
+        q = x @ attn.q_proj.weight.double().T + attn.q_proj.bias.double()
+        k = x @ attn.k_proj.weight.double().T + attn.k_proj.bias.double()
+    c = hidden.shape[-1]  # official C: the width of image_features
+    probs = ((q @ k.transpose(-1, -2)) * c**-0.5).softmax(dim=-1)
+    return probs[:, 0, 1:], k[:, 1:]
+
+
+def projected_patches(model, batch):
+    with torch.no_grad():
+        return model.model.get_image_features(batch["pixel_values"], vision_feature_layer=-2,
+                                              vision_feature_select_strategy="default").pooler_output
+
+
+def test_prumerge_signals_are_official(models):
+    """``cls_attn_concat`` / ``vision_keys_concat`` the adapter computes (SDPA tower, pre-hook)
+    equal the official attention and keys; the head-averaged ``cls_attn`` differs from them."""
+    sdpa, eager = models
+    batch = inputs(seed=6)
+    attn, keys = prumerge_official_signals(eager, batch)
+    seen = spy_context(sdpa, get_press("prumerge", keep=8), batch)
+    got_attn = torch.cat([ctx.cls_attn_concat for _, ctx in seen])
+    torch.testing.assert_close(got_attn, attn, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(torch.cat([ctx.vision_keys_concat for _, ctx in seen]), keys, atol=1e-7, rtol=1e-6)
+    heads = spy_context(sdpa, get_press("prumerge", keep=8, attention="heads_mean"), batch)
+    assert not torch.allclose(torch.cat([ctx.cls_attn_layers[:, 0] for _, ctx in heads]).double(), attn)
+
+
+@pytest.mark.parametrize("k", [3, 8, 20])
+def test_prumerge_matches_official(models, k):
+    """``plus=False`` with keep=k is official ``token_prune_merge_advanced`` at a fixed ratio
+    (``topk(cls_attn, int(N * ratio))`` with int(N * ratio) = k): the k tokens of highest official
+    attention, each merged with its 32 nearest by the cosine of the official keys, weighted by the
+    official attention. Merged values are the projected tokens (our stage; official: the features
+    before the projector). Fails with the head-averaged attention or keys."""
+    sdpa, eager = models
+    batch = inputs(seed=7)
+    out, index = run_press(sdpa, get_press("prumerge", keep=k, plus=False), batch)
+    attn, keys = prumerge_official_signals(eager, batch)
+    x = projected_patches(sdpa, batch)
+    for i in range(len(index)):
+        idx = order_by(attn[i])[:k]  # official topk order
+        assert index[i].tolist() == sorted(idx)
+        merged = prumerge_official_merge(x[i], attn[i], keys[i], idx)
+        for slot, position in enumerate(index[i].tolist()):
+            torch.testing.assert_close(out[i, slot], merged[position])
+
+
+@pytest.mark.parametrize("k", [6, 16])
+def test_prumerge_plus_keeps_the_official_outliers(models, k):
+    """Default PruMerge+: the official IQR outliers of the official attention are kept (the k of
+    highest attention when there are more), the rest of the budget spaced in raster order among
+    the others (our fixed budget); every kept token is merged as the official loop merges it,
+    the kept tokens in official order (outliers by attention, then the added ones ascending)."""
+    sdpa, eager = models
+    batch = inputs(seed=8)
+    out, index = run_press(sdpa, get_press("prumerge", keep=k), batch)
+    attn, keys = prumerge_official_signals(eager, batch)
+    x = projected_patches(sdpa, batch)
+    for i in range(len(index)):
+        outliers = order_by(attn[i])[: len(outliers_official(attn[i]))][:k]
+        kept = index[i].tolist()
+        assert set(outliers) <= set(kept)
+        idx = outliers + [j for j in kept if j not in outliers]
+        merged = prumerge_official_merge(x[i], attn[i], keys[i], idx)
+        for slot, position in enumerate(kept):
+            torch.testing.assert_close(out[i, slot], merged[position])
 
 
 # ---- vision_features: what the projector receives ----------------------------------------------
@@ -380,19 +492,10 @@ def spy_context(model, press, batch):
 
 
 def qwen_models():
-    from test_qwen3_vl import TEXT as TEXT3
-    from test_qwen_vl import IMAGE, VIDEO, tiny_qwen
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from test_qwen3_vl import tiny_qwen3
+    from test_qwen_vl import tiny_qwen
 
-    torch.manual_seed(0)
-    config = Qwen3VLConfig(vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4,
-                                              out_hidden_size=48, patch_size=4, spatial_merge_size=2,
-                                              temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
-                                              deepstack_visual_indexes=[0, 1]),
-                           text_config=TEXT3, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=5,
-                           vision_end_token_id=6)
-    config._attn_implementation = "sdpa"
-    qwen3 = Qwen3VLForConditionalGeneration(config).eval()
+    qwen3 = tiny_qwen3()
     return {"qwen2_vl": tiny_qwen("qwen2_vl"), "qwen2_5_vl": tiny_qwen("qwen2_5_vl"), "qwen3_vl": qwen3}
 
 
@@ -413,6 +516,41 @@ def test_qwen_vision_features_are_the_merger_input_in_raster_order(kind):
         with torch.no_grad():
             merged = merger(features.reshape(-1, features.shape[-1] // 4)).view(tokens.shape)
         torch.testing.assert_close(merged, tokens)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_concat_signals_are_the_received_attention_of_one_softmax(kind):
+    """Qwen-VL has no [CLS]: ``cls_attn_concat`` is the attention each token receives from one
+    softmax over the heads-concatenated q / k (scaled by C^-1/2), so each frame's tokens share a
+    mass of 1 / merge**2 per patch; the keys are the full-width rotated keys. With a one-head
+    tower the concatenated form IS the per-head form: equal to ``cls_attn`` / ``vision_keys``."""
+    from test_qwen_vl import MERGE, make_batch as qwen_batch
+
+    model = qwen_models()[kind]
+    video = [("video", (2, 8, 8))] if kind != "qwen3_vl" else []  # Qwen3-VL's video prompt: timestamps
+    rows = [([("image", (1, 8, 8)), *video], 5), ([("image", (1, 8, 12))], 3)]
+    batch = qwen_batch(model, rows)
+    width = model.config.vision_config.hidden_size if kind != "qwen2_vl" else model.config.vision_config.embed_dim
+    seen = spy_context(model, get_press("prumerge", keep=3), batch)
+    assert sorted(t.shape[1] for t, _ in seen) == [16, 24, 32][: 3 if video else 2]
+    for tokens, ctx in seen:
+        frames = 2 if tokens.shape[1] == 32 else 1
+        assert ctx.vision_keys_concat.shape == (*tokens.shape[:2], width)
+        torch.testing.assert_close(ctx.cls_attn_concat.sum(dim=1) * MERGE**2,
+                                   torch.full((len(tokens),), float(frames)), atol=1e-5, rtol=0)
+    if kind != "qwen2_vl":
+        return
+    from transformers import Qwen2VLForConditionalGeneration
+
+    config = model.config
+    config.vision_config.num_heads = 1
+    torch.manual_seed(0)
+    one_head = Qwen2VLForConditionalGeneration(config).eval()
+    for press in (get_press("prumerge", keep=3), get_press("prumerge", keep=3, attention="heads_mean")):
+        seen.append(spy_context(one_head, press, batch))
+    for (_, concat), (_, heads) in zip(*seen[-2:]):
+        torch.testing.assert_close(concat.cls_attn_concat, heads.cls_attn, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(concat.vision_keys_concat, heads.vision_keys, atol=1e-6, rtol=1e-5)
 
 
 def test_llava_vision_features_are_the_projector_input(models):

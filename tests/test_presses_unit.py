@@ -37,6 +37,9 @@ def make_inputs(m=M, dtype=torch.float32, seed=0):
         # the tower's features before the projector (own generator: the draws above stay as they were)
         vision_features=torch.randn(m, N, 12, generator=torch.Generator().manual_seed(seed + 1)),
     )
+    g = torch.Generator().manual_seed(seed + 2)
+    ctx.cls_attn_concat = torch.randn(m, N, generator=g).mul(2).softmax(dim=-1)
+    ctx.vision_keys_concat = torch.randn(m, N, 16, generator=g)
     return tokens.to(dtype), ctx
 
 
@@ -211,14 +214,51 @@ def test_mmtok_follows_the_text():
 
 def test_prumerge_keeps_outliers_and_absorbs_neighbours():
     tokens, ctx = make_inputs(m=1)
-    ctx.cls_attn_layers = torch.full((1, 1, N), 0.01)  # default: the last layer's attention
-    ctx.cls_attn_layers[0, 0, [3, 30]] = 0.5  # two outliers
+    ctx.cls_attn_concat = torch.full((1, N), 0.01)  # default: one softmax over the concatenated heads
+    ctx.cls_attn_concat[0, [3, 30]] = 0.5  # two outliers
     out, index = get_press("prumerge", keep=6).press(tokens, ctx)
     assert {3, 30} <= set(index[0].tolist())
-    ctx.cls_attn = ctx.cls_attn_layers[:, 0]
-    assert torch.equal(get_press("prumerge", keep=6, layers=None).press(tokens, ctx)[1], index)
     plain, _ = get_press("prumerge", keep=6, neighbours=1).press(tokens, ctx)
     assert not torch.allclose(out, tokens[:, index[0]]) and not torch.allclose(out, plain)
+    # the merge reads the full-width keys: other keys, other neighbours
+    other = dataclasses.replace(ctx, vision_keys_concat=torch.randn(1, N, 16))
+    assert not torch.allclose(get_press("prumerge", keep=6).press(tokens, other)[0], out)
+
+
+def test_prumerge_heads_mean_option_reads_the_head_averaged_signals():
+    """attention="heads_mean" is the earlier behaviour: the head-averaged [CLS] attention of the
+    listed layers (or of the feature layer with layers=None) and the head-averaged keys."""
+    tokens, ctx = make_inputs(m=1)
+    ctx.cls_attn_layers = torch.full((1, 1, N), 0.01)
+    ctx.cls_attn_layers[0, 0, [3, 30]] = 0.5
+    press = get_press("prumerge", keep=6, attention="heads_mean")
+    assert press.needs == ("cls_attn", "vision_keys") and PRESSES["prumerge"].needs == ("cls_attn_concat",
+                                                                                         "vision_keys_concat")
+    out, index = press.press(tokens, ctx)
+    assert {3, 30} <= set(index[0].tolist())
+    ctx.cls_attn = ctx.cls_attn_layers[:, 0]
+    assert torch.equal(get_press("prumerge", keep=6, layers=None, attention="heads_mean").press(tokens, ctx)[1], index)
+    concat = dataclasses.replace(ctx, cls_attn_concat=ctx.cls_attn, vision_keys_concat=ctx.vision_keys)
+    torch.testing.assert_close(get_press("prumerge", keep=6).press(tokens, concat)[0], out)
+
+
+def test_prumerge_options_are_validated():
+    with pytest.raises(ValueError, match="attention"):
+        get_press("prumerge", keep=6, attention="mean")
+    with pytest.raises(ValueError, match="one vision layer"):
+        get_press("prumerge", keep=6, layers=(-1, -2))
+    assert get_press("prumerge", keep=6, layers=(-1, -2), attention="heads_mean").vision_layers == (-1, -2)
+
+
+def test_visionzip_always_keeps_cls_when_the_lm_sees_it():
+    """ctx.cls_first (LLaVA "full"): token 0 is [CLS], kept whatever its own attention, as the
+    official ``all_indices`` starts with it; the dominant patches fill the other slots."""
+    tokens, ctx = make_inputs(m=1)
+    ctx.cls_attn[0, 0] = 0.0  # [CLS]'s own attention is not what keeps it
+    ctx.cls_first = True
+    index = get_press("visionzip", keep=12, contextual_ratio=0).press(tokens, ctx)[1][0].tolist()
+    patches = ctx.cls_attn[0, 1:].topk(11).indices + 1
+    assert index == sorted([0, *patches.tolist()])
 
 
 def test_tome_merges_duplicates_into_one():
@@ -255,6 +295,8 @@ def test_any_batch_grid_and_budget(name, m, h, w, data):
                         cls_attn_layers=torch.rand(m, 2, n, generator=g).softmax(-1),
                         vision_keys=torch.randn(m, n, 4, generator=g), text=torch.randn(m, 3, D, generator=g),
                         text_mask=mask, vision_features=torch.randn(m, n, 5, generator=torch.Generator().manual_seed(k)))
+    own = torch.Generator().manual_seed(k + 1)
+    ctx.cls_attn_concat, ctx.vision_keys_concat = torch.rand(m, n, generator=own).softmax(-1), torch.randn(m, n, 6, generator=own)
     out, index = make(name, keep=k).press(torch.randn(m, n, D, generator=g), ctx)
     assert out.shape == (m, k, D) and torch.isfinite(out).all()
     assert ((index >= 0) & (index < n)).all() and (index.diff(dim=1) > 0).all()

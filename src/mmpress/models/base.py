@@ -604,7 +604,7 @@ class Adapter:
             # a video's raster order over (t, h, w) is the raster order of a (t*h) x w grid, so
             # 2-D presses (uniform, pool) run unchanged; video-aware presses read grid_thw
             ctx.grid, ctx.grid_thw = (t * h, w), grid
-        if {"cls_attn", "vision_keys", "vision_features"} & needs:
+        if {"cls_attn", "vision_keys", "cls_attn_concat", "vision_keys_concat", "vision_features"} & needs:
             self.fill_signals(press, ctx, items)
         if "text" in needs:
             if not text:

@@ -8,7 +8,9 @@ Where the visual tokens are: LLaVA writes each image's projected features (one p
 
 Signals: [CLS] attention and keys of the vision layer feeding the projector (and of the layers a
 press lists in ``layers``), from a forward pre-hook on that layer's attention module
-(``models.vision``), so the tower keeps running with SDPA; ``vision_features``, what the projector
+(``models.vision``), so the tower keeps running with SDPA; per head, averaged over heads
+(``cls_attn``, ``vision_keys``), or from the heads-concatenated q / k at the press's one listed
+layer (``cls_attn_concat``, ``vision_keys_concat``: official PruMerge's); ``vision_features``, what the projector
 receives (the feature layer's hidden states, [CLS] dropped with the "default" strategy), from a
 forward pre-hook on the projector.
 """
@@ -19,8 +21,11 @@ import torch
 from torch import Tensor
 
 from mmpress.models.base import Adapter, Item, encoded_sources
-from mmpress.models.vision import attention_module, cls_attention_and_keys, encoder_layers, layer_index, press_layers
+from mmpress.models.vision import attention_module, cls_signals, concat_layer, encoder_layers, layer_index, press_layers
 from mmpress.presses.base import Press, VisualContext
+
+HEADS = {"cls_attn", "vision_keys"}  # head-averaged [CLS] signals
+CONCAT = {"cls_attn_concat", "vision_keys_concat"}  # heads-concatenated [CLS] signals
 
 
 class LlavaAdapter(Adapter):
@@ -34,7 +39,8 @@ class LlavaAdapter(Adapter):
         if not hasattr(self.vlm, "vision_tower"):
             raise ValueError(f"{type(model).__name__} does not look like a transformers LLaVA model")
         self.token_ids = (self.config.image_token_id,)
-        self.vision: dict[int, tuple[Tensor, Tensor]] = {}  # vision block -> ([CLS] attention, keys)
+        # vision block -> {"heads" / "concat": ([CLS] attention, keys)}
+        self.vision: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
         self.features: Tensor | None = None  # the projector's input of the last tower call
 
     def visual_items(self, args, kwargs) -> list[Item]:
@@ -60,13 +66,17 @@ class LlavaAdapter(Adapter):
         handles = []
         if "vision_features" in press.needs:
             handles.append(self.vlm.multi_modal_projector.register_forward_pre_hook(self._projector_hook))
-        if not {"cls_attn", "vision_keys"} & set(press.needs):
-            return handles
+        needs = set(press.needs)
         layers = encoder_layers(self.vlm.vision_tower)
-        wanted = {self._block(self._feature_layer()), *map(self._block, self._press_layers(press))}
-        return handles + [attention_module(layers[block]).register_forward_pre_hook(self._vision_hook(block),
+        forms: dict[int, set[str]] = {}  # vision block -> the forms its hook computes
+        if HEADS & needs:
+            for block in {self._block(self._feature_layer()), *map(self._block, self._press_layers(press))}:
+                forms.setdefault(block, set()).add("heads")
+        if CONCAT & needs:
+            forms.setdefault(self._concat_block(press), set()).add("concat")
+        return handles + [attention_module(layers[block]).register_forward_pre_hook(self._vision_hook(block, form),
                                                                                     with_kwargs=True)
-                          for block in wanted]
+                          for block, form in forms.items()]
 
     def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
         drop_cls = self.config.vision_feature_select_strategy == "default"
@@ -81,19 +91,30 @@ class LlavaAdapter(Adapter):
                 return t  # the common case: no index tensor to copy to the device
             return t[sources]  # generate encodes each image once, then repeats it per beam / sequence
 
+        ctx.cls_first = not drop_cls  # "full": the LM sees [CLS] as each image's token 0
         if "vision_features" in press.needs:
             if self.features is None:
                 raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
             ctx.vision_features = patches(self.features, with_cls=False)  # the projector's input: [CLS] already gone
-        if not {"cls_attn", "vision_keys"} & set(press.needs):
-            return
-        feature_block = self._block(self._feature_layer())
-        if feature_block not in self.vision:
+        needs = set(press.needs)
+        if HEADS & needs:
+            attn, keys = self._recorded(self._block(self._feature_layer()), "heads")
+            ctx.cls_attn, ctx.vision_keys = patches(attn), patches(keys)
+            if layers := self._press_layers(press):
+                ctx.cls_attn_layers = torch.stack([patches(self._recorded(self._block(i), "heads")[0])
+                                                   for i in layers], dim=1)
+        if CONCAT & needs:
+            attn, keys = self._recorded(self._concat_block(press), "concat")
+            ctx.cls_attn_concat, ctx.vision_keys_concat = patches(attn), patches(keys)
+
+    def _recorded(self, block: int, form: str) -> tuple[Tensor, Tensor]:
+        if form not in self.vision.get(block, {}):
             raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
-        attn, keys = self.vision[feature_block]
-        ctx.cls_attn, ctx.vision_keys = patches(attn), patches(keys)
-        if layers := self._press_layers(press):
-            ctx.cls_attn_layers = torch.stack([patches(self.vision[self._block(i)][0]) for i in layers], dim=1)
+        return self.vision[block][form]
+
+    def _concat_block(self, press: Press) -> int:
+        depth = len(encoder_layers(self.vlm.vision_tower))
+        return self._block(concat_layer(press, self._feature_layer(), depth))
 
     def _feature_layer(self) -> int:
         layer = self.config.vision_feature_layer
@@ -111,9 +132,9 @@ class LlavaAdapter(Adapter):
     def _projector_hook(self, module, args):
         self.features = args[0]
 
-    def _vision_hook(self, block: int):
+    def _vision_hook(self, block: int, forms: set[str]):
         def hook(module, args, kwargs):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            self.vision[block] = cls_attention_and_keys(module, hidden)
+            self.vision[block] = cls_signals(module, hidden, heads="heads" in forms, concat="concat" in forms)
 
         return hook

@@ -20,7 +20,10 @@ Signals: the tower has no [CLS] token, so ``cls_attn`` is a documented substitut
 each patch RECEIVES in the last full-attention vision block (the block whose output the merger
 turns into the LM's tokens), averaged over all queries of its image (of its frame, for a video:
 Qwen attends within frames) and over heads,
-``score_j = mean_{h, i} softmax_j(q_i . k_j / sqrt(d))``. This is the no-[CLS] saliency of
+``score_j = mean_{h, i} softmax_j(q_i . k_j / sqrt(d))``. ``cls_attn_concat`` (official PruMerge's
+form, one softmax over the heads-concatenated q / k) has the same substitute in that form:
+``score_j = mean_i softmax_j(q_i . k_j / sqrt(C))`` with q, k the rotated heads concatenated (width
+C), and ``vision_keys_concat`` those concatenated rotated keys, averaged over each merge group. This is the no-[CLS] saliency of
 HiPrune (Liu et al., arXiv 2508.00553), whose official Qwen2.5-VL code (github.com/Danielement321/
 HiPrune, ``Qwen2_5_VL/qwen2_5_vl_HiPrune.py``, ``Qwen2_5_VisionTransformerPretrainedModel.forward``)
 takes each vision block's attention map, averages it over heads, sums it over queries, averages
@@ -60,11 +63,14 @@ from torch import Tensor
 from transformers.vision_utils import get_vision_window_index
 
 from mmpress.models.base import Adapter, Item, encoded_sources
-from mmpress.models.vision import layer_index, press_layers, received_attention
+from mmpress.models.vision import concat_layer, layer_index, press_layers, received_attention
 from mmpress.presses.base import Press, VisualContext
 
-# vision block -> per item (scores (n,), keys (n, d)); "features" -> per item merger input (n, merge**2 * C)
-Signals = dict[int | str, tuple[list[Tensor], list[Tensor]] | list[Tensor]]
+# vision block -> per item (scores (n,), keys (n, d)); ("concat", block) -> per item the heads-concatenated
+# (scores (n,), keys (n, C)); "features" -> per item merger input (n, merge**2 * C)
+Signals = dict[int | str | tuple, tuple[list[Tensor], list[Tensor]] | list[Tensor]]
+HEADS = {"cls_attn", "vision_keys"}
+CONCAT = {"cls_attn_concat", "vision_keys_concat"}
 
 
 class QwenVLAdapter(Adapter):
@@ -107,12 +113,17 @@ class QwenVLAdapter(Adapter):
         visual = self.vlm.visual
         handles = [visual.register_forward_pre_hook(self._record_grids, with_kwargs=True)]
         needs = set(press.needs)
-        if {"cls_attn", "vision_keys", "vision_features"} & needs:
+        if (HEADS | CONCAT | {"vision_features"}) & needs:
             handles += [visual.register_forward_pre_hook(self._start_encoding),
                         visual.register_forward_hook(self._record_output)]
-        if {"cls_attn", "vision_keys"} & needs:
-            handles += [visual.blocks[b].attn.register_forward_pre_hook(self._attention_hook(b), with_kwargs=True)
-                        for b in {self._feature_block(), *map(self._block, press_layers(press, len(visual.blocks)))}]
+        forms: dict[int, set[str]] = {}  # vision block -> the forms its hook computes
+        if HEADS & needs:
+            for b in {self._feature_block(), *map(self._block, press_layers(press, len(visual.blocks)))}:
+                forms.setdefault(b, set()).add("heads")
+        if CONCAT & needs:
+            forms.setdefault(self._concat_block(press), set()).add("concat")
+        handles += [visual.blocks[b].attn.register_forward_pre_hook(self._attention_hook(b, form), with_kwargs=True)
+                    for b, form in forms.items()]
         if "vision_features" in needs:
             handles.append(visual.merger.register_forward_pre_hook(self._merger_hook))
         return handles
@@ -169,7 +180,11 @@ class QwenVLAdapter(Adapter):
     def _block(self, hs_index: int) -> int:
         return layer_index(hs_index, len(self.vlm.visual.blocks))
 
-    def _attention_hook(self, block: int):
+    def _concat_block(self, press: Press) -> int:
+        layer = concat_layer(press, None, len(self.vlm.visual.blocks))
+        return self._feature_block() if layer is None else self._block(layer)
+
+    def _attention_hook(self, block: int, forms: set[str]):
         def hook(module, args, kwargs):
             encoding = self._encoding
             if encoding is None:
@@ -184,24 +199,32 @@ class QwenVLAdapter(Adapter):
             q, k, _ = module.qkv(hidden).reshape(s, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             q, k = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision(q, k, *rotary)
             # host boundaries: the module's own SDPA path reads cu_seqlens to the host right after
-            score = received_attention(q, k, cu_seqlens.tolist(), module.scaling)
-            unit = self.merge**2
-            score = score.view(-1, unit).mean(dim=1)
-            keys = k.float().mean(dim=1).view(-1, unit, k.shape[-1]).mean(dim=1)
-            if encoding["window"] is not None:  # window order -> raster order, as the tower does
-                order = encoding["window"].to(score.device).argsort()
-                score, keys = score[order], keys[order]
+            bounds, unit = cu_seqlens.tolist(), self.merge**2
             sizes = [self._shape(g)[0] for g in encoding["grid"]]
-            encoding["signals"][block] = (list(score.split(sizes)), list(keys.to(k.dtype).split(sizes)))
+            order = None if encoding["window"] is None else encoding["window"].to(k.device).argsort()
+
+            def record(name, score: Tensor, keys: Tensor) -> None:
+                score = score.view(-1, unit).mean(dim=1)
+                keys = keys.float().view(-1, unit, keys.shape[-1]).mean(dim=1)
+                if order is not None:  # window order -> raster order, as the tower does
+                    score, keys = score[order], keys[order]
+                encoding["signals"][name] = (list(score.split(sizes)), list(keys.to(k.dtype).split(sizes)))
+
+            if "heads" in forms:
+                record(block, received_attention(q, k, bounds, module.scaling), k.float().mean(dim=1))
+            if "concat" in forms:  # one softmax over the heads' concatenated q / k, scaled by C^-1/2
+                qc, kc = q.reshape(s, 1, -1), k.reshape(s, 1, -1)
+                record(("concat", block), received_attention(qc, kc, bounds, kc.shape[-1] ** -0.5), kc[:, 0])
 
         return hook
 
     def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
         signals, needs = self._signals.get(items[0].token_id), set(press.needs)
         layers = press_layers(press, len(self.vlm.visual.blocks))
-        blocks = [self._feature_block(), *map(self._block, layers)] if {"cls_attn", "vision_keys"} & needs \
-            else []
-        if not signals or any(b not in signals for b in blocks) or ("vision_features" in needs and "features" not in signals):
+        blocks = [self._feature_block(), *map(self._block, layers)] if HEADS & needs else []
+        concat = ("concat", self._concat_block(press)) if CONCAT & needs else None
+        if not signals or any(b not in signals for b in blocks) or ("vision_features" in needs and "features" not in signals) \
+                or (concat is not None and concat not in signals):
             raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
         sources, n = [item.source for item in items], items[0].length
 
@@ -213,6 +236,8 @@ class QwenVLAdapter(Adapter):
 
         if "vision_features" in needs:
             ctx.vision_features = stack(signals["features"])
+        if concat is not None:
+            ctx.cls_attn_concat, ctx.vision_keys_concat = map(stack, signals[concat])
         if not blocks:
             return
         scores, keys = signals[blocks[0]]

@@ -6,7 +6,8 @@ The official VisionZip / VTC-CLS / PruMerge code runs the vision tower with
 (N+1)x(N+1) map of every layer. We only need the [CLS] row of one layer, so a forward
 pre-hook on that layer's attention module takes its (already layer-normed) input and
 recomputes ``softmax(q_cls . K^T * scale)`` for the [CLS] query alone: O(N d) extra work,
-and the tower keeps running with SDPA / FlashAttention.
+and the tower keeps running with SDPA / FlashAttention. Two forms: per head, averaged over heads
+(VisionZip, VTC-CLS, ...), and one softmax over the heads-concatenated q / k (official PruMerge).
 """
 
 from __future__ import annotations
@@ -57,16 +58,48 @@ def press_layers(press, num_layers: int) -> tuple[int, ...]:
     return tuple(resolve(num_layers) if resolve is not None else press.vision_layers)
 
 
+def concat_layer(press, feature_layer: int | None, num_layers: int) -> int | None:
+    """Hidden-state index of the layer giving ``cls_attn_concat`` / ``vision_keys_concat``: the one
+    layer the press lists in its vision layers, else ``feature_layer``."""
+    layers = press_layers(press, num_layers)
+    if len(layers) > 1:
+        raise ValueError(f"cls_attn_concat / vision_keys_concat come from one vision layer; {press.name} lists "
+                         f"{layers}: name one layer")
+    return layers[0] if layers else feature_layer
+
+
 def cls_attention_and_keys(attn: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
     """[CLS]-row attention probabilities, head-averaged (B, S), and head-averaged keys (B, S, d)
     of one attention module given its input ``hidden`` (B, S, C); token 0 is [CLS]."""
+    return cls_signals(attn, hidden, heads=True, concat=False)["heads"]
+
+
+def cls_signals(attn: nn.Module, hidden: Tensor, heads: bool = True, concat: bool = False) -> dict:
+    """The [CLS] signals of one attention module given its (already layer-normed) input ``hidden``
+    (B, S, C), token 0 being [CLS]; q and k are projected once, with their biases.
+
+    "heads": (probs (B, S), keys (B, S, d)) -- the [CLS] row of each head's softmax
+    ``softmax(q_h k_h^T * scale)`` (the module's own per-head scale), averaged over heads, and the
+    keys averaged over heads (``cls_attn``, ``vision_keys``).
+    "concat": (probs (B, S), keys (B, S, C)) -- ONE softmax of the full-width [CLS] query against
+    the full-width keys (all heads concatenated, as the ``q_proj`` / ``k_proj`` outputs are),
+    scaled by ``C ** -0.5``, and those full-width keys (``cls_attn_concat``,
+    ``vision_keys_concat``): official PruMerge's attention and merge keys.
+    Probabilities are softmaxed in at least float32 (float64 stays float64)."""
     b, s, _ = hidden.shape
-    heads = getattr(attn, "num_heads", None) or attn.num_attention_heads
-    scale = getattr(attn, "scale", None) or attn.scaling
-    q = attn.q_proj(hidden[:, :1]).view(b, 1, heads, -1).transpose(1, 2)  # (B, H, 1, d)
-    k = attn.k_proj(hidden).view(b, s, heads, -1).transpose(1, 2)  # (B, H, S, d)
-    probs = ((q @ k.transpose(-1, -2)) * scale).float().softmax(dim=-1)  # (B, H, 1, S)
-    return probs.mean(dim=1)[:, 0], k.mean(dim=1)
+    q, k = attn.q_proj(hidden[:, :1]), attn.k_proj(hidden)  # (B, 1, C), (B, S, C)
+    out = {}
+    if heads:
+        h = getattr(attn, "num_heads", None) or attn.num_attention_heads
+        scale = getattr(attn, "scale", None) or attn.scaling
+        qh, kh = q.view(b, 1, h, -1).transpose(1, 2), k.view(b, s, h, -1).transpose(1, 2)  # (B, H, ., d)
+        probs = ((qh @ kh.transpose(-1, -2)) * scale).float().softmax(dim=-1)  # (B, H, 1, S)
+        out["heads"] = (probs.mean(dim=1)[:, 0], kh.mean(dim=1))
+    if concat:
+        logits = (q @ k.transpose(-1, -2))[:, 0] * k.shape[-1] ** -0.5  # (B, S)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        out["concat"] = (logits.to(dtype).softmax(dim=-1), k)
+    return out
 
 
 def received_attention(q: Tensor, k: Tensor, bounds: list[int], scale: float, budget: int = 1 << 24) -> Tensor:

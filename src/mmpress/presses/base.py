@@ -31,7 +31,8 @@ from mmpress.ops.select import gather_tokens, topk_indices
 from mmpress.registry import get_adapter
 
 #: signals a press may declare in ``needs``; adapters compute only the declared ones
-SIGNALS = ("grid", "cls_attn", "vision_keys", "vision_features", "text", "llm_attn", "llm_keys", "llm_normed", "visual_inputs")
+SIGNALS = ("grid", "cls_attn", "vision_keys", "cls_attn_concat", "vision_keys_concat", "vision_features", "text",
+           "llm_attn", "llm_keys", "llm_normed", "visual_inputs")
 #: where a press acts, in the order a forward meets them (a composition follows this order)
 STAGES = ("pre_llm", "in_llm", "kv")
 
@@ -45,11 +46,20 @@ class VisualContext:
                   h x w grid (after its spatial merge), tokens in raster order over (t, h, w),
                   t * h * w == N; M videos of the same grid. None for an image (read as t = 1
                   with ``grid``). Structural, like ``grid``: cheap, not a declared signal.
+    cls_first:    True when token 0 of each image is the vision tower's [CLS] token (LLaVA's "full"
+                  feature strategy), set with the vision signals. Structural, like ``grid``.
     cls_attn:     (M, N) softmax attention of the vision tower's [CLS] query over the patch
                   tokens, averaged over heads, in the layer whose output feeds the projector.
     cls_attn_layers: (M, L, N) the same at the vision layers a press lists in its ``layers`` field
                   (hidden-state indices, as ``vision_feature_layer``; VTC-CLS's ensemble).
     vision_keys:  (M, N, d) that layer's attention keys, averaged over heads (VisionZip's metric).
+    cls_attn_concat: (M, N) the [CLS] row of ONE softmax over the heads-concatenated (full-width C)
+                  query and keys, scaled by C^-1/2 (official PruMerge's attention), at the press's
+                  vision layer: the one hidden-state index in its ``vision_layers``, else the
+                  feature layer. Qwen-VL (no [CLS]): the attention each token receives, the same
+                  full-width single softmax (see ``models/qwen_vl.py``).
+    vision_keys_concat: (M, N, C) that layer's full-width keys (all heads concatenated, with the
+                  bias: the ``k_proj`` output; official PruMerge's merge keys).
     vision_features: (M, N, d_vision) the vision tower's features as the projector receives them, one
                   row per visual token (LLaVA: the feature layer's hidden states, [CLS] dropped with
                   the "default" strategy; Qwen-VL: each token's merge group of patches, concatenated,
@@ -79,9 +89,12 @@ class VisualContext:
 
     grid: tuple[int, int] | None = None
     grid_thw: tuple[int, int, int] | None = None
+    cls_first: bool = False
     cls_attn: Tensor | None = None
     cls_attn_layers: Tensor | None = None
     vision_keys: Tensor | None = None
+    cls_attn_concat: Tensor | None = None
+    vision_keys_concat: Tensor | None = None
     vision_features: Tensor | None = None
     text: Tensor | None = None
     text_mask: Tensor | None = None

@@ -41,8 +41,8 @@ class VisionZipPress(Press):
     Deviations, each forced: (1) the LM sees no [CLS] token in LLaVA (``default`` feature
     strategy), so all k slots go to patch tokens: keep=k equals official ``dominant = k - c + 1``
     ([CLS] + k - c patches) with its [CLS] slot given to the next patch by attention (official
-    54 + 10 = [CLS] + 53 patches + 10). With the ``full`` strategy [CLS] is an LM token and ranks
-    by its own attention like a patch (official: always kept). (2) The press acts after the
+    54 + 10 = [CLS] + 53 patches + 10). With the ``full`` strategy [CLS] is an LM token (the
+    adapter sets ``ctx.cls_first``) and is always kept, as official: [CLS] + k - c - 1 patches. (2) The press acts after the
     projector, on the tokens the adapter hands it: contextual tokens are
     ``proj(target) + mean(proj(members))`` (official: ``proj(target + mean(members))`` on the
     tower's features; equal for a linear projector). (3) Contextual tokens take the position of
@@ -58,7 +58,10 @@ class VisionZipPress(Press):
     def compress(self, tokens: Tensor, ctx: VisualContext, k: int) -> tuple[Tensor, Tensor]:
         m, n, d = tokens.shape
         c = min(max(round(k * self.contextual_ratio), 0), k)
-        dominant = topk_indices(ctx.require("cls_attn"), k - c)  # (M, k - c)
+        attn = ctx.require("cls_attn")
+        if ctx.cls_first:  # the LM sees [CLS] (LLaVA "full"): always kept, as official's all_indices[:, 0]
+            attn = torch.cat([torch.full_like(attn[:, :1], torch.inf), attn[:, 1:]], dim=1)
+        dominant = topk_indices(attn, k - c)  # (M, k - c)
         if c == 0:
             return gather_tokens(tokens, dominant), dominant
 
