@@ -398,3 +398,91 @@ def test_sparsevlm_raters_are_the_text_after_the_image():
     raters = relevance > relevance.mean(dim=-1, keepdim=True)
     expected = rows[:, 1:][raters[..., None].expand(-1, -1, n)].view(1, -1, n).mean(1)
     torch.testing.assert_close(press.rater_attention(ctx), expected)
+
+
+# ---- LOOK-M -----------------------------------------------------------------------------------
+def official_lookm(keys, values, attn, image_start, n_image, hh_ratio=0.1, recent_ratio=0.1):
+    """``TextPivotMerge_LayerWise.__call__`` (SUSTechBruce/LOOK-M, ``text_prior_pivot_merge``) on
+    one layer's prefill cache, batch 1: ``keys``, ``values`` (H, L, d), ``attn`` (H, L, L) the causal
+    softmax of every prompt row, per head. Heavy-hitter scores summed over the query rows; the
+    image's entries and the recent window pushed down by -65516, a top-``int(L * hh_ratio)`` over
+    the entries before the window, then ``mask = score >= 0`` (every text entry, the picks, the
+    last ``int(L * recent_ratio)``); each evicted entry averaged with its most cosine-similar kept
+    entry and scatter-``mean``-ed (``include_self``) into it, keys and values alike."""
+    heads, length, d = keys.shape
+    hh_size, recent = int(length * hh_ratio), int(length * recent_ratio)
+    score = attn.sum(dim=1)  # (H, L)
+    anti = torch.zeros(heads, length, dtype=score.dtype)
+    anti[:, image_start:image_start + n_image] = -65516
+    anti[:, -recent:] = -65516
+    score = score + anti
+    top = score[:, :-recent].topk(hh_size, dim=-1).indices.sort().values
+    score = score.scatter(1, top, 0)
+    score[:, -recent:] = 0
+    mask = score >= 0
+    kept_k, kept_v = keys[mask].view(heads, -1, d), values[mask].view(heads, -1, d)
+    pruned_k, pruned_v = keys[~mask].view(heads, -1, d), values[~mask].view(heads, -1, d)
+    unit = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
+    pivot = (unit(pruned_k) @ unit(kept_k).transpose(1, 2)).max(dim=-1).indices[..., None].expand(-1, -1, d)
+    out = []
+    for kept, pruned in ((kept_k, pruned_k), (kept_v, pruned_v)):
+        merged = (pruned + kept.gather(1, pivot)) / 2
+        out.append(kept.scatter_reduce(1, pivot, merged, reduce="mean", include_self=True))
+    return out[0], out[1], mask
+
+
+def test_lookm_default_is_the_official_text_prior_pivot_merge(model):
+    """Per layer and KV head, the pressed cache (keys and values, every entry: text included,
+    pivots may be text) equals the official ``text_prior_pivot_merge`` at its defaults
+    (hh_ratio = recent_ratio = 0.1), given the official image count as ``keep``. The prompt's text
+    after the image is shorter than the recent window, so the window keeps image entries too.
+    Grouped-query attention (official: MHA): the score averages a KV head's query heads."""
+    batch = make_batch((3,))
+    ids = batch["input_ids"][0]
+    image_start, length = int((ids == IMAGE_TOKEN).nonzero()[0]), ids.shape[0]
+    assert length - (image_start + N_IMAGE) < int(0.1 * length)  # the window reaches into the image
+    lm, seen = model.model.language_model, {}
+    layers = decoder_layers(lm)
+    handles = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: seen.__setitem__(i, a[0] if a else kw["hidden_states"]),
+                                               with_kwargs=True) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        full = model(**batch, use_cache=True).past_key_values
+    for h in handles:
+        h.remove()
+    positions = torch.arange(length)
+    expected, keeps = [], set()
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(seen[i])
+            q = attn.q_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
+            q, k = rope(q, k, *lm.rotary_emb(x, positions[None]))
+            group = q.shape[1] // k.shape[1]
+            logits = q @ k.repeat_interleave(group, dim=1).transpose(2, 3) / math.sqrt(attn.head_dim)
+            weights = (logits + torch.full((length, length), -torch.inf).triu(1)).softmax(dim=-1)[0]
+            weights = weights.view(-1, group, length, length).mean(dim=1)  # per KV head
+            cache = full.layers[i]
+            torch.testing.assert_close(cache.keys[0], k[0])  # the cache holds the rotated keys
+            got = official_lookm(cache.keys[0], cache.values[0], weights, image_start, N_IMAGE)
+            keeps.add(int(got[2][0, image_start:image_start + N_IMAGE].sum()))
+            expected.append(got)
+    assert len(keeps) == 1  # the official image count is the same in every layer and head
+    keep = keeps.pop()
+    assert keep < N_IMAGE
+    press = mmpress.get_press("lookm", keep=keep)
+    with torch.no_grad(), press(model):
+        pressed = model(**batch, use_cache=True).past_key_values
+    for i, (exp_k, exp_v, _) in enumerate(expected):
+        torch.testing.assert_close(pressed.layers[i].keys[0], exp_k, msg=f"layer {i}")
+        torch.testing.assert_close(pressed.layers[i].values[0], exp_v, msg=f"layer {i}")
+
+
+def test_lookm_options_leave_the_official_cache():
+    """pivots='visual' (no text pivot) and recent_ratio=0 (no window) are options, not the default;
+    bad values raise."""
+    press = mmpress.get_press("lookm", keep=4)
+    assert (press.merge, press.pivots, press.recent_ratio) == ("pivot", "all", 0.1)
+    for bad in (dict(pivots="text"), dict(recent_ratio=1.0), dict(recent_ratio=-0.1), dict(recent_ratio=True)):
+        with pytest.raises(ValueError):
+            mmpress.get_press("lookm", keep=4, **bad)

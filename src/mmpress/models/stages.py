@@ -478,6 +478,16 @@ class KVStage:
         else:  # one selection for all heads: an entry is its keys and values over the heads
             layout, x, scores = run.layout, kv.transpose(1, 2).reshape(b, w, heads * 2 * d), attn.mean(dim=1).reshape(-1)
 
+        groups = _group(layout).values()
+        row_wise = press.per_head and hasattr(press, "press_kv_row")
+        if row_wise:  # LOOK-M merges into its row's text entries: one image of a row per group, in turn
+            text_ok = layout.valid & (layout.ids < 0)  # (B', W): its text entries, whole rows (no host sync)
+            length, seq = layout.valid.sum(dim=1), layout.valid.long().cumsum(dim=1) - 1
+            # a row's images in their order (the second sees the text the first merged into), and
+            # never two of one row in a group: the group's rank among its row's images joins the key
+            rank = _rank_in_row(layout.rows)
+            groups = [g for _, g in sorted(_group(layout, [(r,) for r in rank]).items(), key=lambda kv: kv[0][-1])]
+
         def press_group(members, flat, tokens):
             g, n = flat.shape
             parts = tokens.view(g, n, -1, 2 * d)  # (G, n, heads or 1, 2d)
@@ -485,11 +495,21 @@ class KVStage:
             k = press.budget(n)
             if k >= n:
                 return tokens, torch.arange(n, device=tokens.device).expand(g, n)
-            kept_k, kept_v, index = press.press_kv(ctx.llm_keys, parts[..., d:].flatten(2), ctx, k)
+            if not row_wise:
+                kept_k, kept_v, index = press.press_kv(ctx.llm_keys, parts[..., d:].flatten(2), ctx, k)
+            else:
+                owner = flat[:, 0] // w  # one item per row in a group: no row written twice
+                ctx.token_index, ctx.text_index = seq.view(-1)[flat], seq[owner]
+                row, ok = x[owner], text_ok[owner]  # (G, W, 2d): the row's entries, its text where ok
+                kept_k, kept_v, index, tk, tv = press.press_kv_row(
+                    ctx.llm_keys, parts[..., d:].flatten(2), ctx, k, row[..., :d], row[..., d:], ok, length[owner])
+                # the merged text written in place: x is this call's own tensor, and press_items
+                # compacts from a view of it
+                x[owner] = torch.where(ok[..., None], torch.cat([tk, tv], dim=-1).to(x.dtype), row)
             kept = torch.cat([kept_k.view(g, k, -1, d), kept_v.view(g, k, -1, d)], dim=-1)
             return kept.view(g, k, -1), index
 
-        out, lengths = press_items(x, layout, _group(layout).values(), press_group)
+        out, lengths = press_items(x, layout, groups, press_group)
         if out is None:  # every entry kept: the cache stays as it is
             return
         width = out.src.shape[1]
@@ -499,6 +519,16 @@ class KVStage:
             kv, mask = out.x.view(b, width, heads, 2 * d).transpose(1, 2), out.layout.valid
         entry.keys, entry.values = kv[..., :d].contiguous(), kv[..., d:].contiguous()
         run.mask, run.kept = mask, sum(lengths) // (heads if press.per_head else 1)
+
+
+def _rank_in_row(rows: list[int]) -> list[int]:
+    """Each item's rank among the items of its row (items listed in sequence order)."""
+    seen: dict[int, int] = defaultdict(int)
+    out = []
+    for row in rows:
+        out.append(seen[row])
+        seen[row] += 1
+    return out
 
 
 def _per_head(layout: Layout, heads: int) -> Layout:
