@@ -1,7 +1,8 @@
 """In-LLM presses against independent re-implementations of their official selections, written
 from the official code (tiny LLaVA with a 4-layer language model, float64 so that no near-tie
 decides a pick): PyramidDrop (Cooperx521/PyramidDrop ``pdrop_forward`` / ``pdrop_rank_drop``),
-FastV (pkunlp-icler/FastV ``fastv_forward``), DART (ZichenWen1/DART ``get_retained_image_token``).
+FastV (pkunlp-icler/FastV ``fastv_forward``), DART (ZichenWen1/DART ``get_retained_image_token``);
+KV presses by the pressed cache: SnapKV, LOOK-M (SUSTechBruce/LOOK-M ``TextPivotMerge_LayerWise``).
 Each oracle runs the language model's layers by hand as the official forward does (its own
 picks, its own position ids) and must give the pressed model's logits; decoding and a later turn
 continue the official numbering."""

@@ -402,6 +402,31 @@ def test_lookm_pivot_merge_is_the_official_mean():
     torch.testing.assert_close(v[0, 1], (values[0, 1] + (values[0, 3] + values[0, 1]) / 2) / 2)
 
 
+def test_lookm_row_keeps_the_recent_window_and_merges_into_text():
+    """Official ``TextPivotMerge_LayerWise``: an image entry in the prompt's last
+    floor(0.1 L) is kept whatever its score; an evicted entry's pivot may be a text entry, and a
+    cosine tie goes to the entry earliest in the sequence (``max``'s first index)."""
+    press = mmpress.get_press("lookm", keep=2)
+    # image entries at sequence 1..4 of a 20-entry prompt (window: 18, 19); text at 0, 5 and 19
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 3.0]]])
+    values = torch.arange(8.0).view(1, 4, 2)
+    ctx = mmpress.VisualContext(llm_attn=torch.tensor([[4.0, 3.0, 2.0, 1.0]]),
+                                token_index=torch.tensor([[1, 2, 3, 18]]), text_index=torch.tensor([[0, 5, 19]]))
+    text_k = torch.tensor([[[0.0, 2.0], [5.0, 5.0], [3.0, 0.0]]])
+    text_v = torch.tensor([[[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]]])
+    ok = torch.tensor([[True, True, False]])  # the last text slot is padding: never a pivot
+    k, v, index, tk, tv = press.press_kv_row(keys, values, ctx, 2, text_k, text_v, ok, torch.tensor([20]))
+    assert index.tolist() == [[0, 3]]  # entry 3 (sequence 18) is in the window, entry 1 outscores 2
+    # evicted 1 and 2 (keys (0, 1)) are as close to text 0 (sequence 0, key (0, 2)) as to the kept
+    # entry 3 (sequence 18, key (0, 3)): the earlier, text 0, absorbs both
+    expected = (text_v[0, 0] + 2 * (values[0, 1] + values[0, 2] + 2 * text_v[0, 0]) / 4) / 3
+    torch.testing.assert_close(tv[0, 0], expected)
+    torch.testing.assert_close(tv[0, 1:], text_v[0, 1:])
+    torch.testing.assert_close(v, values[:, [0, 3]])
+    visual_only = mmpress.get_press("lookm", keep=2, pivots="visual", recent_ratio=0.0)
+    assert visual_only.press_kv_row(keys, values, ctx, 2, text_k, text_v, ok, torch.tensor([20]))[2].tolist() == [[0, 1]]
+
+
 def test_composition_runs_and_reports_both_stages(kind, model):
     batch = batches(kind, model)["ragged"]
     k = presses(kind)["fastv"]["keep"]
