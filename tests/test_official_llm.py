@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from conftest import IMAGE_TOKEN, make_batch
-from test_stages import LAYERS, NEW, VISUAL_IDS, deep
+from test_stages import NEW, VISUAL_IDS, deep
 
 import mmpress
 from mmpress.models.lm import decoder_layers

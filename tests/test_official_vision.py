@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import IMAGE_TOKEN, make_batch, tiny_llava
 
 from mmpress.presses import get_press
@@ -284,7 +283,6 @@ def vtc_cls_official(attentions, start_layer, k):
 def test_vtc_cls_matches_official(depth, start_layer):
     """Default start_layer=16 (official ``--layer``) on a 20-block tower sums blocks 16..18; on a
     3-block tower (no block 16) the sum starts at block L-2 = 1, the named fallback."""
-    from transformers import CLIPVisionConfig  # noqa: F401  (the tiny tower is CLIP)
 
     torch.manual_seed(0)
     models = []
