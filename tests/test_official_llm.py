@@ -54,20 +54,23 @@ def rope(q, k, cos, sin):
     return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
 
-def attention_from_last(lm, layer, hidden, positions):
-    """Official ``pdrop_rank_drop`` / FastV's attention map row: softmax attention of the last
-    token over every token at ``layer`` (its input_layernorm, q_proj, k_proj, RoPE at
-    ``positions``), averaged over heads (keys repeated to every query head)."""
+def rotated_qk(lm, layer, hidden, positions):
+    """``layer``'s queries and keys of ``hidden`` (B, L, D): its input_layernorm, q_proj, k_proj,
+    RoPE at ``positions``; keys repeated to every query head. (B, H, L, d) each."""
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
     b, length, _ = x.shape
-    d = attn.head_dim
-    q = attn.q_proj(x).view(b, length, -1, d).transpose(1, 2)
-    k = attn.k_proj(x).view(b, length, -1, d).transpose(1, 2)
-    cos, sin = lm.rotary_emb(x, positions[None])
-    q, k = rope(q, k, cos, sin)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    weights = (q[:, :, -1:] @ k.transpose(2, 3) / math.sqrt(d)).softmax(dim=-1)  # the last row sees every key
+    q = attn.q_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    q, k = rope(q, k, *lm.rotary_emb(x, positions[None]))
+    return q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+
+
+def attention_from_last(lm, layer, hidden, positions):
+    """Official ``pdrop_rank_drop`` / FastV's attention map row: softmax attention of the last
+    token over every token at ``layer`` (``rotated_qk``), averaged over heads."""
+    q, k = rotated_qk(lm, layer, hidden, positions)
+    weights = (q[:, :, -1:] @ k.transpose(2, 3) / math.sqrt(q.shape[-1])).softmax(dim=-1)  # the last row sees every key
     return weights.mean(dim=1)[0, 0]  # (L,)
 
 
@@ -316,14 +319,9 @@ def test_snapkv_default_is_the_official_vote(model):
     positions = torch.arange(length)
     with torch.no_grad():
         for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(seen[i])
-            q = attn.q_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
-            q, k = rope(q, k, *lm.rotary_emb(x, positions[None]))
-            group = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(group, dim=1)
-            logits = q[:, :, -window:] @ k.transpose(2, 3) / math.sqrt(attn.head_dim)
+            q, k = rotated_qk(lm, layer, seen[i], positions)
+            group = q.shape[1] // layer.self_attn.config.num_key_value_heads
+            logits = q[:, :, -window:] @ k.transpose(2, 3) / math.sqrt(q.shape[-1])
             logits[..., -window:] += torch.full((window, window), -torch.inf).triu(1)
             votes = logits.softmax(dim=-1)[..., :-window].sum(dim=-2)  # (1, H, L - window)
             pooled = F.avg_pool1d(votes, kernel_size=5, padding=2, stride=1)
@@ -454,17 +452,13 @@ def test_lookm_default_is_the_official_text_prior_pivot_merge(model):
     expected, keeps = [], set()
     with torch.no_grad():
         for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(seen[i])
-            q = attn.q_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)
-            q, k = rope(q, k, *lm.rotary_emb(x, positions[None]))
-            group = q.shape[1] // k.shape[1]
-            logits = q @ k.repeat_interleave(group, dim=1).transpose(2, 3) / math.sqrt(attn.head_dim)
+            q, k = rotated_qk(lm, layer, seen[i], positions)
+            group = q.shape[1] // layer.self_attn.config.num_key_value_heads
+            logits = q @ k.transpose(2, 3) / math.sqrt(q.shape[-1])
             weights = (logits + torch.full((length, length), -torch.inf).triu(1)).softmax(dim=-1)[0]
             weights = weights.view(-1, group, length, length).mean(dim=1)  # per KV head
             cache = full.layers[i]
-            torch.testing.assert_close(cache.keys[0], k[0])  # the cache holds the rotated keys
+            torch.testing.assert_close(cache.keys[0], k[0, ::group])  # the cache holds the rotated keys
             got = official_lookm(cache.keys[0], cache.values[0], weights, image_start, N_IMAGE)
             keeps.add(int(got[2][0, image_start:image_start + N_IMAGE].sum()))
             expected.append(got)

@@ -295,19 +295,3 @@ def test_evs_matches_vllm_with_exactly_static_places(seed):
         index = get_press("evs", keep=k).press(tokens, ctx)[1]
         for i in range(3):
             assert index[i].tolist() == evs_reference(tokens[i], (t, h, w), k).tolist()
-
-
-@pytest.mark.parametrize("seed", [1, 2, 3])
-@pytest.mark.parametrize("segments, k", [(1, 40), (2, 40), (8, 80)])
-def test_fastvid_matches_official_loop_more_seeds(seed, segments, k):
-    """``fastvid_reference`` (tests/test_video_presses.py) is FastVID's official LLaVA-OneVision
-    loop (DySeg, ATS, density-peak anchors, DTM merge); more videos than its own test."""
-    from test_video_presses import fastvid_reference, segmented_video
-
-    tokens, attn = segmented_video(seed=seed)
-    ctx = VisualContext(grid_thw=(8, 4, 5), cls_attn=attn)
-    out, index = get_press("fastvid", keep=k, segments=segments).press(tokens, ctx)
-    for i in range(2):
-        ref_index, ref_out = fastvid_reference(tokens[i], attn[i], (8, 4, 5), k, c=segments)
-        assert index[i].tolist() == ref_index.tolist()
-        torch.testing.assert_close(out[i], ref_out, rtol=1e-4, atol=1e-5)

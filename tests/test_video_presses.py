@@ -262,9 +262,10 @@ def segmented_video(m=2, t=8, p=20, d=D, seed=0):
     return x.reshape(m, t * p, d), torch.rand(m, t * p, generator=g).softmax(-1)
 
 
-@pytest.mark.parametrize("segments, k", [(1, 40), (1, 64), (2, 40), (3, 40), (8, 40), (8, 80)])
-def test_fastvid_matches_official_loop(segments, k):
-    tokens, attn = segmented_video()
+@pytest.mark.parametrize("segments, k, seed", [(1, 40, 0), (1, 64, 0), (2, 40, 0), (3, 40, 0), (8, 40, 0), (8, 80, 0)]
+                         + [(c, k, seed) for seed in (1, 2, 3) for c, k in ((1, 40), (2, 40), (8, 80))])
+def test_fastvid_matches_official_loop(segments, k, seed):
+    tokens, attn = segmented_video(seed=seed)
     ctx = VisualContext(grid_thw=(8, 4, 5), cls_attn=attn)
     out, index = get_press("fastvid", keep=k, segments=segments).press(tokens, ctx)
     for i in range(2):
