@@ -143,12 +143,14 @@ def _no_model(model_id):
     raise AssertionError("the model loaded before the arguments were checked")
 
 
-def _assert_one_line_error(result, says: str) -> None:
+def _assert_one_line_error(result, says: str) -> str:
+    """A user's mistake as the CLI promises it: exit 2, one line 'error: ...', no traceback."""
     assert result.exit_code == 2, (result.exit_code, result.output)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert says in lines[0] and "Traceback" not in result.output
+    assert says in lines[0] and "Traceback" not in result.output, lines[0]
+    return lines[0]
 
 
 # ---- bench end to end ---------------------------------------------------------------------------

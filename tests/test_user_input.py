@@ -24,23 +24,11 @@ from mmpress.eval.data import load_dataset
 from mmpress.eval.metrics import accuracy, correctness, is_correct
 from mmpress.presses.base import PRESSES, ScorerPress, get_press
 from conftest import samples, tiny_llava, tiny_processor
+from test_cli import _assert_one_line_error as _one_red_line
+from test_cli import _no_model
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _no_model(model_id):
-    raise AssertionError("the model loaded before the arguments were checked")
-
-
-def _one_red_line(result, says: str) -> str:
-    """A user's mistake as the CLI promises it: exit 2, one line 'error: ...', no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert says in lines[0] and "Traceback" not in result.output, lines[0]
-    return lines[0]
 
 
 def _write_set(folder, records: list[dict]) -> str:
