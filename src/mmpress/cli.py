@@ -250,7 +250,7 @@ def bench(
 ):
     """Quality vs cost of presses x budgets on a dataset: accuracy, fidelity, FLOPs, time, memory.
 
-    Default: 4 presses x 2 budgets on 24 easy-vqa questions, about 2 minutes on 2 CPU cores.
+    Default: 4 presses x 2 budgets on 24 easy-vqa questions, about 3 minutes on 2 CPU cores.
     --full: every press x 4 budgets on 200 scenes.
     bench.json is rewritten as each cell finishes; on Ctrl-C the report covers the finished cells."""
     from mmpress.api import ANSWER_HINT
