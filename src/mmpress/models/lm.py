@@ -18,29 +18,28 @@ from torch import Tensor, nn
 from mmpress.ops.sequence import gather_rows
 
 
+def _part(lm: nn.Module, name: str, kind: type, missing: str) -> nn.Module:
+    """``lm.<name>`` if it is a ``kind``, else a ValueError: "<class> has no <missing>"."""
+    part = getattr(lm, name, None)
+    if not isinstance(part, kind):
+        raise ValueError(f"{type(lm).__name__} has no {missing}")
+    return part
+
+
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    layers = getattr(lm, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(lm).__name__} has no decoder `layers`: in-LLM and KV presses need a "
-                         "Llama-style language model")
-    return layers
+    return _part(lm, "layers", nn.ModuleList, "decoder `layers`: in-LLM and KV presses need a Llama-style language "
+                 "model")
 
 
 def final_norm(lm: nn.Module) -> nn.Module:
     """The language model's norm after its last decoder layer (``lm.norm``)."""
-    norm = getattr(lm, "norm", None)
-    if not isinstance(norm, nn.Module):
-        raise ValueError(f"{type(lm).__name__} has no final `norm`: this press needs a Llama-style language model")
-    return norm
+    return _part(lm, "norm", nn.Module, "final `norm`: this press needs a Llama-style language model")
 
 
 def rotary_embedding(lm: nn.Module) -> nn.Module:
     """The language model's rotary embedding (``rotary_emb(x, position_ids) -> (cos, sin)``)."""
-    rotary = getattr(lm, "rotary_emb", None)
-    if not isinstance(rotary, nn.Module):
-        raise ValueError(f"{type(lm).__name__} has no `rotary_emb`: renumbering positions (positions='reindex') "
-                         "needs a Llama-style language model; pass positions='keep'")
-    return rotary
+    return _part(lm, "rotary_emb", nn.Module, "`rotary_emb`: renumbering positions (positions='reindex') needs a "
+                 "Llama-style language model; pass positions='keep'")
 
 
 def queries_keys(layer: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor],
