@@ -253,6 +253,13 @@ class LayerPress(ScorerPress):
         super().__post_init__()
         self._check_layers()
 
+    @staticmethod
+    def _check_positions(positions) -> None:
+        """The values of an in-LLM press's own ``positions`` field (PyramidDrop, SparseVLM)."""
+        if positions not in (None, "reindex", "keep"):
+            raise ValueError("positions must be None (the official numbering where positions are 1-D), 'reindex' "
+                             f"(official: renumbered 0..L'-1) or 'keep' (original ids); got {positions!r}")
+
     def _check_layers(self) -> None:
         layers = self.layers()
         if not layers or any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in layers) \

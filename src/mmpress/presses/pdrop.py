@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 from mmpress.presses.base import LayerPress, register
 
-POSITIONS = (None, "reindex", "keep")
-
 
 @register
 @dataclass
@@ -51,9 +49,7 @@ class PyramidDropPress(LayerPress):
     def __post_init__(self):
         if not 0 < self.ratio <= 1:
             raise ValueError(f"ratio (lambda) must be in (0, 1], e.g. 0.5 (1 keeps every token); got {self.ratio!r}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be None (official numbering where defined), 'reindex' (official: each stage renumbered 0..L'-1) or 'keep' "
-                             f"(original ids); got {self.positions!r}")
+        self._check_positions(self.positions)
         self.stages = tuple(self.stages)
         super().__post_init__()
 

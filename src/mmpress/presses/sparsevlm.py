@@ -72,9 +72,7 @@ class SparseVLMPress(LayerPress):
                 raise ValueError(f"sparsevlm takes keep in {sorted(COUNTS)} (the official settings) or counts=(...) "
                                  f"per layer, e.g. counts=(66, 30, 17) of 576; got keep={self.keep!r}")
             self.counts = COUNTS[self.keep]
-        if self.positions not in (None, "reindex", "keep"):
-            raise ValueError(f"positions must be None (official numbering where defined), 'reindex' (official: renumbered 0..L'-1) or 'keep' (original ids); "
-                             f"got {self.positions!r}")
+        self._check_positions(self.positions)
         self.counts = tuple(self.counts)
         if len(self.counts) != len(self.signal_layers) or any(not isinstance(c, int) or c < 1 for c in self.counts):
             raise ValueError("give one positive count (of 576) per signal layer")
