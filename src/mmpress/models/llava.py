@@ -21,11 +21,10 @@ import torch
 from torch import Tensor
 
 from mmpress.models.base import Adapter, Item, encoded_sources
-from mmpress.models.vision import attention_module, cls_signals, concat_layer, encoder_layers, layer_index, press_layers
+from mmpress.models.vision import (CONCAT, HEADS, attention_module, cls_signals, concat_layer, encoder_layers,
+                                   hook_forms, layer_index, press_layers)
 from mmpress.presses.base import Press, VisualContext
 
-HEADS = {"cls_attn", "vision_keys"}  # head-averaged [CLS] signals
-CONCAT = {"cls_attn_concat", "vision_keys_concat"}  # heads-concatenated [CLS] signals
 
 
 class LlavaAdapter(Adapter):
@@ -68,12 +67,8 @@ class LlavaAdapter(Adapter):
             handles.append(self.vlm.multi_modal_projector.register_forward_pre_hook(self._projector_hook))
         needs = set(press.needs)
         layers = encoder_layers(self.vlm.vision_tower)
-        forms: dict[int, set[str]] = {}  # vision block -> the forms its hook computes
-        if HEADS & needs:
-            for block in {self._block(self._feature_layer()), *map(self._block, self._press_layers(press))}:
-                forms.setdefault(block, set()).add("heads")
-        if CONCAT & needs:
-            forms.setdefault(self._concat_block(press), set()).add("concat")
+        forms = hook_forms(needs, lambda: {self._block(i) for i in (self._feature_layer(), *self._press_layers(press))},
+                           lambda: self._concat_block(press))
         return handles + [attention_module(layers[block]).register_forward_pre_hook(self._vision_hook(block, form),
                                                                                     with_kwargs=True)
                           for block, form in forms.items()]

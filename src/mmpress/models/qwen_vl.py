@@ -63,14 +63,12 @@ from torch import Tensor
 from transformers.vision_utils import get_vision_window_index
 
 from mmpress.models.base import Adapter, Item, encoded_sources
-from mmpress.models.vision import concat_layer, layer_index, press_layers, received_attention
+from mmpress.models.vision import CONCAT, HEADS, concat_layer, hook_forms, layer_index, press_layers, received_attention
 from mmpress.presses.base import Press, VisualContext
 
 # vision block -> per item (scores (n,), keys (n, d)); ("concat", block) -> per item the heads-concatenated
 # (scores (n,), keys (n, C)); "features" -> per item merger input (n, merge**2 * C)
 Signals = dict[int | str | tuple, tuple[list[Tensor], list[Tensor]] | list[Tensor]]
-HEADS = {"cls_attn", "vision_keys"}
-CONCAT = {"cls_attn_concat", "vision_keys_concat"}
 
 
 class QwenVLAdapter(Adapter):
@@ -116,12 +114,9 @@ class QwenVLAdapter(Adapter):
         if (HEADS | CONCAT | {"vision_features"}) & needs:
             handles += [visual.register_forward_pre_hook(self._start_encoding),
                         visual.register_forward_hook(self._record_output)]
-        forms: dict[int, set[str]] = {}  # vision block -> the forms its hook computes
-        if HEADS & needs:
-            for b in {self._feature_block(), *map(self._block, press_layers(press, len(visual.blocks)))}:
-                forms.setdefault(b, set()).add("heads")
-        if CONCAT & needs:
-            forms.setdefault(self._concat_block(press), set()).add("concat")
+        layers = press_layers(press, len(visual.blocks))
+        forms = hook_forms(needs, lambda: {self._feature_block(), *map(self._block, layers)},
+                           lambda: self._concat_block(press))
         handles += [visual.blocks[b].attn.register_forward_pre_hook(self._attention_hook(b, form), with_kwargs=True)
                     for b, form in forms.items()]
         if "vision_features" in needs:

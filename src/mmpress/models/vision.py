@@ -49,6 +49,23 @@ def layer_index(hidden_state_index: int, num_layers: int) -> int:
     return i - 1
 
 
+HEADS = {"cls_attn", "vision_keys"}  # head-averaged [CLS] signals
+CONCAT = {"cls_attn_concat", "vision_keys_concat"}  # heads-concatenated [CLS] signals (official PruMerge)
+
+
+def hook_forms(needs: set[str], heads_blocks, concat_block) -> dict[int, set[str]]:
+    """Vision block -> the [CLS]-signal forms ("heads", "concat") its hook computes for a press
+    needing ``needs``; ``heads_blocks()`` / ``concat_block()`` give the family's blocks of each
+    form, called only when the press needs that form."""
+    forms: dict[int, set[str]] = {}
+    if HEADS & needs:
+        for block in heads_blocks():
+            forms.setdefault(block, set()).add("heads")
+    if CONCAT & needs:
+        forms.setdefault(concat_block(), set()).add("concat")
+    return forms
+
+
 def press_layers(press, num_layers: int) -> tuple[int, ...]:
     """Hidden-state indices of the vision layers whose [CLS] attention ``press`` reads in
     ``cls_attn_layers``, for a tower of ``num_layers`` blocks: ``press.vision_layers_for(num_layers)``
