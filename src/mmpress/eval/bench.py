@@ -280,16 +280,26 @@ def _image_bytes(image) -> list:
     if isinstance(image, Image.Image):
         return [[image.mode, list(image.size)], image.tobytes()]
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().contiguous()
-        return [[str(image.dtype), list(image.shape)], image.reshape(-1).view(torch.uint8).numpy().tobytes()]
+        return [[str(image.dtype), list(image.shape)], _tensor_bytes(image)]
     if isinstance(image, np.ndarray):
         return [[str(image.dtype), list(image.shape)], image.tobytes(order="C")]
     return [repr(image)]  # a path or URL the processor opens: its name is all there is to compare
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's raw bytes (on the host, C order)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
 def _data_hashes(data: list[dict]) -> dict[str, str]:
-    per_image: dict[int, list] = {}  # questions sharing an image object hash its pixels once
-    images = (per_image.setdefault(id(s["image"]), _image_bytes(s["image"])) for s in data)
+    per_image: dict[int, list] = {}  # questions sharing an image object read its pixels once
+
+    def pixels(image) -> list:
+        if id(image) not in per_image:
+            per_image[id(image)] = _image_bytes(image)
+        return per_image[id(image)]
+
+    images = (pixels(s["image"]) for s in data)
     return {"questions": _digest(s["question"] for s in data),
             "answers": _digest([s.get("answer"), s.get("choices")] for s in data),
             "kinds": _digest(s.get("kind") for s in data),
@@ -308,9 +318,8 @@ def _model_hashes(model) -> dict[str, str]:
 
     def weights():
         for name, tensor in tensors.items():
-            tensor = tensor.detach().cpu().contiguous()
             yield [name, str(tensor.dtype), list(tensor.shape)]
-            yield tensor.reshape(-1).view(torch.uint8).numpy().data
+            yield _tensor_bytes(tensor)
 
     described = json.dumps(config, sort_keys=True, default=repr)
     return {"model class": type(model).__name__, "model config": _digest([described]),
