@@ -94,6 +94,8 @@ def markdown(result: dict) -> str:
     lines += ["", "Reading (issue 16's rule: the official sign unless the un-negated one is clearly better, the paired "
               "interval of the difference below 0 on both datasets): the un-negated sign is never measurably better; the official "
               "negated sign is, at 16 tokens on easy-vqa. CDPruner's default stays the official sign."]
+    lines += ["", "Measured with the original position ids (`positions=\"keep\"`, mmpress's default when this ran; "
+              "the official renumbering is the default now: `positions_demo.md`)."]
     lines += ["", "Run time per dataset: " + ", ".join(f"{d} {b['seconds']} s" for d, b in sorted(result["datasets"].items()))
               + " (both signs, both budgets; a shared 2-core CPU)."]
     return "\n".join(lines) + "\n"

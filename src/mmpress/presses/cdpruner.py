@@ -35,7 +35,8 @@ class CDPrunerPress(SelectorPress):
     this press used before issue 16, also OpenVINO GenAI's default for non-CLIP towers) keeps
     completely different tokens. Measured on the demo model (``benchmarks/cdpruner_sign.py``,
     ``benchmarks/results/cdpruner_sign.md``), accuracy negated vs un-negated on the same
-    questions, with the paired 95% bootstrap interval of the difference:
+    questions (the original position ids, the default when it was measured), with the paired 95%
+    bootstrap interval of the difference:
     easy-vqa (n=96) 64/256 tokens 0.88 vs 0.83, +0.04 [-0.01, +0.09]; 16/256 0.49 vs 0.36,
     +0.13 [+0.05, +0.21]; scenes (n=64) 64/256 0.39 vs 0.41, -0.02 [-0.13, +0.08]; 16/256
     0.28 vs 0.25, +0.03 [-0.08, +0.14]. The un-negated sign is never measurably better, the
