@@ -167,6 +167,7 @@ class LlavaNextAdapter(LlavaAdapter):
         self.observed: dict[str, list[Tensor]] = {}  # kind -> encoded features, when tiles come from them
         self.records: list[tuple[dict, Tensor | None, Tensor | None]] = []  # earlier tower calls' signals
         self.projected: Tensor | None = None  # the projector's output of the last tower call
+        self.reading: dict = {}  # the tower call whose signals fill_signals reads now
 
     # ---- where the tokens are ---------------------------------------------------------------
     def visual_items(self, args, kwargs) -> list[Item]:
@@ -250,7 +251,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
         kind, needs = items[0].kind, set(press.needs)
-        self.vision, features, projected = self._call_of(kind)
+        self.reading, features, projected = self._call_of(kind)
         layouts = self._layouts(kind, projected)
         offsets = [0]
         for tiles in layouts:
@@ -280,6 +281,11 @@ class LlavaNextAdapter(LlavaAdapter):
         if CONCAT & needs:
             attn, keys = self._recorded(self._concat_block(press), "concat")
             ctx.cls_attn_concat, ctx.vision_keys_concat = mapped(attn), mapped(keys)
+
+    def _recorded(self, block: int, form: str) -> tuple[Tensor, Tensor]:
+        if form not in self.reading.get(block, {}):
+            raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
+        return self.reading[block][form]
 
     def drops_cls(self) -> bool:
         return self.config.vision_feature_select_strategy == "default" and self.has_cls
