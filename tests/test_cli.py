@@ -329,11 +329,13 @@ def test_bench_cost_table_fits_80_columns():
 
 
 def test_list_shows_video_presses_and_families():
-    from mmpress.models import FAMILY_SIGNALS
+    from mmpress.registry import FAMILIES
 
-    result = runner.invoke(app, ["list"], terminal_width=80)
+    result = runner.invoke(app, ["list"], terminal_width=200)
     assert result.exit_code == 0, result.output
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 4}
     assert "yes" in rows["evs"] and "qwen_vl" in rows["evs"]
     assert "qwen_vl" in rows["visionzip"]  # Qwen-VL towers: attention received, in place of [CLS]
-    assert set(FAMILY_SIGNALS) == {"llava", "qwen_vl"}
+    assert {"llava", "qwen_vl", "qwen3_vl"} <= set(FAMILIES)
+    for name, adapter in FAMILIES.items():  # each family: its classes, under the table
+        assert all(c in result.output for c in adapter.classes), name

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from dataclasses import replace as replaced
 
 import pytest
 import torch
@@ -15,15 +14,22 @@ from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from mmpress.cli import app
-from mmpress.eval.cost import llava_prefill_flops, prefill_flops, qwen_vl_prefill_flops, qwen_vl_vision_flops
-from mmpress.eval.prefill import (QwenShape, Shape, encode_visuals, qwen_prompt_batch, qwen_shaped, run_prefill,
-                                  shaped)
+from mmpress.eval.cost import prefill_flops
+from mmpress.eval.prefill import encode_visuals, run_prefill, shaped
+from mmpress.models import LlavaAdapter, QwenVLAdapter
+from mmpress.models.qwen_vl import vision_flops as qwen_vl_vision_flops
 from mmpress.presses.base import PRESSES, Press
 
 runner = CliRunner()
 # 140 px images: 10 x 10 patches, 5 x 5 tokens, windows of 4 x 4 tokens (edges 4 + 1): ragged windows
-TINY = QwenShape(vision_layers=3, vision_hidden=64, image_size=140, frame_size=112, frames=4, lm_layers=2,
-                 lm_hidden=64, lm_intermediate=128, lm_heads=2, lm_kv_heads=1, vocab=256, text_tokens=9)
+TINY = dict(vision_layers=3, vision_hidden=64, patch_size=14, window_size=112, lm_layers=2, lm_hidden=64, lm_intermediate=128, lm_heads=2, lm_kv_heads=1,
+            vocab=256)
+MEDIA = {"image": (140, 140), "video": (4, 112, 112)}
+
+
+def qwen_vl_prefill_flops(config, grids, seq_len, layer_seq_len=None):
+    inputs = {"input_ids": torch.zeros(1, seq_len, dtype=torch.long), "image_grid_thw": torch.tensor(grids)}
+    return QwenVLAdapter.prefill_flops(config, inputs, seq_len, layer_seq_len)
 TINY_ARGS = ["--lm-layers", "1", "--lm-hidden", "64", "--lm-intermediate", "128", "--lm-heads", "2",
              "--vision-layers", "2", "--vision-hidden", "64", "--image-size", "112", "--frames", "4",
              "--repeats", "1", "--threads", "1"]
@@ -45,9 +51,7 @@ def test_qwen_tower_flops_equal_the_counted_ones(arch, kind):
     """Patch embedding, blocks (full attention per frame; Qwen2.5-VL: windows elsewhere, ragged at
     the edges), merger: exactly what torch counts with eager attention (SDPA's CPU kernel is not
     counted), batch of 2 included."""
-    shape = replaced(TINY, arch=arch)
-    model = qwen_shaped(shape, attn="eager")
-    inputs = qwen_prompt_batch(model, shape, kind=kind, batch=2)
+    model, inputs = shaped(arch, kind=kind, batch=2, media=MEDIA[kind], size="tiny", attn="eager", **TINY)
     flops = prefill_flops(model.config, inputs, inputs["input_ids"].shape[1])
     assert flops.vision + flops.projector == _counted(lambda: encode_visuals(model, inputs))
     # the whole prefill: the LM's causal attention is counted as half a square, eager computes all of it
@@ -55,7 +59,7 @@ def test_qwen_tower_flops_equal_the_counted_ones(arch, kind):
 
 
 def test_qwen_prefill_flops_count_tower_and_lm_and_pressing_lowers_only_the_lm():
-    model = qwen_shaped(TINY)
+    model, _ = shaped("qwen2_5_vl", size="tiny", media=MEDIA["image"], **TINY)
     config = model.config
     grids = [[1, 10, 10]]
     full, pressed = qwen_vl_prefill_flops(config, grids, 40), qwen_vl_prefill_flops(config, grids, 20)
@@ -71,19 +75,20 @@ def test_qwen_prefill_flops_count_tower_and_lm_and_pressing_lowers_only_the_lm()
 
 
 def test_windowed_blocks_cost_less_than_full_attention():
-    windowed = qwen_shaped(replaced(TINY, fullatt_blocks=(2,), image_size=308)).config.vision_config
-    full = qwen_shaped(replaced(TINY, fullatt_blocks=(0, 1, 2), image_size=308)).config.vision_config
+    windowed = QwenVLAdapter.build("tiny", fullatt_blocks=(2,), **TINY)
+    full = QwenVLAdapter.build("tiny", fullatt_blocks=(0, 1, 2), **TINY)
+    windowed, full = windowed.config.vision_config, full.config.vision_config
     grid = [[1, 22, 22]]
     assert qwen_vl_vision_flops(windowed, grid)[0] < qwen_vl_vision_flops(full, grid)[0]
     assert qwen_vl_vision_flops(windowed, grid)[1] == qwen_vl_vision_flops(full, grid)[1]  # same merger
 
 
-def test_prefill_flops_of_llava_are_llava_prefill_flops():
-    shape = Shape(vision_layers=1, vision_hidden=64, image_size=112, lm_layers=1, lm_hidden=64, lm_intermediate=128,
-                  lm_heads=2, lm_kv_heads=1, vocab=256)
-    model, inputs = shaped("llava", shape, batch=3)
+def test_prefill_flops_of_llava_are_the_family_s():
+    model, inputs = shaped("llava", batch=3, size="tiny", media=(112, 112), image_size=112,
+                           **{**TINY, "vision_layers": 1})
     width = inputs["input_ids"].shape[1]
-    assert prefill_flops(model.config, inputs, width) == llava_prefill_flops(model.config, width, batch=3)
+    assert prefill_flops(model.config, inputs, width) == LlavaAdapter.prefill_flops(model.config, inputs, width)
+    assert LlavaAdapter.prefill_flops(model.config, inputs, width).vision > 0
 
 
 # ---- the timed run ------------------------------------------------------------------------------
@@ -99,7 +104,7 @@ class Refuses(Press):
 
 def test_run_prefill_splits_vision_and_skips_a_refusing_press(monkeypatch):
     monkeypatch.setitem(PRESSES, Refuses.name, Refuses)
-    model, inputs = shaped("qwen2_5_vl", TINY, kind="video")
+    model, inputs = shaped("qwen2_5_vl", kind="video", size="tiny", media=MEDIA["video"], **TINY)
     record = run_prefill(model, inputs, ["random", Refuses.name], [8], repeats=1)
     assert [(r["press"], r["keep"]) for r in record["rows"]] == [("none", 32), ("random", 8)]
     assert "signal the model lacks" in record["skipped"][Refuses.name]
@@ -133,10 +138,11 @@ def test_bench_cost_notes_a_press_the_family_refuses(monkeypatch):
 
 
 @pytest.mark.parametrize("args,says", [
-    (["--arch", "qwen9_vl"], "unknown arch 'qwen9_vl'; choose from llava, qwen2_vl, qwen2_5_vl, qwen3_vl"),
-    (["--input", "video"], "takes images only"),
-    (["--arch", "qwen2_5_vl", "--input", "audio"], "expected image or video"),
-    (["--arch", "qwen2_5_vl", "--image-size", "100"], "multiple of 28 px"),
+    (["--arch", "qwen9_vl"], "unknown arch 'qwen9_vl'; choose from llava, "),
+    (["--input", "video"], "the llava shape takes image, not 'video'"),
+    (["--arch", "qwen2_5_vl", "--input", "audio"], "the qwen2_5_vl shape takes image or video, not 'audio'"),
+    (["--arch", "qwen2_5_vl", "--image-size", "100", "--lm-layers", "1", "--vision-layers", "1"],
+     "multiples of 28 px"),
 ])
 def test_bench_cost_family_mistakes_are_one_red_line(args, says):
     result = runner.invoke(app, ["bench-cost", *args])

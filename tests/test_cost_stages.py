@@ -19,13 +19,18 @@ from typer.testing import CliRunner
 
 import mmpress
 from mmpress.cli import app
-from mmpress.eval.cost import (kv_cache_bytes, language_flops, layer_lengths, llava_prefill_flops, prefill_flops,
-                               qwen_vl_prefill_flops, stats_lengths, transformer_flops)
-from mmpress.eval.prefill import QwenShape, Shape, qwen_shaped, run_prefill, shaped
+from mmpress.eval.cost import kv_cache_bytes, language_flops, layer_lengths, prefill_flops, stats_lengths, transformer_flops
+from mmpress.eval.prefill import run_prefill, shaped
+from mmpress.models import LlavaAdapter, QwenVLAdapter
 from mmpress.eval.report import decode_table, prefill_table
 from mmpress.presses.base import PRESSES, KVPress
 from mmpress.presses.pdrop import PyramidDropPress
 from conftest import make_batch, tiny_llava
+
+# a LLaVA of 64 tokens per 112 px image, and its FLOPs as the family counts them
+SMALL_ARGS = dict(size="tiny", media=(112, 112), vision_layers=1, vision_hidden=64, image_size=112, patch_size=14,
+                  lm_layers=4, lm_hidden=64, lm_intermediate=128, lm_heads=2, lm_kv_heads=1, vocab=256)
+llava_flops = LlavaAdapter.prefill_flops
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
@@ -99,19 +104,17 @@ def test_cuts_must_be_ascending_decoder_layers(cuts):
 
 def test_the_prefill_flops_of_both_families_take_the_cuts():
     """LLaVA and Qwen-VL: a cut lowers only the language model, by what language_flops says."""
-    shape = Shape(vision_layers=1, vision_hidden=64, image_size=112, lm_layers=4, lm_hidden=64, lm_intermediate=128,
-                  lm_heads=2, lm_kv_heads=1, vocab=256)
-    model, inputs = shaped("llava", shape, batch=2)
+    model, inputs = shaped("llava", batch=2, **SMALL_ARGS)
     config, width = model.config, inputs["input_ids"].shape[1]
-    full, cut = llava_prefill_flops(config, width, batch=2), llava_prefill_flops(config, width, batch=2,
-                                                                                  layer_seq_len=[(2, 20)])
+    full, cut = llava_flops(config, inputs, width), llava_flops(config, inputs, width, [(2, 20)])
     assert (cut.vision, cut.projector) == (full.vision, full.projector)
     assert cut.language == language_flops(config.text_config, width, 2, [(2, 20)]) < full.language
     assert prefill_flops(config, inputs, width, [(2, 20)]) == cut
     grids = [[1, 10, 10]]
-    qwen = qwen_shaped(QwenShape(vision_layers=1, vision_hidden=64, image_size=140, lm_layers=8, lm_hidden=64,
-                                 lm_intermediate=128, lm_heads=2, lm_kv_heads=1, vocab=256)).config
-    full, cut = qwen_vl_prefill_flops(qwen, grids, 40), qwen_vl_prefill_flops(qwen, grids, 40, layer_seq_len=[(6, 12)])
+    qwen = QwenVLAdapter.build("tiny", vision_layers=1, vision_hidden=64, patch_size=14, lm_layers=8, lm_hidden=64,
+                               lm_intermediate=128, lm_heads=2, lm_kv_heads=1, vocab=256).config
+    one = {"input_ids": torch.zeros(1, 40, dtype=torch.long), "image_grid_thw": torch.tensor(grids)}
+    full, cut = (QwenVLAdapter.prefill_flops(qwen, one, 40, c) for c in (None, [(6, 12)]))
     assert (cut.vision, cut.projector) == (full.vision, full.projector)
     assert cut.language == language_flops(qwen.text_config, 40, 1, [(6, 12)]) < full.language
 
@@ -167,8 +170,6 @@ def test_stats_lengths_of_each_stage():
 
 
 # ---- bench-cost rows ------------------------------------------------------------------------------
-SMALL = Shape(vision_layers=1, vision_hidden=64, image_size=112, lm_layers=4, lm_hidden=64, lm_intermediate=128,
-              lm_heads=2, lm_kv_heads=1, vocab=256)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,7 @@ def stage_rows():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model, inputs = shaped("llava", SMALL, batch=2)
+        model, inputs = shaped("llava", batch=2, **SMALL_ARGS)
         record = run_prefill(model, inputs, ["random", "fastv", TopAttentionKV.name, SmallPDrop.name], [16],
                              repeats=1, split=False, decode_steps=3)
         yield model, inputs, {row["press"]: row for row in record["rows"]}
@@ -198,8 +199,8 @@ def test_an_in_llm_row_has_its_layer_averaged_tokens_and_per_layer_limit(stage_r
     assert fastv["avg_tokens"] == (2 * 64 + 2 * 16) / 4  # 2 of 4 layers see every token
     # the limit: vision + projector + 2 layers at the full length + 2 at the cut width
     width = length - (64 - 16)  # each row drops 48 tokens: the cut width (per row)
-    base = llava_prefill_flops(config, length, batch=batch)
-    cut = llava_prefill_flops(config, length, batch=batch, layer_seq_len=[(2, width)])
+    base = llava_flops(config, inputs, length)
+    cut = llava_flops(config, inputs, length, [(2, width)])
     assert fastv["limit"] == pytest.approx(base.total / cut.total, rel=1e-12)
     assert 1 < fastv["limit"] < pre["limit"]  # dearer than dropping the same tokens before the LM
     assert pre["avg_tokens"] == pre["kept_tokens"] == 16 and pre["layer_kept"] is None
@@ -216,7 +217,7 @@ def test_a_press_cutting_at_several_layers_is_charged_each_run_of_layers(stage_r
     assert pdrop["keep"] is None and pdrop["layer_kept"] == [[1, 32.0], [3, 16.0]] and pdrop["kept_tokens"] == 16
     assert pdrop["avg_tokens"] == (64 + 2 * 32 + 16) / 4
     cuts = [(1, length - 32), (3, length - 48)]
-    base, cut = (llava_prefill_flops(config, length, batch=batch, layer_seq_len=c) for c in (None, cuts))
+    base, cut = (llava_flops(config, inputs, length, c) for c in (None, cuts))
     assert pdrop["limit"] == pytest.approx(base.total / cut.total, rel=1e-12)
     assert pdrop["kv_bytes"] == kv_cache_bytes(config.text_config, length, batch, layer_seq_len=cuts)
 
@@ -246,7 +247,7 @@ class OfficialBudgetsOnly(TopAttentionKV):
 
 def test_a_budget_a_press_refuses_is_skipped_with_its_reason(monkeypatch):
     monkeypatch.setitem(PRESSES, OfficialBudgetsOnly.name, OfficialBudgetsOnly)
-    model, inputs = shaped("llava", SMALL)
+    model, inputs = shaped("llava", **SMALL_ARGS)
     record = run_prefill(model, inputs, [OfficialBudgetsOnly.name], [32, 16], repeats=1, split=False)
     assert [(row["press"], row["keep"]) for row in record["rows"]] == [("none", 64), (OfficialBudgetsOnly.name, 32)]
     assert record["skipped"] == {f"{OfficialBudgetsOnly.name} keep=16": "takes keep=32 only, got keep=16"}
@@ -255,7 +256,7 @@ def test_a_budget_a_press_refuses_is_skipped_with_its_reason(monkeypatch):
 
 
 def test_decode_steps_must_leave_a_step_after_the_prefill():
-    model, inputs = shaped("llava", SMALL)
+    model, inputs = shaped("llava", **SMALL_ARGS)
     with pytest.raises(ValueError, match="decode_steps must be 0 or an int >= 2"):
         run_prefill(model, inputs, ["random"], [16], repeats=1, decode_steps=1)
 

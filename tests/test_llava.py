@@ -186,7 +186,7 @@ def test_unsupported_model_names_supported_families():
 
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2))
-    with pytest.raises(ValueError, match="llava"):
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration, .*Qwen2VLForConditionalGeneration"):
         with NormPress(keep=4)(lm):
             pass
 

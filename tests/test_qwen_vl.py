@@ -344,10 +344,10 @@ def test_cls_substitute_equals_eager_attention_received(kind, monkeypatch):
 
 
 def test_cls_presses_are_listed_for_qwen_vl():
-    from mmpress.models import FAMILY_NOTES, FAMILY_SIGNALS
+    from mmpress.models import QwenVLAdapter
 
-    assert all(set(mmpress.PRESSES[name].needs) <= FAMILY_SIGNALS["qwen_vl"] for name in CLS_PRESSES)
-    assert "receives" in FAMILY_NOTES["qwen_vl"]
+    assert all(QwenVLAdapter.runs(mmpress.PRESSES[name]) for name in CLS_PRESSES)
+    assert "receives" in QwenVLAdapter.notes
 
 
 # one image per row: transformers 5.18 repeats pre-encoded items per item, not per row, for beams,

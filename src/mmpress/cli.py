@@ -125,7 +125,7 @@ def _check_out(out: Path) -> None:
 def list_cmd():
     """Table of presses: name, stage, signals it needs, video-aware, model families it runs on;
     under it, per family, what its signals are (e.g. Qwen-VL's substitute for [CLS] attention)."""
-    from mmpress.models import FAMILY_NOTES, FAMILY_SIGNALS
+    from mmpress.registry import FAMILIES
 
     table = Table(title="mmpress presses")
     wide = console.width >= 120  # the paper column only where it fits on one line
@@ -133,12 +133,14 @@ def list_cmd():
         table.add_column(col, overflow="fold")
     for name in list_presses():
         cls = PRESSES[name]
-        families = [f for f, signals in FAMILY_SIGNALS.items() if set(cls.needs) <= signals]
+        families = [f for f, adapter in FAMILIES.items() if adapter.runs(cls)]
         table.add_row(name, cls.stage, " ".join(cls.needs) or "-", "yes" if cls.video else "-",
                       " ".join(families) or "-", *([cls.paper or "-"] if wide else []))
     console.print(table)
-    for family, note in FAMILY_NOTES.items():
-        console.print(f"[bold]{family}[/bold]: {note}", highlight=False)
+    for name, adapter in FAMILIES.items():
+        classes = ", ".join(adapter.classes)
+        console.print(f"[bold]{name}[/bold] ({classes}){': ' + adapter.notes if adapter.notes else ''}",
+                      highlight=False)
 
 
 @app.command()
@@ -156,7 +158,7 @@ def run(
     import torch
 
     from mmpress.api import ask, encode
-    from mmpress.eval.cost import llava_prefill_flops, stats_lengths, time_call
+    from mmpress.eval.cost import prefill_flops, stats_lengths, time_call
     from mmpress.eval.data import read_image
 
     if not question.strip():
@@ -178,8 +180,8 @@ def run(
         seconds = time_call(prefill, repeats=3)
     stats = pressor.stats
     seq_len, cuts = stats_lengths(stats)  # in-LLM presses: each layer at its own length
-    flops = llava_prefill_flops(vlm.config, seq_len, layer_seq_len=cuts).total
-    base_flops = llava_prefill_flops(vlm.config, stats["seq_len"]).total
+    flops = prefill_flops(vlm.config, inputs, seq_len, layer_seq_len=cuts).total
+    base_flops = prefill_flops(vlm.config, inputs, stats["seq_len"]).total
     record = {
         "answer": answer,
         "press": press,
@@ -326,19 +328,22 @@ def bench_cost(
                                           show_default=False),
     keeps: Optional[str] = typer.Option(None, help=_grid_help(COST_GRIDS, "keeps", "comma-separated budgets "
                                                               "(visual tokens per image)"), show_default=False),
-    arch: str = typer.Option("llava", help="model family of the random model: llava, qwen2_vl, qwen2_5_vl or qwen3_vl"),
-    input_kind: str = typer.Option("image", "--input", help="image, or video (qwen2_vl, qwen2_5_vl, qwen3_vl)"),
+    arch: str = typer.Option("llava", help="model type of the random model (a transformers model_type: mmpress list "
+                             "shows the families)"),
+    input_kind: str = typer.Option("image", "--input", help="image, or video (families that take video)"),
     batch: int = typer.Option(1, min=1, help="batch size (rows get ragged prompt lengths)"),
     repeats: int = typer.Option(3, min=1, help="timed repeats per cell (median)"),
     lm_layers: int = typer.Option(12), lm_hidden: int = typer.Option(896), lm_intermediate: int = typer.Option(4864),
     lm_heads: int = typer.Option(14),
-    vision_layers: Optional[int] = typer.Option(None, min=1, help="default: 6 (llava), 8 (qwen)", show_default=False),
-    vision_hidden: Optional[int] = typer.Option(None, min=1, help="default: 384 (llava), 640 (qwen)",
+    vision_layers: Optional[int] = typer.Option(None, min=1, help="default: the family's (llava 6, qwen 8)",
                                                 show_default=False),
-    image_size: Optional[int] = typer.Option(None, min=1, help="image (or video frame) side in pixels; default: 336 "
-                                             "(llava), 896 (qwen image: 1024 tokens), 448 (qwen video: 256 tokens a "
-                                             "step)", show_default=False),
-    frames: int = typer.Option(16, min=1, help="video frames (two per temporal step)"),
+    vision_hidden: Optional[int] = typer.Option(None, min=1, help="default: the family's (llava 384, qwen 640)",
+                                                show_default=False),
+    image_size: Optional[int] = typer.Option(None, min=1, help="image (or video frame) side in pixels; default: the "
+                                             "family's released size (llava 336, qwen image 896: 1024 tokens, video "
+                                             "frames 448: 256 tokens a step)", show_default=False),
+    frames: Optional[int] = typer.Option(None, min=1, help="video frames (default: the family's, 16)",
+                                         show_default=False),
     decode_steps: Optional[int] = typer.Option(None, min=0, help="greedy decode steps timed after each prefill "
                                                "(KV cache, decode tokens/s); default: 8 when a KV press runs, else "
                                                "0 (none)", show_default=False),
@@ -356,15 +361,15 @@ def bench_cost(
     import torch
     from rich.progress import Progress
 
-    from mmpress.eval.prefill import ARCHS, QwenShape, Shape, run_prefill, shaped
+    from mmpress.eval.prefill import archs, run_prefill, shaped
     from mmpress.eval.report import decode_table, prefill_table
+    from mmpress.registry import ADAPTERS
 
-    if arch not in ARCHS:
-        raise typer.BadParameter(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}", param_hint="--arch")
-    if input_kind not in ("image", "video"):
-        raise typer.BadParameter(f"expected image or video, got {input_kind!r}", param_hint="--input")
-    if arch == "llava" and input_kind == "video":
-        raise typer.BadParameter("the LLaVA-1.5 shape takes images only; video: --arch qwen2_5_vl or qwen2_vl",
+    if arch not in archs():
+        raise typer.BadParameter(f"unknown arch {arch!r}; choose from {', '.join(archs())}", param_hint="--arch")
+    media = ADAPTERS[arch].bench_media
+    if input_kind not in media:
+        raise typer.BadParameter(f"the {arch} shape takes {' or '.join(media)}, not {input_kind!r}",
                                  param_hint="--input")
     settings = grid(COST_GRIDS, full, presses=presses, keeps=keeps)
     # the unpressed model is always timed
@@ -377,26 +382,25 @@ def bench_cost(
                                  param_hint="--decode-steps")
     if threads:
         torch.set_num_threads(threads)
-    lm = dict(lm_layers=lm_layers, lm_hidden=lm_hidden, lm_intermediate=lm_intermediate, lm_heads=lm_heads,
-              lm_kv_heads=max(1, lm_heads // 7))
-    given = {k: v for k, v in (("vision_layers", vision_layers), ("vision_hidden", vision_hidden)) if v is not None}
-    if arch == "llava":
-        shape = Shape(**given, **lm, image_size=image_size or 336)
-    else:
-        side = "image_size" if input_kind == "image" else "frame_size"
-        shape = QwenShape(arch=arch, **given, **lm, frames=frames,
-                          **({side: image_size} if image_size else {}))
-        if (image_size or 28) % (shape.patch_size * shape.merge):
-            raise typer.BadParameter(f"a Qwen-VL {input_kind} side must be a multiple of "
-                                     f"{shape.patch_size * shape.merge} px, got {image_size}",
-                                     param_hint="--image-size")
-    model, inputs = shaped(arch, shape, kind=input_kind, batch=batch)
+    sizes = dict(lm_layers=lm_layers, lm_hidden=lm_hidden, lm_intermediate=lm_intermediate, lm_heads=lm_heads,
+                 lm_kv_heads=max(1, lm_heads // 7))
+    sizes |= {k: v for k, v in (("vision_layers", vision_layers), ("vision_hidden", vision_hidden)) if v is not None}
+    medium = list(media[input_kind])
+    if image_size:
+        medium[-2:] = image_size, image_size
+        sizes["image_size"] = image_size  # families that resize to one resolution build their tower at it
+    if frames and len(medium) == 3:
+        medium[0] = frames
+    try:
+        model, inputs = shaped(arch, kind=input_kind, batch=batch, media=tuple(medium), **sizes)
+    except ValueError as e:  # e.g. a side the family's patching does not divide
+        raise typer.BadParameter(str(e), param_hint="--image-size") from None
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"timing rounds ({len(names)} presses)", total=repeats + 1)
         record = run_prefill(model, inputs, names, budgets, repeats=repeats, progress=lambda: progress.advance(task),
                              decode_steps=decode_steps)
     rows = record["rows"]
-    what = f"{input_kind} tokens" if arch == "llava" else f"{input_kind} tokens, {arch}"
+    what = f"{input_kind} tokens, {arch}"
     setting = f"batch {batch}, {rows[0]['keep']} {what}, {torch.get_num_threads()} threads"
     console.print(prefill_table(rows, title=f"prefill, {setting}"))
     console.print(_split_line(record), highlight=False, soft_wrap=True)

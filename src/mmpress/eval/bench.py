@@ -47,7 +47,6 @@ from mmpress.presses.base import PRESSES, Press, get_press
 
 BASELINE = "none"
 STAGES = ("vision", "projector", "language", "total")
-FLOPS_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # model types eval/cost.py counts
 
 
 @dataclass
@@ -417,11 +416,12 @@ def _unpressed_stats(model, inputs: dict) -> dict:
 
 def _flops(config, inputs: dict, stats: dict):
     """Analytical prefill FLOPs of one batch on its actual (pressed, padded) lengths, each decoder
-    layer at its own; None for a model family the cost model does not cover."""
-    if getattr(config, "model_type", None) not in FLOPS_FAMILIES:
-        return None
+    layer at its own; None for a family that does not count its FLOPs."""
     seq_len, layer_seq_len = stats_lengths(stats)
-    return prefill_flops(config, inputs, seq_len, layer_seq_len=layer_seq_len)
+    try:
+        return prefill_flops(config, inputs, seq_len, layer_seq_len=layer_seq_len)
+    except NotImplementedError:
+        return None
 
 
 def _time_prefill(model, inputs: dict, base_stats: dict, cell: _Cell, repeats: int) -> dict:

@@ -18,59 +18,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
-from itertools import groupby
 from typing import Callable
 
 import torch
 
-
-def _get(cfg, *names, default=None):
-    for name in names:
-        value = getattr(cfg, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-def transformer_flops(cfg, seq_len: int, batch: int = 1, causal: bool = False, layers: int | None = None) -> float:
-    """Forward FLOPs of a stack of ``layers`` (default: all of ``cfg``'s) transformer blocks over
-    ``seq_len`` tokens (queries and keys)."""
-    hidden = cfg.hidden_size
-    heads = cfg.num_attention_heads
-    head_dim = _get(cfg, "head_dim", default=hidden // heads)
-    kv_heads = _get(cfg, "num_key_value_heads", default=heads)
-    inter = _get(cfg, "intermediate_size", default=None) or int(hidden * _get(cfg, "mlp_ratio", default=4))
-    # decoder LMs with grouped KV heads (Llama, Qwen2, Mistral, SmolLM) use gated (3-matrix) MLPs;
-    # ViT towers (CLIP, SigLIP, DINOv2) use plain 2-matrix MLPs
-    mlp = (3 if hasattr(cfg, "num_key_value_heads") else 2) * hidden * inter
-    proj = hidden * head_dim * (2 * heads + 2 * kv_heads)  # q, o and k, v
-    attn = 2 * heads * head_dim * seq_len * (seq_len + 1) / 2 if causal else 2 * heads * head_dim * seq_len**2
-    layers = cfg.num_hidden_layers if layers is None else layers
-    return 2.0 * batch * layers * (seq_len * (proj + mlp) + attn)
-
-
-def layer_lengths(n_layers: int, seq_len: int, layer_seq_len=None) -> list[int]:
-    """The sequence width each of ``n_layers`` decoder layers runs on: ``seq_len``, and from each
-    ``(layer, width)`` of ``layer_seq_len`` on, that width (ValueError if a layer is out of range
-    or the cuts are not ascending)."""
-    lengths, last = [seq_len] * n_layers, -1
-    for layer, width in layer_seq_len or ():
-        if not last < layer < n_layers:
-            raise ValueError(f"layer_seq_len {list(layer_seq_len)}: cuts must be at ascending layers in "
-                             f"0..{n_layers - 1}")
-        lengths[layer:], last = [width] * (n_layers - layer), layer
-    return lengths
-
-
-def language_flops(text_cfg, seq_len: int, batch: int = 1, layer_seq_len=None) -> float:
-    """Prefill FLOPs of a decoder LM (causal) over ``seq_len`` tokens per row, each layer at its
-    own width (``layer_seq_len``: ``[(layer, width), ...]``, the widths from those layers on), and
-    the LM head on the last token."""
-    runs = groupby(layer_lengths(text_cfg.num_hidden_layers, seq_len, layer_seq_len))
-    flops = sum(transformer_flops(text_cfg, width, batch=batch, causal=True, layers=len(list(run)))
-                for width, run in runs)
-    return flops + 2.0 * batch * text_cfg.hidden_size * text_cfg.vocab_size  # lm_head, last token only
+from mmpress.flops import PrefillFlops, _get, language_flops, layer_lengths, transformer_flops  # noqa: F401
+from mmpress.registry import family_of
 
 
 def stats_lengths(stats: dict, cache: bool = False) -> tuple[int, list | None]:
@@ -81,84 +34,11 @@ def stats_lengths(stats: dict, cache: bool = False) -> tuple[int, list | None]:
     return stats.get("pressed_seq_len", stats.get("seq_len")), stats.get("layer_seq_len") or None
 
 
-@dataclass
-class PrefillFlops:
-    vision: float
-    projector: float
-    language: float
-
-    @property
-    def total(self) -> float:
-        return self.vision + self.projector + self.language
-
-
-def llava_prefill_flops(config, seq_len: int, num_images: int = 1, batch: int = 1,
-                        layer_seq_len=None) -> PrefillFlops:
-    """FLOPs of one LLaVA prefill: ``num_images`` per row, ``seq_len`` LM tokens per row (from
-    each ``(layer, width)`` of ``layer_seq_len`` on, ``width``: :func:`language_flops`)."""
-    vision_cfg, text_cfg = config.vision_config, config.text_config
-    patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
-    vision = transformer_flops(vision_cfg, patches + 1, batch=batch * num_images)
-    n_visual = patches if config.vision_feature_select_strategy == "default" else patches + 1
-    projector = 2.0 * batch * num_images * n_visual * (
-        vision_cfg.hidden_size * text_cfg.hidden_size + text_cfg.hidden_size**2
-    )
-    return PrefillFlops(vision, projector, language_flops(text_cfg, seq_len, batch, layer_seq_len))
-
-
-def qwen_vl_vision_flops(vision_cfg, grids_thw: list[list[int]]) -> tuple[float, float]:
-    """FLOPs of a Qwen2-VL / Qwen2.5-VL vision tower over images / videos of ``grids_thw`` (t, h, w)
-    patches: (tower, merger). Attention runs per temporal step (each of the t frames of a video is
-    its own sequence); in Qwen2.5-VL only ``fullatt_block_indexes`` attend over a whole frame, the
-    other blocks within windows of ``window_size`` pixels (``get_vision_window_index``)."""
-    merge, patch = vision_cfg.spatial_merge_size, vision_cfg.patch_size
-    qwen2_5 = hasattr(vision_cfg, "fullatt_block_indexes")
-    qwen3 = hasattr(vision_cfg, "deepstack_visual_indexes")  # full attention, plain MLP, extra mergers
-    width = vision_cfg.embed_dim if not (qwen2_5 or qwen3) else vision_cfg.hidden_size
-    out = vision_cfg.out_hidden_size if qwen2_5 or qwen3 else vision_cfg.hidden_size
-    inter = vision_cfg.intermediate_size if qwen2_5 or qwen3 else int(width * vision_cfg.mlp_ratio)
-    depth = vision_cfg.depth
-    full = {i % depth for i in vision_cfg.fullatt_block_indexes} if qwen2_5 else set(range(depth))
-    side = max(1, vision_cfg.window_size // merge // patch) if qwen2_5 else 0  # window side, in merged tokens
-    patches = sum(t * h * w for t, h, w in grids_thw)
-    frame_sq = window_sq = 0.0  # sum of squared attention lengths, per block kind
-    for t, h, w in grids_thw:
-        frame_sq += t * (h * w) ** 2
-        if qwen2_5:
-            rows = [min(side, h // merge - i) for i in range(0, h // merge, side)]
-            cols = [min(side, w // merge - j) for j in range(0, w // merge, side)]
-            window_sq += t * sum((r * c * merge**2) ** 2 for r in rows for c in cols)
-    embed = 2.0 * patches * vision_cfg.in_channels * vision_cfg.temporal_patch_size * patch**2 * width
-    per_token = 4 * width**2 + (3 if qwen2_5 else 2) * width * inter  # qkv + proj, MLP (gated in 2.5)
-    attn = 4.0 * width * (len(full) * frame_sq + (depth - len(full)) * window_sq)  # scores + values
-    tower = embed + 2.0 * depth * patches * per_token + attn
-    merged = patches / merge**2
-    mergers = 1 + (len(vision_cfg.deepstack_visual_indexes) if qwen3 else 0)  # Qwen3-VL: one per DeepStack layer
-    merger = 2.0 * mergers * merged * ((merge**2 * width) ** 2 + merge**2 * width * out)
-    return tower, merger
-
-
-def qwen_vl_prefill_flops(config, grids_thw: list[list[int]], seq_len: int, batch: int = 1,
-                          layer_seq_len=None) -> PrefillFlops:
-    """FLOPs of one Qwen-VL prefill: the tower over every image and video of the batch
-    (``grids_thw``, all rows together), the merger as the projector, and ``batch`` rows of
-    ``seq_len`` LM tokens (``layer_seq_len``: :func:`language_flops`). A press after the tower
-    lowers only the language-model part."""
-    tower, merger = qwen_vl_vision_flops(config.vision_config, grids_thw) if grids_thw else (0.0, 0.0)
-    return PrefillFlops(tower, merger, language_flops(config.text_config, seq_len, batch, layer_seq_len))
-
-
 def prefill_flops(config, inputs: dict, seq_len: int, layer_seq_len=None) -> PrefillFlops:
     """FLOPs of the prefill of ``inputs`` (a batch as the model takes it) with ``seq_len`` LM
-    tokens per row (``layer_seq_len``: :func:`language_flops`): Qwen-VL models (a
-    ``spatial_merge_size`` tower) or LLaVA."""
-    batch = inputs["input_ids"].shape[0]
-    if hasattr(config.vision_config, "spatial_merge_size"):
-        grids = [g for key in ("image_grid_thw", "video_grid_thw") if inputs.get(key) is not None
-                 for g in inputs[key].tolist()]
-        return qwen_vl_prefill_flops(config, grids, seq_len, batch=batch, layer_seq_len=layer_seq_len)
-    images = inputs["pixel_values"].shape[0] / batch if inputs.get("pixel_values") is not None else 0
-    return llava_prefill_flops(config, seq_len, num_images=images, batch=batch, layer_seq_len=layer_seq_len)
+    tokens per row (``layer_seq_len``: :func:`~mmpress.flops.language_flops`), as the model's
+    family counts them (``Adapter.prefill_flops``)."""
+    return family_of(config).prefill_flops(config, inputs, seq_len, layer_seq_len)
 
 
 def kv_cache_bytes(text_cfg, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.float32,

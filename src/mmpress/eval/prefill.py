@@ -1,234 +1,55 @@
 """Prefill speed of every press on real-sized random models of a family's shape.
 
 Compute cost does not depend on the weights, so a random model of the real shape times the
-same as the trained one. The LLaVA shape is the peer baseline's (shared/MEASURED.md): a CLIP
-tower of 6 layers x 384 at 336 px (24 x 24 = 576 patches) and a Qwen2 language model of 12
-layers x 896, with 576 image + ~33 text tokens, so figures compare like for like. The Qwen-VL
-shape scales Qwen2.5-VL-7B down the same way (:class:`QwenShape`): a windowed vision tower of
-8 x 640 and the same 12 x 896 language model with M-RoPE, fed an image of 1024 tokens or a video
-of 16 frames (8 temporal steps x 256 tokens).
+same as the trained one. Each family file gives its "real" CPU shape (``Adapter.build("real")``,
+``Adapter.prompts``, ``Adapter.bench_media``): the released model's tower, resolution and token
+count, and a language model every family shares (a Qwen2 of 12 x 896, the peer baseline's:
+shared/MEASURED.md), so figures compare like for like.
 """
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
-from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
 from mmpress.eval.cost import decode_seconds, prefill_flops, prompt_cache_bytes, stats_lengths, time_call
 from mmpress.presses.base import PRESSES, get_press
-
-IMAGE_TOKEN = 3
-VIDEO_TOKEN, VISION_START, VISION_END = 4, 5, 6
-ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+from mmpress.registry import ADAPTERS, family_of, get_adapter
 
 
-@dataclass
-class LMShape:
-    """The language model both families' CPU shapes share: a Qwen2 of 12 x 896, and the prompt's
-    text tokens."""
-
-    lm_layers: int = 12
-    lm_hidden: int = 896
-    lm_intermediate: int = 4864
-    lm_heads: int = 14
-    lm_kv_heads: int = 2
-    vocab: int = 32000
-    text_tokens: int = 33
+def archs() -> list[str]:
+    """The model types a random model can be built of (``bench-cost --arch``)."""
+    return sorted(t for t, cls in ADAPTERS.items() if cls.bench_media)
 
 
-@dataclass
-class Shape(LMShape):
-    vision_layers: int = 6
-    vision_hidden: int = 384
-    image_size: int = 336
-    patch_size: int = 14
+def shaped(arch: str, kind: str = "image", batch: int = 1, seed: int = 0, size: str = "real",
+           media: tuple[int, ...] | None = None, **overrides):
+    """(model, inputs) of ``arch`` (a transformers model type, :func:`archs`) at ``size``: ``batch``
+    rows of ragged text, each with one medium of ``kind`` of the family's bench size (``media``:
+    another, e.g. (h, w) px or (frames, h, w)); ``overrides`` change the model's config sizes."""
+    cls = ADAPTERS.get(arch)
+    if cls is None or not cls.bench_media:
+        raise ValueError(f"unknown arch {arch!r}: {', '.join(archs())}")
+    if kind not in cls.bench_media:
+        raise ValueError(f"the {arch} shape takes {' or '.join(cls.bench_media)}, not {kind!r}")
+    model = cls.build(size, seed=seed, model_type=arch, **overrides)
+    medium = tuple(media or cls.bench_media[kind])
+    return model, cls.prompts(model, [[medium]] * batch, kind=kind, seed=seed)
 
 
-def llava_shaped(shape: Shape = Shape(), seed: int = 0, attn: str = "sdpa") -> LlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
-                              num_hidden_layers=shape.vision_layers, num_attention_heads=max(1, shape.vision_hidden // 64),
-                              image_size=shape.image_size, patch_size=shape.patch_size)
-    text = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.lm_hidden, intermediate_size=shape.lm_intermediate,
-                       num_hidden_layers=shape.lm_layers, num_attention_heads=shape.lm_heads,
-                       num_key_value_heads=shape.lm_kv_heads, max_position_embeddings=4096, pad_token_id=0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
-    config._attn_implementation = attn
-    return LlavaForConditionalGeneration(config).eval()
-
-
-def prompt_batch(shape: Shape, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """``batch`` left-padded prompts: a few system tokens, the image, a question of ragged length."""
-    g = torch.Generator().manual_seed(seed)
-    n_img = (shape.image_size // shape.patch_size) ** 2
-    lengths = [shape.text_tokens - 4 * (i % 4) for i in range(batch)]  # ragged: 33, 29, 25, 21, ...
-    width = n_img + max(lengths)
-    ids = torch.zeros(batch, width, dtype=torch.long)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    for i, length in enumerate(lengths):
-        text = torch.randint(10, shape.vocab, (length,), generator=g)
-        row = torch.cat([text[:5], torch.full((n_img,), IMAGE_TOKEN), text[5:]])
-        ids[i, width - row.numel():], mask[i, width - row.numel():] = row, 1
-    pixels = torch.randn(batch, 3, shape.image_size, shape.image_size, generator=g)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
-
-
-@dataclass
-class QwenShape(LMShape):
-    """Qwen2.5-VL-7B (vision 32 x 1280, windows of 112 px, full attention in every 8th block;
-    LM 28 x 3584) scaled for a CPU as :class:`Shape` scales LLaVA: vision 8 x 640 with full
-    attention in blocks 3 and 7, LM 12 x 896. ``arch="qwen2_vl"`` gives Qwen2-VL's tower instead
-    (full attention everywhere, plain MLP of ``4 x vision_hidden``). An image of ``image_size`` px
-    is (image_size / 14)^2 patches, a quarter as many tokens (896 px: 1024); a video has
-    ``frames`` frames of ``frame_size`` px, two frames per temporal step (16 x 448 px: 8 x 256)."""
-
-    arch: str = "qwen2_5_vl"
-    vision_layers: int = 8
-    vision_hidden: int = 640
-    vision_intermediate: int | None = None  # None: 1710 / 1280 of the width, as in 7B
-    fullatt_blocks: tuple[int, ...] | None = None  # None: every 4th block, the last one included
-    window_size: int = 112
-    image_size: int = 896
-    frame_size: int = 448
-    frames: int = 16
-    patch_size: int = 14
-    merge: int = 2
-    temporal_patch: int = 2
-    extra: dict = field(default_factory=dict)  # other config fields, e.g. for tests
-
-    def grid(self, kind: str) -> tuple[int, int, int]:
-        """(t, h, w) patches of one image or video."""
-        side = (self.image_size if kind == "image" else self.frame_size) // self.patch_size
-        t = 1 if kind == "image" else -(-self.frames // self.temporal_patch)
-        return t, side, side
-
-
-def qwen_shaped(shape: QwenShape = QwenShape(), seed: int = 0, attn: str = "sdpa"):
-    """A random Qwen2-VL / Qwen2.5-VL model of ``shape``."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration)
-
-    torch.manual_seed(seed)
-    half = shape.lm_hidden // shape.lm_heads // 2  # M-RoPE splits the rotary half of a head as 7B does
-    mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-    text = dict(vocab_size=shape.vocab, hidden_size=shape.lm_hidden, intermediate_size=shape.lm_intermediate,
-                num_hidden_layers=shape.lm_layers, num_attention_heads=shape.lm_heads,
-                num_key_value_heads=shape.lm_kv_heads, max_position_embeddings=32768,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                rope_scaling={"type": "mrope", "mrope_section": mrope})
-    vision = dict(depth=shape.vision_layers, num_heads=max(1, shape.vision_hidden // 64), patch_size=shape.patch_size,
-                  spatial_merge_size=shape.merge, temporal_patch_size=shape.temporal_patch, in_channels=3)
-    tokens = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-                  vision_end_token_id=VISION_END)
-    if shape.arch == "qwen2_5_vl":
-        depth = shape.vision_layers
-        full = shape.fullatt_blocks or tuple(range(min(3, depth - 1), depth, 4))
-        inter = shape.vision_intermediate or round(shape.vision_hidden * 1710 / 1280)
-        config = Qwen2_5_VLConfig(vision_config=dict(hidden_size=shape.vision_hidden, intermediate_size=inter,
-                                                     out_hidden_size=shape.lm_hidden, window_size=shape.window_size,
-                                                     fullatt_block_indexes=list(full), **vision),
-                                  text_config=text, **tokens, **shape.extra)
-        cls = Qwen2_5_VLForConditionalGeneration
-    elif shape.arch == "qwen2_vl":
-        config = Qwen2VLConfig(vision_config=dict(embed_dim=shape.vision_hidden, hidden_size=shape.lm_hidden,
-                                                  mlp_ratio=4, **vision),
-                               text_config=text, **tokens, **shape.extra)
-        cls = Qwen2VLForConditionalGeneration
-    elif shape.arch == "qwen3_vl":  # full attention, DeepStack features from 3 blocks, interleaved M-RoPE
-        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-        depth = shape.vision_layers
-        inter = shape.vision_intermediate or shape.vision_hidden * 4
-        text["head_dim"] = shape.lm_hidden // shape.lm_heads
-        text["rope_scaling"] = {"rope_type": "default", "mrope_section": mrope, "mrope_interleaved": True}
-        config = Qwen3VLConfig(vision_config=dict(hidden_size=shape.vision_hidden, intermediate_size=inter,
-                                                  out_hidden_size=shape.lm_hidden, num_position_embeddings=2304,
-                                                  deepstack_visual_indexes=[depth // 4, depth // 2, 3 * depth // 4],
-                                                  **vision),
-                               text_config=text, **tokens, **shape.extra)
-        cls = Qwen3VLForConditionalGeneration
-    else:
-        raise ValueError(f"unknown Qwen-VL arch {shape.arch!r}: qwen2_vl, qwen2_5_vl or qwen3_vl")
-    config._attn_implementation = attn
-    return cls(config).eval()
-
-
-def qwen_prompt_batch(model, shape: QwenShape, kind: str = "image", batch: int = 1, seed: int = 0) -> dict:
-    """``batch`` left-padded prompts as the Qwen-VL processor lays them out: a few system tokens,
-    vision-start, the image's (or video's) tokens, vision-end, a question of ragged length; the
-    pixels as flattened patches with their ``{kind}_grid_thw``."""
-    if kind not in ("image", "video"):
-        raise ValueError(f"unknown input {kind!r}: image or video")
-    g = torch.Generator().manual_seed(seed)
-    t, h, w = shape.grid(kind)
-    token = IMAGE_TOKEN if kind == "image" else VIDEO_TOKEN
-    n_vis = t * h * w // shape.merge**2
-    # Qwen3-VL lays a video out frame by frame: a timestamp token, then the frame between
-    # vision-start/end (its processor writes "<t seconds>"; one text token stands for it here)
-    steps = t if kind == "video" and shape.arch == "qwen3_vl" else 1
-    lengths = [shape.text_tokens - 4 * (i % 4) for i in range(batch)]
-    width = n_vis + (3 if steps > 1 else 2) * steps + max(lengths)
-    ids = torch.zeros(batch, width, dtype=torch.long)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    for i, length in enumerate(lengths):
-        text = torch.randint(10, shape.vocab, (length,), generator=g)
-        frame = [torch.tensor([VISION_START]), torch.full((n_vis // steps,), token), torch.tensor([VISION_END])]
-        visual = frame if steps == 1 else [x for _ in range(steps) for x in (torch.tensor([11]), *frame)]
-        row = torch.cat([text[:5], *visual, text[5:]])
-        ids[i, width - row.numel():], mask[i, width - row.numel():] = row, 1
-    patch_dim = 3 * shape.temporal_patch * shape.patch_size**2
-    pixels = torch.randn(batch * t * h * w, patch_dim, generator=g)
-    key = "pixel_values" if kind == "image" else "pixel_values_videos"
-    inputs = {"input_ids": ids, "attention_mask": mask, key: pixels,
-              f"{kind}_grid_thw": torch.tensor([[t, h, w]] * batch)}
-    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # transformers >= 5.24
-        inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
-    return inputs
-
-
-def shaped(arch: str, shape=None, kind: str = "image", batch: int = 1, seed: int = 0):
-    """(model, inputs) of a family: ``arch`` in :data:`ARCHS`, ``shape`` a :class:`Shape` (llava)
-    or :class:`QwenShape` (qwen2_vl, qwen2_5_vl; None: the default one), ``kind`` image or video."""
-    if arch == "llava":
-        if kind != "image":
-            raise ValueError("the LLaVA-1.5 shape takes images only: --input image")
-        shape = shape or Shape()
-        return llava_shaped(shape, seed=seed), prompt_batch(shape, batch=batch, seed=seed)
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}: {', '.join(ARCHS)}")
-    shape = replace(shape or QwenShape(), arch=arch)
-    model = qwen_shaped(shape, seed=seed)
-    return model, qwen_prompt_batch(model, shape, kind=kind, batch=batch, seed=seed)
-
-
-def visual_tokens(config, inputs: dict) -> int:
-    """Visual tokens (image and video) of the row holding the most."""
-    ids = inputs["input_ids"]
-    visual = ids == config.image_token_id
-    if getattr(config, "video_token_id", None) is not None:
-        visual |= ids == config.video_token_id
+def visual_tokens(model, inputs: dict) -> int:
+    """Placeholder tokens of media (image, video, audio) of the row holding the most."""
+    ids, visual = inputs["input_ids"], torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    for token in get_adapter(model).token_ids:
+        visual |= ids == token
     return int(visual.sum(1).max())
 
 
 def encode_visuals(model, inputs: dict) -> None:
-    """The vision tower and projector alone (the model's ``get_image_features`` /
-    ``get_video_features``) over every image and video of ``inputs``."""
-    config = model.config
-    if inputs.get("pixel_values") is not None:
-        if "image_grid_thw" in inputs:
-            model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-        else:
-            model.get_image_features(pixel_values=inputs["pixel_values"],
-                                     vision_feature_layer=config.vision_feature_layer,
-                                     vision_feature_select_strategy=config.vision_feature_select_strategy)
-    if inputs.get("pixel_values_videos") is not None:
-        model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    """The tower and projector alone over every medium of ``inputs`` (``Adapter.encode``)."""
+    family_of(model).encode(model, inputs)
 
 
 def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repeats: int = 5, progress=None,
@@ -262,7 +83,7 @@ def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repea
     if decode_steps and (not isinstance(decode_steps, int) or decode_steps < 2):
         raise ValueError(f"decode_steps must be 0 or an int >= 2, got {decode_steps!r}")
     config = model.config
-    n_vis = visual_tokens(config, inputs)
+    n_vis = visual_tokens(model, inputs)
     batch, width = inputs["input_ids"].shape
     cells = [dict(press="none", keep=n_vis, obj=None, times=[], decode=[], spent=[], stats=None)]
     skipped = {}

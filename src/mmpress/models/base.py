@@ -46,11 +46,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from mmpress.eval.cost import layer_lengths
+from mmpress.flops import PrefillFlops, layer_lengths
 from mmpress.models.protocol import CACHE_NAMES, cache_length, protocol
 from mmpress.models.stages import KVStage, LayerStage, Layout, press_items, sequence_index
 from mmpress.ops.sequence import gather_rows
 from mmpress.presses.base import STAGES, Press, VisualContext
+from mmpress.registry import family  # noqa: F401  (family files: ``from mmpress.models.base import family``)
 
 CONTINUE = ("A pressed cache holds fewer entries than the tokens it stands for. Run generate on the whole "
             "conversation under the press without past_key_values, or feed only the new turn's tokens: "
@@ -69,15 +70,48 @@ _GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VLM -> its g
 
 
 @dataclass(frozen=True)
+class Part:
+    """A piece of an item's pressable tokens: ``length`` tokens from ``start`` (indices over the
+    pressable tokens, ``Item.fixed`` removed), their (t, h, w) grid (None if not a raster), and
+    their ``role`` (e.g. LLaVA-NeXT's "base" image and its "tiles")."""
+
+    start: int
+    length: int
+    grid: tuple[int, int, int] | None
+    role: str
+
+
+@dataclass(frozen=True)
 class Item:
-    """One image or video as the language model sees it: ``length`` placeholder tokens of
-    ``token_id``, their (t, h, w) grid (t = 1 for an image; None if unknown), and ``source``, its
-    index in the batch the vision tower encoded (generate repeats encoded items per beam)."""
+    """One medium (image, video, audio) as the language model sees it: ``length`` placeholder
+    tokens of ``token_id``; ``grid`` the (t, h, w) grid of its pressable tokens (t = 1 for an
+    image; None if they form no raster); ``source`` its index in the batch the tower encoded
+    (generate repeats encoded items per beam); ``kind`` "image", "video" or "audio"; ``fixed`` the
+    indices (in its ``length`` tokens) every press keeps in place and never sees (LLaVA-NeXT's
+    newline tokens); ``parts`` the pieces of its pressable tokens (:class:`Part`)."""
 
     token_id: int
     length: int
     grid: tuple[int, int, int] | None
     source: int
+    kind: str = "image"
+    fixed: tuple[int, ...] = ()
+    parts: tuple[Part, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in MEDIA:
+            raise ValueError(f"an item's kind is one of {MEDIA}, got {self.kind!r}")
+
+    @property
+    def shape(self) -> tuple:
+        """What items pressed together share."""
+        return (self.token_id, self.length, self.grid, self.fixed, self.parts)
+
+
+MEDIA = ("image", "video", "audio")
+LLM_SIGNALS = frozenset({"llm_attn", "llm_keys", "llm_normed", "visual_inputs"})  # every family's core gives them
+VISION_SIGNALS = frozenset({"grid", "cls_attn", "vision_keys", "cls_attn_concat", "vision_keys_concat",
+                            "vision_features", "text"})
 
 
 @dataclass
@@ -194,6 +228,18 @@ class Adapter:
     official numbering, see the module docstring), "keep" or "reindex"."""
 
     family: ClassVar[str] = ""
+    #: transformers ``config.model_type`` values this adapter applies to (the registry's keys)
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: the transformers classes it adapts (error messages, README)
+    classes: ClassVar[tuple[str, ...]] = ()
+    #: the ``VisualContext`` signals it provides (a press runs where all it ``needs`` are)
+    signals: ClassVar[frozenset] = LLM_SIGNALS
+    #: what its signals are, where not what their name says (``mmpress list``)
+    notes: ClassVar[str] = ""
+    #: media sizes per prompt row (pixels) of the tests' batches: {"single": [[(h, w)]], "ragged": ...}
+    example_rows: ClassVar[dict] = {}
+    #: the medium of each kind a "real" bench prompt holds: {"image": (336, 336), "video": (16, 448, 448)}
+    bench_media: ClassVar[dict] = {}
     position_modes: ClassVar[tuple[str, ...]] = ("keep", "reindex")
     #: generate(whole conversation, past_key_values=pressed cache) continues it (see _continue_generate)
     continues_generate: ClassVar[bool] = True
@@ -255,6 +301,54 @@ class Adapter:
 
     def check_stages(self, stages: dict[str, Press]) -> None:
         """Raise if this family cannot run a press at its stage (default: every stage runs)."""
+
+    @classmethod
+    def runs(cls, press: type[Press] | Press) -> bool:
+        """Whether this family provides every signal ``press`` needs (``mmpress list``)."""
+        return set(press.needs) <= cls.signals
+
+    def attention_layers(self) -> list[int]:
+        """The decoder layers with softmax attention (default: all): in-LLM presses read their
+        signal there and KV presses evict only there (Qwen3.5's linear-attention layers have none)."""
+        return list(range(len(self.vlm.language_model.layers)))
+
+    def encoded_items(self, kwargs: dict, kind: str, token_id: int, describe) -> list[Item]:
+        """The items of ``kind`` that ``generate`` encoded before this forward (``mm_encoder_outputs``),
+        each once per beam / returned sequence: ``describe(features, source)`` -> a dict of the Item
+        fields ``length``, ``grid`` (and ``fixed``, ``parts`` where the family has them) of one item,
+        from its feature tensor and its index in the encoded batch. [] when there are none."""
+        encoded = self.protocol.encoded_in(kwargs, kind)
+        if not encoded:
+            return []
+        sources = encoded_sources(encoded) or list(range(len(encoded)))
+        first = {s: t for t, s in reversed(list(zip(encoded, sources)))}  # one tensor per encoded item
+        described = {s: describe(t, s) for s, t in first.items()}
+        return [Item(token_id=token_id, source=s, kind=kind, **described[s]) for s in sources]
+
+    # ---- what a family file says about cost and shapes (bench-cost, mmpress run, tests) ------------
+    @classmethod
+    def prefill_flops(cls, config, inputs: dict, seq_len: int, layer_seq_len=None) -> PrefillFlops:
+        """FLOPs of the prefill of ``inputs`` with ``seq_len`` LM tokens per row (``mmpress.flops``)."""
+        raise NotImplementedError(f"the {cls.family} family does not count its FLOPs")
+
+    @classmethod
+    def build(cls, size: str = "tiny", seed: int = 0, attn: str = "sdpa", model_type: str | None = None,
+              **overrides) -> nn.Module:
+        """A random model of the family's real class: "tiny" (tests) or "real" (its released
+        shape, scaled for a CPU: ``bench-cost --arch``); ``overrides`` change config sizes."""
+        raise NotImplementedError(f"the {cls.family} family has no random model shapes")
+
+    @classmethod
+    def prompts(cls, model: nn.Module, rows: list, kind: str = "image", seed: int = 0) -> dict:
+        """A left-padded batch as the family's processor lays it out: row i holds media of the
+        pixel sizes ``rows[i]``; a medium's pixels depend only on (seed, size, index in its row)."""
+        raise NotImplementedError(f"the {cls.family} family has no example prompts")
+
+    @classmethod
+    def encode(cls, model: nn.Module, inputs: dict) -> None:
+        """Run the tower and projector alone over every medium of ``inputs`` (``bench-cost``'s
+        vision / language-model split)."""
+        raise NotImplementedError(f"the {cls.family} family cannot run its tower alone")
 
     def numbers_from_cache(self, kwargs: dict) -> bool:
         """Whether the model will number this call's new tokens from the cache length (pressed

@@ -14,14 +14,39 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from mmpress.models.base import family
 from mmpress.models.qwen_vl import QwenVLAdapter
 from mmpress.ops.sequence import flat_positions, gather_rows
 
 
+@family
 class Qwen3VLAdapter(QwenVLAdapter):
     """Applies presses to a Qwen3-VL model, DeepStack features pressed with the same kept tokens."""
 
+    family = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+    classes = ("Qwen3VLForConditionalGeneration",)
     deepstack = True
+
+    @staticmethod
+    def _vision_config(model_type: str, shape: dict, text: dict) -> dict:
+        """Full attention, DeepStack features from 3 blocks, interleaved M-RoPE."""
+        width, depth = shape["vision_hidden"], shape["vision_layers"]
+        text["head_dim"] = shape["lm_hidden"] // shape["lm_heads"]
+        text["rope_scaling"] = {**text.pop("rope_scaling"), "rope_type": "default", "mrope_interleaved": True}
+        text["rope_scaling"].pop("type", None)
+        return dict(hidden_size=width, intermediate_size=shape["vision_intermediate"] or width * 4,
+                    out_hidden_size=shape["lm_hidden"], num_position_embeddings=2304,
+                    deepstack_visual_indexes=[depth // 4, depth // 2, 3 * depth // 4])
+
+    @staticmethod
+    def _medium_tokens(config, grid: tuple[int, int, int], video: bool) -> list[int]:
+        """Qwen3-VL lays a video out frame by frame: a timestamp (its processor writes "<t seconds>";
+        one text token stands for it here), then the frame between vision-start / vision-end."""
+        if not video:
+            return QwenVLAdapter._medium_tokens(config, grid, video)
+        frame = QwenVLAdapter._medium_tokens(config, (1, *grid[1:]), video)
+        return [t for _ in range(grid[0]) for t in (11, *frame)]
 
     def check_stages(self, stages: dict) -> None:
         press = stages.get("in_llm")

@@ -56,13 +56,17 @@ order.
 
 from __future__ import annotations
 
+import inspect
 import sys
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 from transformers.vision_utils import get_vision_window_index
 
-from mmpress.models.base import Adapter, Item, encoded_sources
+from mmpress.flops import PrefillFlops, language_flops
+from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Adapter, Item, family
+from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, text_around, text_config
 from mmpress.models.vision import CONCAT, HEADS, concat_layer, hook_forms, layer_index, press_layers, received_attention
 from mmpress.presses.base import Press, VisualContext
 
@@ -71,10 +75,55 @@ from mmpress.presses.base import Press, VisualContext
 Signals = dict[int | str | tuple, tuple[list[Tensor], list[Tensor]] | list[Tensor]]
 
 
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 3, 4, 5, 6  # of the random models below
+
+
+def vision_flops(vision_cfg, grids_thw: list[list[int]]) -> tuple[float, float]:
+    """FLOPs of a Qwen2-VL / Qwen2.5-VL vision tower over images / videos of ``grids_thw`` (t, h, w)
+    patches: (tower, merger). Attention runs per temporal step (each of the t frames of a video is
+    its own sequence); in Qwen2.5-VL only ``fullatt_block_indexes`` attend over a whole frame, the
+    other blocks within windows of ``window_size`` pixels (``get_vision_window_index``)."""
+    merge, patch = vision_cfg.spatial_merge_size, vision_cfg.patch_size
+    qwen2_5 = hasattr(vision_cfg, "fullatt_block_indexes")
+    qwen3 = hasattr(vision_cfg, "deepstack_visual_indexes")  # full attention, plain MLP, extra mergers
+    width = vision_cfg.embed_dim if not (qwen2_5 or qwen3) else vision_cfg.hidden_size
+    out = vision_cfg.out_hidden_size if qwen2_5 or qwen3 else vision_cfg.hidden_size
+    inter = vision_cfg.intermediate_size if qwen2_5 or qwen3 else int(width * vision_cfg.mlp_ratio)
+    depth = vision_cfg.depth
+    full = {i % depth for i in vision_cfg.fullatt_block_indexes} if qwen2_5 else set(range(depth))
+    side = max(1, vision_cfg.window_size // merge // patch) if qwen2_5 else 0  # window side, in merged tokens
+    patches = sum(t * h * w for t, h, w in grids_thw)
+    frame_sq = window_sq = 0.0  # sum of squared attention lengths, per block kind
+    for t, h, w in grids_thw:
+        frame_sq += t * (h * w) ** 2
+        if qwen2_5:
+            rows = [min(side, h // merge - i) for i in range(0, h // merge, side)]
+            cols = [min(side, w // merge - j) for j in range(0, w // merge, side)]
+            window_sq += t * sum((r * c * merge**2) ** 2 for r in rows for c in cols)
+    embed = 2.0 * patches * vision_cfg.in_channels * vision_cfg.temporal_patch_size * patch**2 * width
+    per_token = 4 * width**2 + (3 if qwen2_5 else 2) * width * inter  # qkv + proj, MLP (gated in 2.5)
+    attn = 4.0 * width * (len(full) * frame_sq + (depth - len(full)) * window_sq)  # scores + values
+    tower = embed + 2.0 * depth * patches * per_token + attn
+    merged = patches / merge**2
+    mergers = 1 + (len(vision_cfg.deepstack_visual_indexes) if qwen3 else 0)  # Qwen3-VL: one per DeepStack layer
+    merger = 2.0 * mergers * merged * ((merge**2 * width) ** 2 + merge**2 * width * out)
+    return tower, merger
+
+
+@family
 class QwenVLAdapter(Adapter):
     """Applies presses to a Qwen2-VL / Qwen2.5-VL model (positions are always kept)."""
 
     family = "qwen_vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    signals = VISION_SIGNALS | LLM_SIGNALS
+    notes = ("no [CLS]: cls_attn = mean attention each token receives in the last full-attention vision block "
+             "(HiPrune's no-[CLS] saliency, arXiv 2508.00553); vision_keys = that block's rotated keys; "
+             "*_concat: the same from one softmax over the heads-concatenated q / k")
+    example_rows = {"single": [[(32, 32)]], "ragged": [[(32, 32)], [(32, 48), (32, 32)], []],
+                    "video": [[(4, 32, 32)]]}
+    bench_media = {"image": (896, 896), "video": (16, 448, 448)}  # 1024 tokens; 8 steps x 256
     position_modes = ("keep",)
     # generate() recomputes M-RoPE ids of a continued conversation from the cache length: not
     # mapped yet, so a later turn feeds the new text with model(...) (see Adapter._continue_generate)
@@ -263,7 +312,7 @@ class QwenVLAdapter(Adapter):
                 if grid is None:
                     raise ValueError(f"pressing a Qwen-VL {kind} needs {kind}_grid_thw (the processor returns it)")
                 grids = grid.tolist()
-                items += [Item(token_id, *self._shape(g), i) for i, g in enumerate(grids)]
+                items += [Item(token_id, *self._shape(g), i, kind=kind) for i, g in enumerate(grids)]
                 # this forward encodes images, then videos (transformers' order): their signals follow
                 self._expect.append(token_id)
                 self._signals[token_id] = None
@@ -271,11 +320,16 @@ class QwenVLAdapter(Adapter):
             encoded = self.protocol.encoded_in(kwargs, kind)  # generate() encodes first
             if encoded:
                 self._signals[token_id] = self._by_storage.get(encoded[0].untyped_storage().data_ptr())
-                sources = encoded_sources(encoded) or list(range(len(encoded)))
-                lengths = [encoded[sources.index(s)].shape[0] for s in range(max(sources) + 1)]
+                sizes: dict[int, int] = {}
+
+                def describe(t, s, sizes=sizes):
+                    sizes[s] = t.shape[0]
+                    return {"length": t.shape[0], "grid": None}
+
+                found = self.encoded_items(kwargs, kind, token_id, describe)
+                lengths = [sizes[s] for s in range(len(sizes))]
                 grids = next((g for g in reversed(self.grids_seen) if [self._shape(x)[0] for x in g] == lengths), None)
-                items += [Item(token_id, t.shape[0], None if grids is None else self._shape(grids[s])[1], s)
-                          for t, s in zip(encoded, sources)]
+                items += found if grids is None else [replace(i, grid=self._shape(grids[i.source])[1]) for i in found]
         return items
 
     def _shape(self, grid_thw: list[int]) -> tuple[int, tuple[int, int, int]]:
@@ -283,3 +337,107 @@ class QwenVLAdapter(Adapter):
         t, h, w = grid_thw
         h, w = h // self.merge, w // self.merge
         return t * h * w, (t, h, w)
+
+    # ---- cost and shapes ------------------------------------------------------------------------
+    @classmethod
+    def prefill_flops(cls, config, inputs: dict, seq_len: int, layer_seq_len=None) -> PrefillFlops:
+        """The tower over every image and video of the batch (``*_grid_thw``, all rows together),
+        the merger as the projector, and ``batch`` rows of ``seq_len`` LM tokens."""
+        grids = [g for key in ("image_grid_thw", "video_grid_thw") if inputs.get(key) is not None
+                 for g in inputs[key].tolist()]
+        tower, merger = vision_flops(config.vision_config, grids) if grids else (0.0, 0.0)
+        batch = inputs["input_ids"].shape[0]
+        return PrefillFlops(tower, merger, language_flops(config.text_config, seq_len, batch, layer_seq_len))
+
+    @classmethod
+    def build(cls, size: str = "tiny", seed: int = 0, attn: str = "sdpa", model_type: str | None = None,
+              **overrides):
+        """"real": Qwen2.5-VL-7B (vision 32 x 1280, windows of 112 px, full attention in every 8th
+        block) scaled for a CPU as LLaVA's shape: vision 8 x 640 with full attention in blocks 3
+        and 7 and the shared 12 x 896 LM with M-RoPE; ``model_type="qwen2_vl"``: Qwen2-VL's tower
+        (full attention everywhere, plain MLP of 4 x width). "tiny": a 2-block tower of 32, 4 px
+        patches. ``fullatt_blocks``, ``window_size``, ``vision_intermediate`` and ``extra`` (other
+        config fields) override."""
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        model_type = model_type or cls.model_types[-1]
+        if model_type not in cls.model_types:
+            raise ValueError(f"{cls.family} builds {cls.model_types}, not {model_type!r}")
+        real = dict(vision_layers=8, vision_hidden=640, patch_size=14, window_size=112)
+        tiny = dict(vision_layers=2, vision_hidden=32, patch_size=4, window_size=16)
+        shape = {**lm_shape(size), **(real if size == "real" else tiny), "merge": 2, "temporal_patch": 2,
+                 "fullatt_blocks": None, "vision_intermediate": None, "extra": {}, **overrides}
+        torch.manual_seed(seed)
+        hidden, heads, depth = shape["lm_hidden"], shape["lm_heads"], shape["vision_layers"]
+        half = hidden // heads // 2  # M-RoPE splits the rotary half of a head as 7B does
+        mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+        text = text_config(shape, rope_scaling={"type": "mrope", "mrope_section": mrope})
+        width = shape["vision_hidden"]
+        vision = dict(depth=depth, num_heads=max(1, width // 64) if size == "real" else 4,
+                      patch_size=shape["patch_size"], spatial_merge_size=shape["merge"],
+                      temporal_patch_size=shape["temporal_patch"], in_channels=3)
+        tokens = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                      vision_end_token_id=VISION_END)
+        vision.update(cls._vision_config(model_type, shape, text))
+        config = AutoConfig.for_model(model_type, vision_config=vision, text_config=text, **tokens, **shape["extra"])
+        config._attn_implementation = attn
+        model = AutoModelForImageTextToText.from_config(config).eval()
+        model.generation_config.pad_token_id = 0
+        return model
+
+    @staticmethod
+    def _vision_config(model_type: str, shape: dict, text: dict) -> dict:
+        width, depth = shape["vision_hidden"], shape["vision_layers"]
+        if model_type == "qwen2_vl":
+            return dict(embed_dim=width, hidden_size=shape["lm_hidden"], mlp_ratio=4 if width > 64 else 2)
+        full = shape["fullatt_blocks"] or tuple(range(min(3, depth - 1), depth, 4))
+        inter = shape["vision_intermediate"] or round(width * 1710 / 1280)
+        return dict(hidden_size=width, intermediate_size=inter, out_hidden_size=shape["lm_hidden"],
+                    window_size=shape["window_size"], fullatt_block_indexes=list(full))
+
+    @classmethod
+    def prompts(cls, model, rows: list, kind: str = "image", seed: int = 0, first_row: int = 0) -> dict:
+        """Left-padded rows as the Qwen-VL processor lays them out: a few system tokens, each
+        medium between vision-start / vision-end, a question of ragged length; pixels as flattened
+        patches with their ``{kind}_grid_thw``. A medium is (h, w) px (an image) or (frames, h, w)
+        (a video, two frames per temporal step)."""
+        config = model.config
+        vision = config.vision_config
+        patch, merge, temporal = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+        vocab = config.text_config.vocab_size
+        sequences, media = [], {"image": [], "video": []}
+        for i, row in enumerate(rows):
+            tokens = []
+            for j, size in enumerate(row):
+                frames, (h, w) = (size[0], size[1:]) if len(size) == 3 else (1, size)
+                if h % (patch * merge) or w % (patch * merge):
+                    raise ValueError(f"a Qwen-VL medium's sides must be multiples of {patch * merge} px, got {size}")
+                is_video = len(size) == 3
+                grid = (-(-frames // temporal), h // patch, w // patch)
+                pixels = pixel_tensor((grid[0] * grid[1] * grid[2], 3 * temporal * patch**2), seed, first_row + i, j)
+                media["video" if is_video else "image"].append((grid, pixels))
+                tokens.append(cls._medium_tokens(config, grid, is_video))
+            sequences.append(text_around(tokens, first_row + i, seed, 33 if vocab > 1000 else 12, vocab))
+        inputs = left_pad(sequences)
+        for name, items in media.items():
+            if items:
+                inputs["pixel_values" if name == "image" else "pixel_values_videos"] = torch.cat([p for _, p in items])
+                inputs[f"{name}_grid_thw"] = torch.tensor([g for g, _ in items])
+        if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # transformers >= 5.24
+            ids = inputs["input_ids"]
+            inputs["mm_token_type_ids"] = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
+        return inputs
+
+    @staticmethod
+    def _medium_tokens(config, grid: tuple[int, int, int], video: bool) -> list[int]:
+        merge = config.vision_config.spatial_merge_size
+        n = grid[0] * grid[1] * grid[2] // merge**2
+        token = config.video_token_id if video else config.image_token_id
+        return [config.vision_start_token_id, *[token] * n, config.vision_end_token_id]
+
+    @classmethod
+    def encode(cls, model, inputs: dict) -> None:
+        if inputs.get("pixel_values") is not None:
+            model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        if inputs.get("pixel_values_videos") is not None:
+            model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])

@@ -41,6 +41,10 @@ STAGES = ("pre_llm", "in_llm", "kv")
 class VisualContext:
     """Signals for one batch of M images with N visual tokens each.
 
+    kind:         "image", "video" or "audio": what the M items are. Structural.
+    parts:        the items' pieces (``models.base.Part``: start, length, (t, h, w) grid or None,
+                  role), e.g. LLaVA-NeXT's "base" image then its "tiles"; () for a single piece.
+                  Structural: the same for every item of a group.
     grid:         (h, w) patch grid of the N tokens, raster order (h * w == N).
     grid_thw:     (t, h, w) of a video: t frames (after the model's temporal patching), each an
                   h x w grid (after its spatial merge), tokens in raster order over (t, h, w),
@@ -88,6 +92,8 @@ class VisualContext:
     """
 
     grid: tuple[int, int] | None = None
+    parts: tuple = ()
+    kind: str = "image"
     grid_thw: tuple[int, int, int] | None = None
     cls_first: bool = False
     cls_attn: Tensor | None = None
