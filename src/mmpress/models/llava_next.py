@@ -38,7 +38,7 @@ from transformers.models.llava_next.modeling_llava_next import (get_anyres_image
                                                                  image_size_to_num_patches, unpad_image)
 
 from mmpress.flops import PrefillFlops, language_flops, transformer_flops
-from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Item, Part, family
+from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Item, Part, encoded_sources, family
 from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, qwen2_text, text_around
 from mmpress.models.llava import LlavaAdapter
 from mmpress.models.vision import CONCAT, HEADS
@@ -46,6 +46,16 @@ from mmpress.presses.base import Press, VisualContext
 
 IMAGE_TOKEN = 3  # the placeholder id of the random models below
 SIGNALS = ("cls_attn", "vision_keys", "cls_attn_concat", "vision_keys_concat", "vision_features")
+
+
+@dataclass(frozen=True)
+class TilesPart(Part):
+    """The "tiles" part of an AnyRes image, with its crop grid ``crops`` = (rows, cols): the
+    unpadded (1, H', W') raster sits centred on a canvas of rows x cols crops of the base's size
+    (GlobalCom2, HiPrune and SCOPE press each crop). None where the tokens are not one crop's
+    patches each (OneVision's shrunk rasters) or the grid is unknown."""
+
+    crops: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,12 +91,18 @@ class Tiles:
         parts = (Part(0, base, (1, self.side, self.side), "base"),)
         if self.grid is not None:
             rows, cols = self.size
-            parts += (Part(base, rows * cols, (1, rows, cols), "tiles"),)
+            # the crop grid, where each tiles token is one crop's patch (not after OneVision's shrink)
+            crops = self.grid if self.crops and self.cut[2:] == self.size else None
+            parts += (TilesPart(base, rows * cols, (1, rows, cols), "tiles", crops),)
         return parts
 
-    def item(self, token_id: int, source: int) -> Item:
+    def fields(self) -> dict:
+        """The :class:`Item` fields of this image but its placeholder id and source."""
         grid = (1, self.side, self.side) if self.grid is None else None
-        return Item(token_id, self.length, grid, source, fixed=self.fixed, parts=self.parts)
+        return {"length": self.length, "grid": grid, "fixed": self.fixed, "parts": self.parts}
+
+    def item(self, token_id: int, source: int) -> Item:
+        return Item(token_id, source=source, **self.fields())
 
     def pack(self, crops: Tensor) -> Tensor:
         """(crops, side**2, C) per-crop values -> (pressable tokens, C) in the LM's order, newlines
@@ -163,8 +179,8 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def __init__(self, model, positions: str | None = None):
         super().__init__(model, positions)
-        self.tiles: dict[str, list[Tiles] | None] = {}  # kind -> per encoded item (its source); None: unknown
-        self.observed: dict[str, list[Tensor]] = {}  # kind -> encoded features, when tiles come from them
+        self.tiles: dict[str, list] = {}  # kind -> the layout of each item of this forward, by source
+        self.kinds: list[str] = []  # the kinds this forward encodes, in the model's order (images first)
         self.records: list[tuple[dict, Tensor | None, Tensor | None]] = []  # earlier tower calls' signals
         self.projected: Tensor | None = None  # the projector's output of the last tower call
         self.reading: dict = {}  # the tower call whose signals fill_signals reads now
@@ -172,56 +188,82 @@ class LlavaNextAdapter(LlavaAdapter):
     # ---- where the tokens are ---------------------------------------------------------------
     def visual_items(self, args, kwargs) -> list[Item]:
         pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
-        token = self.config.image_token_id
-        self.tiles, self.observed = {}, {}
-        if pixel_values is not None:
-            sizes = kwargs.get("image_sizes")
-            if sizes is None:
-                raise ValueError("pressing a LLaVA-NeXT image needs image_sizes (the processor returns it)")
-            self.new_call()
-            tiles = self.layouts_of(self.config, sizes.tolist(), self.tiled_images(kwargs, len(sizes)))
-            self.tiles["image"] = tiles
-            return [t.item(token, i) for i, t in enumerate(tiles)]
-        return self.encoded(kwargs, "image", token)
+        self.tiles, self.kinds = {}, self.kinds_in(kwargs)
+        if pixel_values is None:
+            return self.encoded(kwargs, "image", self.config.image_token_id)
+        sizes = kwargs.get("image_sizes")
+        if sizes is None:
+            raise ValueError(f"pressing a {self.family} image needs image_sizes (the processor returns it)")
+        self.new_call()
+        tiles = self.layouts_of(self.config, sizes.tolist(), self.tiled_images(kwargs, len(sizes)))
+        self.tiles["image"] = tiles
+        return [t.item(self.config.image_token_id, i) for i, t in enumerate(tiles)]
+
+    def kinds_in(self, kwargs: dict) -> list[str]:
+        """The kinds of media this forward holds, pixels or encoded, in the order the model encodes them."""
+        pixels = {"image": "pixel_values", "video": "pixel_values_videos"}
+        return [kind for kind in ("image", "video")
+                if kwargs.get(pixels[kind]) is not None or self.protocol.encoded_in(kwargs, kind)]
 
     def encoded(self, kwargs: dict, kind: str, token: int) -> list[Item]:
-        """The items of ``kind`` ``generate`` encoded before this forward (layouts from features)."""
-        items = self.encoded_items(kwargs, kind, token, self._describe(kind))
-        if not items:
-            self.observed.pop(kind), self.tiles.pop(kind)
-        return items
+        """The items of ``kind`` ``generate`` encoded before this forward: their layouts read from
+        their features (:meth:`read_layouts`), one per encoded item."""
+        encoded = self.protocol.encoded_in(kwargs, kind)
+        if not encoded:
+            return []
+        sources = encoded_sources(encoded) or list(range(len(encoded)))
+        first: dict[int, Tensor] = {}
+        for t, s in zip(encoded, sources):
+            first.setdefault(s, t)
+        layouts = self.tiles[kind] = self.read_layouts(kind, [first[s] for s in sorted(first)])
+        return self.encoded_items(kwargs, kind, token, lambda t, s: layouts[s].fields())
 
     def new_call(self) -> None:
         """The tower runs inside this forward: forget the signals of earlier calls."""
         self.vision, self.features, self.records, self.projected = {}, None, [], None
 
-    def _describe(self, kind: str):
-        """``describe`` of ``encoded_items``: an encoded image's newlines, hence its layout, read
-        from its features (rows equal to ``image_newline``); its tile grid stays unknown (it is
-        resolved from the projector's output if a press needs tower signals)."""
+    def read_layouts(self, kind: str, features: list[Tensor]) -> list[Tiles]:
+        """The layout of each image ``generate`` encoded (it drops ``image_sizes``) from its
+        features: its newline rows (those equal to ``image_newline``: one host read) give the base,
+        the LM raster (H', W') and the newlines; with the tower hooked (a press reading its signals),
+        the tile grid is the layout of ``image_grid_pinpoints`` giving that raster whose stitching of
+        the projector's output reproduces the encoded features exactly (one in practice; a host read
+        per candidate, once per ``generate``). Unhooked, the tile grid stays unknown (``crops=0``)."""
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        seen: dict[int, Tensor] = {}
-        self.observed[kind], self.tiles[kind] = [], None
-
-        def describe(features: Tensor, source: int) -> dict:
-            newline = self.vlm.image_newline.to(features.device, features.dtype)
-            rows = (features == newline).all(dim=-1).nonzero()[:, 0].tolist()
-            seen[source] = features
-            self.observed[kind][:] = [seen[s] for s in sorted(seen)]
+        newline = self.vlm.image_newline
+        flags = torch.cat([(f == newline.to(f)).all(dim=-1) for f in features])
+        where = flags.nonzero()[:, 0].tolist()
+        projected = self._call_of(kind)[2] if self.records or self.projected is not None else None
+        max_patches = self.max_patches_of(self.config)
+        layouts, start, crop = [], 0, 0
+        for f in features:
+            end = start + f.shape[0]
+            rows, wanted = [w - start for w in where if start <= w < end], f[~flags[start:end]]
+            start = end
             base = side**2
-            if rows == [base] and features.shape[0] == base + 1:
-                tiles = Tiles(1, side)
+            if rows == [base] and f.shape[0] == base + 1:
+                options = [Tiles(1, side)]
             else:
                 cols = rows[0] - base if rows else -1
-                tiles = Tiles(0, side, (0, 0), None, (len(rows), cols))  # grid unknown until resolved
-                if cols <= 0 or list(tiles.fixed) != rows or tiles.length != features.shape[0]:
-                    raise ValueError(f"an encoded image of {features.shape[0]} tokens has image_newline rows at "
-                                     f"{rows[:8]}...: not a LLaVA-NeXT layout (base of {base} tokens, then rows "
-                                     "each ending in a newline)")
-            return {"length": tiles.length, "grid": (1, side, side) if tiles.grid is None else None,
-                    "fixed": tiles.fixed, "parts": tiles.parts}
-
-        return describe
+                unknown = Tiles(0, side, (0, 0), None, (len(rows), cols))
+                if cols <= 0 or list(unknown.fixed) != rows or unknown.length != f.shape[0]:
+                    raise ValueError(f"an encoded image of {f.shape[0]} tokens has image_newline rows at {rows[:8]}: "
+                                     f"not a {self.family} layout (a base of {base} tokens, then rows each ending "
+                                     "in a newline)")
+                if projected is None:
+                    layouts.append(unknown)
+                    continue
+                options = tile_candidates(self.config, side, unknown.size, max_patches)
+            if projected is not None:
+                options = [t for t in options if crop + t.crops <= projected.shape[0]
+                           and torch.equal(t.pack(projected[crop : crop + t.crops]).to(wanted), wanted)]
+                if len(options) != 1:
+                    raise ValueError(f"cannot tell the tile grid of an encoded image of {f.shape[0]} tokens "
+                                     f"({len(options)} layouts fit): call the model (forward) with pixel_values "
+                                     "and image_sizes for the prefill")
+                crop += options[0].crops
+            layouts.append(options[0])
+        return layouts
 
     # ---- signals ------------------------------------------------------------------------------
     def signal_hooks(self, press: Press) -> list:
@@ -241,18 +283,20 @@ class LlavaNextAdapter(LlavaAdapter):
         self.projected = output
 
     def _call_of(self, kind: str) -> tuple[dict, Tensor | None, Tensor | None]:
-        """The signals of the tower call that encoded the items of ``kind`` (images before videos)."""
+        """The signals of the tower call that encoded the items of ``kind``: this forward's (or,
+        under ``generate``, the encoding's) last calls, one per kind, images before videos."""
         calls = [*self.records, (self.vision, self.features, self.projected)]
-        kinds = [k for k in ("image", "video") if k in self.tiles or k in self.observed]
-        index = len(calls) - len(kinds) + kinds.index(kind)
-        if index < 0 or not calls[index][0] and calls[index][1] is None:
+        index = len(calls) - len(self.kinds) + self.kinds.index(kind)
+        if index < 0 or not calls[index][0] and calls[index][1] is None and calls[index][2] is None:
             raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
         return calls[index]
 
     def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
         kind, needs = items[0].kind, set(press.needs)
         self.reading, features, projected = self._call_of(kind)
-        layouts = self._layouts(kind, projected)
+        layouts = self.tiles[kind]
+        if any(t.crops == 0 for t in layouts):
+            raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
         offsets = [0]
         for tiles in layouts:
             offsets.append(offsets[-1] + tiles.crops)
@@ -292,40 +336,6 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def pack(self, kind: str, tiles: Tiles, per_crop: Tensor) -> Tensor:
         return tiles.pack(per_crop)
-
-    def _layouts(self, kind: str, projected: Tensor | None) -> list[Tiles]:
-        if self.tiles.get(kind) is None:
-            self.tiles[kind] = self._resolve(kind, projected)
-        return self.tiles[kind]
-
-    def _resolve(self, kind: str, projected: Tensor | None) -> list[Tiles]:
-        """The tile grid of each image ``generate`` encoded (it drops ``image_sizes``): the layout,
-        among those of ``image_grid_pinpoints`` giving its LM raster, whose stitching of the
-        projector's output reproduces its encoded features exactly (one layout in practice; the
-        check costs a host read per image, once per ``generate``)."""
-        if projected is None:
-            raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
-        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        max_patches = self.max_patches_of(self.config)
-        layouts, start = [], 0
-        for features in self.observed[kind]:
-            newline = (features == self.vlm.image_newline.to(features)).all(dim=-1)
-            wanted = features[~newline]
-            rows = int(newline.sum())
-            if features.shape[0] == side**2 + 1:
-                options = [Tiles(1, side)]
-            else:
-                size = (rows, (features.shape[0] - side**2) // rows - 1)
-                options = tile_candidates(self.config, side, size, max_patches)
-            match = [t for t in options if start + t.crops <= projected.shape[0]
-                     and torch.equal(t.pack(projected[start : start + t.crops]).to(wanted), wanted)]
-            if len({(t.grid, t.cut) for t in match}) != 1:
-                raise ValueError(f"cannot tell the tile grid of an encoded image of {features.shape[0]} tokens "
-                                 f"({len(match)} layouts fit): call the model (forward) with pixel_values and "
-                                 "image_sizes for the prefill, or use a press that needs no vision-tower signals")
-            layouts.append(match[0])
-            start += match[0].crops
-        return layouts
 
     # ---- cost and shapes ------------------------------------------------------------------------
     @classmethod

@@ -52,8 +52,11 @@ class Frames:
     def length(self) -> int:
         return self.crops * self.size[0] * self.size[1] + 1  # + the one newline
 
+    def fields(self) -> dict:
+        return {"length": self.length, "grid": (self.crops, *self.size), "fixed": (self.length - 1,)}
+
     def item(self, token_id: int, source: int) -> Item:
-        return Item(token_id, self.length, (self.crops, *self.size), source, kind="video", fixed=(self.length - 1,))
+        return Item(token_id, source=source, kind="video", **self.fields())
 
 
 def pooled_side(config) -> int:
@@ -107,34 +110,27 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def visual_items(self, args, kwargs) -> list[Item]:
         videos = kwargs.get("pixel_values_videos")
         if videos is not None and kwargs.get("pixel_values") is None:
-            self.new_call()
+            self.new_call()  # (with images too, the image call starts it)
         items = super().visual_items(args, kwargs)
         token = self.config.video_token_id
-        if videos is not None:
-            side = pooled_side(self.config)
-            frames = [Frames(videos.shape[1], (side, side)) for _ in range(videos.shape[0])]
-            self.tiles["video"] = frames
-            return items + [f.item(token, i) for i, f in enumerate(frames)]
-        return items + self.encoded(kwargs, "video", token)
-
-    def _describe(self, kind: str):
-        if kind == "image":
-            return super()._describe(kind)
+        if videos is None:
+            return items + self.encoded(kwargs, "video", token)
         side = pooled_side(self.config)
-        self.observed[kind], self.tiles[kind] = [], []
-        known: dict[int, Frames] = {}
+        frames = self.tiles["video"] = [Frames(videos.shape[1], (side, side)) for _ in range(videos.shape[0])]
+        return items + [f.item(token, i) for i, f in enumerate(frames)]
 
-        def describe(features: Tensor, source: int) -> dict:
-            frames, rest = divmod(features.shape[0] - 1, side * side)
+    def read_layouts(self, kind: str, features: list[Tensor]) -> list:
+        if kind == "image":
+            return super().read_layouts(kind, features)
+        side = pooled_side(self.config)
+        layouts = []
+        for f in features:
+            frames, rest = divmod(f.shape[0] - 1, side * side)
             if rest or frames < 1:
-                raise ValueError(f"an encoded video of {features.shape[0]} tokens is not frames of {side} x {side} "
-                                 "pooled tokens and a newline")
-            known[source] = Frames(frames, (side, side))
-            self.tiles[kind][:] = [known[s] for s in sorted(known)]
-            item = known[source].item(self.config.video_token_id, source)
-            return {"length": item.length, "grid": item.grid, "fixed": item.fixed}
-
-        return describe
+                raise ValueError(f"an encoded video of {f.shape[0]} tokens is not frames of {side} x {side} pooled "
+                                 "tokens and a newline")
+            layouts.append(Frames(frames, (side, side)))
+        return layouts
 
     def pack(self, kind: str, tiles, per_crop: Tensor) -> Tensor:
         if kind == "video":  # the model's own pooling of each frame's grid, frames in order
