@@ -4,6 +4,7 @@ from mmpress.presses import (  # noqa: F401
     baselines, cdpruner, dart, divprune, evs, fastv, fastvid, holov, lookm, mmtok, pdrop, prumerge, snapkv, sparsevlm,
     temporal_merge, tome, visionzip, vispruner, vtc_cls, vtw,
 )
+from mmpress.presses import globalcom2, hiprune, scope  # noqa: F401  (AnyRes-aware presses)
 from mmpress.presses.base import (
     PRESSES,
     KVPress,
