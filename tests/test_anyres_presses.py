@@ -199,10 +199,35 @@ def test_crop_layout_spans_crops_and_skips_empty_ones():
         ctx = VisualContext(parts=parts, **signals)
         _, index = get_press(name, keep=20).press(torch.randn(1, 48, 2), ctx)
         assert index.shape == (1, 20) and index.unique().numel() == 20
-    with pytest.raises(ValueError, match="Part.crops"):
-        anyres_layout((Part(0, 36, (1, 6, 6), "base"), Part(36, 24, (1, 4, 6), "tiles")), 60, None, "x")
+    # tiles without a crop grid (OneVision's shrunk raster): one sub-image
+    pieces = anyres_layout((Part(0, 36, (1, 6, 6), "base"), Part(36, 24, (1, 4, 6), "tiles")), 60, None, "x").pieces
+    assert [(p.role, p.index.tolist()[:2], p.grid) for p in pieces] == [("base", [0, 1], (6, 6)),
+                                                                         ("tiles", [36, 37], (4, 6))]
+    with pytest.raises(ValueError, match="'base' part"):
+        anyres_layout((Part(0, 24, (1, 4, 6), "tiles"),), 24, None, "x")
     with pytest.raises(ValueError, match="symmetric"):
         anyres_layout((Part(0, 36, (1, 6, 6), "base"), TilesPart(36, 30, (1, 5, 6), "tiles", (2, 1))), 66, None, "x")
+
+
+def test_globalcom2_on_parts_without_crop_positions():
+    """InternVL-like parts (tiles and a thumbnail, no crop grid): GlobalCom2 cannot place the crops
+    in the thumbnail and says so; HiPrune and SCOPE press each part apart. OneVision's shrunk tiles
+    are one crop of ratio r, guided by the whole thumbnail."""
+    parts = (Part(0, 16, (1, 4, 4), "crop"), Part(16, 16, (1, 4, 4), "crop"), Part(32, 16, (1, 4, 4), "base"))
+    attn = torch.rand(1, 48) + 0.1
+    with pytest.raises(ValueError, match="hiprune, scope"):
+        get_press("globalcom2", keep=12).press(torch.randn(1, 48, 2), VisualContext(cls_attn_concat=attn, parts=parts))
+    ctx = VisualContext(cls_attn=attn, cls_attn_layers=attn[:, None], vision_features=torch.randn(1, 48, 4), parts=parts)
+    for name in ("hiprune", "scope"):
+        _, index = get_press(name, keep=12).press(torch.randn(1, 48, 2), ctx)
+        assert [(index // 16 == p).sum().item() for p in range(3)] == [4, 4, 4]
+    shrunk = (Part(0, 16, (1, 4, 4), "base"), Part(16, 30, (1, 5, 6), "tiles"))
+    score = torch.randn(1, 46, dtype=torch.float64)
+    got = globalcom2_select(score, anyres_layout(shrunk, 46, None, "g"), 4 + 7, 0.25)
+    glob = F.interpolate(score[:, :16].view(1, 1, 4, 4), size=(5, 6), mode="bilinear", align_corners=False).flatten(1)
+    tiles = F.normalize(score[:, 16:], dim=-1) + F.normalize(glob, dim=-1)
+    want = score[0, :16].argsort(descending=True)[:4].tolist() + (tiles[0].argsort(descending=True)[:7] + 16).tolist()
+    assert got[0].tolist() == sorted(want)  # int(16 x 0.25) = 4 and int(30 x 0.25) = 7: the official counts
 
 
 def test_split_evenly():
@@ -341,3 +366,30 @@ def test_runs_in_forward_and_generate(model, name, one_thread):
     assert out.logits.shape[0] == 2 and gen.shape == (2, batch["input_ids"].shape[1] + 3)
     assert torch.equal(same, plain)
     assert not torch.equal(out.logits[:, -1], plain[:, -1])
+
+
+@pytest.fixture(scope="module")
+def next_model():
+    from mmpress.models.llava_next import LlavaNextAdapter
+
+    return LlavaNextAdapter.build("tiny")
+
+
+@pytest.mark.parametrize("name", ["globalcom2", "hiprune", "scope"])
+def test_llava_next_ragged_rows_decode_as_alone(next_model, name, one_thread):
+    """On LLaVA-NeXT (base + unpadded tiles + newlines): a ragged batch of images of different tile
+    grids decodes as each row alone, and keeping every token gives the unpressed logits."""
+    from mmpress.models.llava_next import LlavaNextAdapter
+
+    rows = LlavaNextAdapter.example_rows["ragged"]
+    batch = LlavaNextAdapter.prompts(next_model, rows)
+    with torch.no_grad():
+        plain = next_model(**batch).logits
+        with get_press(name, keep_ratio=1.0)(next_model):
+            assert torch.equal(next_model(**batch).logits, plain)
+        with get_press(name, keep_ratio=0.3)(next_model):
+            gen = next_model.generate(**batch, max_new_tokens=4, do_sample=False)
+            alone = [next_model.generate(**LlavaNextAdapter.prompts(next_model, [row], first_row=i),
+                                         max_new_tokens=4, do_sample=False) for i, row in enumerate(rows)]
+    for i, one in enumerate(alone):
+        assert gen[i, -4:].tolist() == one[0, -4:].tolist()

@@ -50,9 +50,11 @@ def anyres_layout(parts: tuple, n: int, grid: tuple[int, int] | None, press: str
     No parts: one piece, the whole image (``grid`` from ``ctx.grid``). A "base" part: the
     thumbnail. A "tiles" part (LLaVA-NeXT's crops after unpadding, one (1, H', W') raster over the
     padded canvas of rows x cols crops, each as large as the base grid): its crops need the crop
-    grid, ``Part.crops = (rows, cols)``; the unpadding is symmetric (transformers' ``unpad_image``
-    keeps rows ``pad .. C - pad``), so the offset of the raster in the canvas is (C - H') / 2. Any
-    other part is one piece of its own grid.
+    grid, ``crops = (rows, cols)`` (``models.llava_next.TilesPart``); the unpadding is symmetric
+    (transformers' ``unpad_image`` keeps rows ``pad .. C - pad``), so the raster's offset in the
+    canvas is (C - H') / 2. Tiles without a crop grid (OneVision's ``anyres_max_N`` shrink mixes
+    crops) are one sub-image. Any other part (InternVL's, Idefics3's tiles) is one piece of its
+    own grid.
     """
     return _layout(tuple(parts), n, tuple(grid) if grid is not None else None, press)
 
@@ -68,16 +70,17 @@ def _layout(parts: tuple, n: int, grid, press: str) -> AnyRes:
     for part in parts:
         raster = part.grid[1:] if part.grid is not None and part.grid[0] == 1 else None
         if part.role == "tiles":
-            base_part = base
-            rows_cols = getattr(part, "crops", None)
-            if base_part is None or base_part.grid is None or raster is None or rows_cols is None:
-                raise ValueError(
-                    f"{press} presses each crop of an AnyRes image: it needs the 'base' part (a raster) before the "
-                    f"'tiles' part, the tiles' (1, H', W') grid and their crop grid Part.crops = (rows, cols); got "
-                    f"{parts}. The model's adapter must give them (LLaVA-NeXT: get_anyres_image_grid_shape)")
-            tiles, crops = part, tuple(rows_cols)
-            new_pieces, crop_of = _crops(part.start, raster, base_part.grid[1:], crops, press)
-            pieces += new_pieces
+            if base is None or base.grid is None or raster is None:
+                raise ValueError(f"{press} reads an AnyRes image as its 'base' part (a raster) then its 'tiles' part "
+                                 f"(a (1, H', W') raster); got parts {parts}")
+            tiles, rows_cols = part, getattr(part, "crops", None)
+            if rows_cols is None:  # no crop grid (OneVision's shrunk raster): the tiles are one sub-image
+                crops, crop_of = (1, 1), torch.zeros(part.length, dtype=torch.long)
+                pieces.append(Piece("tiles", torch.arange(part.start, part.start + part.length), raster))
+            else:
+                crops = tuple(rows_cols)
+                new_pieces, crop_of = _crops(part.start, raster, base.grid[1:], crops, press)
+                pieces += new_pieces
         else:
             if part.role == "base":
                 base = part
@@ -197,10 +200,13 @@ class GlobalCom2Press(SelectorPress):
        of highest ``normalize(own [CLS] score) + normalize(global score)``, each L2-normalised over
        the crop's (unpadded) tokens.
 
-    The crops need ``ctx.parts`` ("base" then "tiles" with ``Part.crops``, see
-    :func:`anyres_layout`). An item without parts (LLaVA-1.5, one image): official GlobalCom2 keeps
-    a single-image item whole (its ``else`` branch); here it is a thumbnail without crops, pressed
-    by step 1 (top k by the score) -- the budget the user asked for.
+    The crops need ``ctx.parts`` ("base" then "tiles" with their crop grid, see
+    :func:`anyres_layout`); tiles without one (OneVision's shrunk raster, no official code) are one
+    crop: ratio r, guided by the whole thumbnail. An item without parts or with a base only
+    (LLaVA-1.5; OneVision's untiled images): official GlobalCom2 keeps a single-crop image whole
+    (its ``else`` branch); here it is a thumbnail without crops, pressed by step 1 (top k by the
+    score) -- the budget the user asked for. Other parts (InternVL, Idefics3: tiles without their
+    positions) raise: the guidance needs where each crop lies in the thumbnail.
 
     Deviations, each forced:
     (1) Signal. Official: the [CLS] row of the LAST vision block's attention LOGITS (before the
@@ -243,7 +249,12 @@ class GlobalCom2Press(SelectorPress):
         layout = anyres_layout(ctx.parts, n, ctx.grid, self.name)
         attn = ctx.require("cls_attn_concat").double()
         score = attn.clamp_min(torch.finfo(attn.dtype).tiny).log()
-        if layout.tiles is None:  # one thumbnail (or pieces without crops): its top k
+        if layout.tiles is None:
+            if len(layout.pieces) > 1 or layout.pieces[0].role not in ("image", "base"):
+                raise ValueError(f"globalcom2 guides crops by where they lie in the thumbnail: it needs LLaVA-NeXT's "
+                                 f"AnyRes parts ('base', then 'tiles' with their crop grid); this item's parts are "
+                                 f"{ctx.parts}. Choose a press without crop guidance (e.g. hiprune, scope)")
+            # a thumbnail without crops: its top k
             return score.argsort(dim=1, descending=True, stable=True)[:, :k].sort(dim=1).values
         return globalcom2_select(score, layout, k, self.keep_ratio if self.keep_ratio is not None else k / n,
                                  self.temperature)
@@ -292,7 +303,7 @@ def globalcom2_select(score: Tensor, layout: AnyRes, k: int, ratio: float, tempe
     piece_ratio = []
     ci = 0
     for p in pieces:
-        if p.role == "crop":
+        if p.role in ("crop", "tiles"):
             piece_ratio.append(scales[:, ci])
             ci += 1
         else:

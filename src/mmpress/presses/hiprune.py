@@ -52,7 +52,9 @@ class HiPrunePress(SelectorPress):
 
     AnyRes (``ctx.parts``, see :func:`~mmpress.presses.globalcom2.anyres_layout`): the base and each
     crop are pressed apart, each with its own raster, as the official code presses each image the
-    tower encodes; the budget k is split evenly among them (:func:`split_evenly`).
+    tower encodes; the budget k is split evenly among them (:func:`split_evenly`). Tiles without a
+    crop grid (OneVision's shrunk raster) are one sub-image, and so is each part of other families
+    (InternVL's, Idefics3's tiles and thumbnail): no official code there.
 
     Deviations, each forced: (1) Signal: official scores are the attention each token RECEIVES,
     averaged over all queries ([CLS] included) and heads (``attn.mean(dim=1).mean(dim=1)[:, 1:]``;

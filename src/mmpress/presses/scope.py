@@ -54,7 +54,9 @@ class ScopePress(SelectorPress):
 
     AnyRes (``ctx.parts``, see :func:`~mmpress.presses.globalcom2.anyres_layout`): the base and each
     crop are selected apart, as official; the budget k is split evenly among them
-    (:func:`~mmpress.presses.globalcom2.split_evenly`).
+    (:func:`~mmpress.presses.globalcom2.split_evenly`). Tiles without a crop grid (OneVision's
+    shrunk raster) are one sub-image, and so is each part of other families (InternVL's,
+    Idefics3's tiles and thumbnail): no official code there.
 
     Deviations, each forced: (1) Budget: exactly k per item (official: int(R / B) per sub-image,
     the remainder dropped): the remainder goes one token each to the first sub-images.
