@@ -82,10 +82,9 @@ def test_press_acts_on_the_whole_image(model):
     (ctx,) = seen
     assert ctx.cls_attn.shape == (1, 7 * T) and ctx.grid is None
     assert [p.role for p in ctx.parts] == ["crop"] * 6 + ["base"]
-    press = mmpress.get_press("visionzip", keep=12)
-    with torch.no_grad(), press(model):
+    with torch.no_grad(), mmpress.get_press("visionzip", keep=12)(model) as run:
         model(**batch)
-    assert press.stats["kept_visual_tokens"] == 12
+    assert run.stats.kept_visual_tokens == 12
 
 
 def test_prompts_match_the_processor():
