@@ -192,10 +192,10 @@ def test_in_llm_and_kv_presses_leave_the_markers(name):
     options = {"fastv": dict(keep_ratio=0.5, layer=2), "pdrop": dict(stages=(1, 2, 3))}
     press = mmpress.get_press(name, **options.get(name, dict(keep_ratio=0.5)))
     batch = prompts(model, RAGGED)
-    with torch.no_grad(), press(model):
+    with torch.no_grad(), press(model) as run:
         logits = model(**batch).logits
         tokens, scores = generate(model, batch)
-    assert press.stats["visual_tokens"] == 64 and press.stats["kept_visual_tokens"] < 64
+    assert run.stats.visual_tokens == 64 and run.stats.kept_visual_tokens < 64
     assert torch.isfinite(logits).all() and torch.isfinite(scores).all()
 
 

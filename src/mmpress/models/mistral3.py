@@ -52,6 +52,7 @@ before the forward find theirs.
 from __future__ import annotations
 
 import sys
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -227,7 +228,7 @@ class Mistral3Adapter(Adapter):
             cos, sin = rotary
             rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
             q, k = rope(q, k, cos, sin, unsqueeze_dim=1)  # (S, H, d) against (S, d) angles
-            bounds = [0, *torch.tensor(counts).cumsum(0).tolist()]  # host ints: one sequence per image
+            bounds = list(accumulate(counts, initial=0))  # host ints: one sequence per image
 
             def record(name, score: Tensor, keys: Tensor) -> None:
                 encoding["signals"][name] = (self._windows(score, sizes),
