@@ -96,6 +96,7 @@ class Idefics3Adapter(Adapter):
              "keys, averaged the same way; *_concat: the same from one softmax over the heads-concatenated q / k; "
              "vision_features = the pixel-shuffled connector input")
     position_modes = ("keep", "reindex")
+    language_model_attr = "text_model"  # Idefics3Model / SmolVLMModel name their language model so
     # (h, w) px per image; the tiny towers' crops are 36 (smolvlm) / 24 (idefics3) px, an image's
     # longest edge becomes 4 crops: 2 x 4 tiles; then 4 x 4, 1 x 4 and 4 x 2, 4 x 3 (+ the global image)
     example_rows = {"single": [[(72, 144)]], "ragged": [[(144, 144)], [(36, 144), (144, 72)], [(100, 60)]]}
