@@ -384,11 +384,11 @@ def test_prefill_flops_equal_counted_tower_and_projector():
 
 
 def test_real_shape():
-    """The real CPU shape: Pixtral 6 x 384 with 14 px patches, 1200 tokens for the bench image."""
+    """The real CPU shape: Pixtral 6 x 384 with 14 px patches, 1024 tokens for the bench image."""
     model = Mistral3Adapter.build("real", vision_layers=1, lm_layers=1)
     assert model.config.vision_config.patch_size == 14 and model.config.vision_config.hidden_size == 384
     h, w = Mistral3Adapter.bench_media["image"]
     inputs = Mistral3Adapter.prompts(model, [[(h, w)]])
-    assert int((inputs["input_ids"] == IMAGE).sum()) == (h // 28) * (w // 28) == 1200
+    assert int((inputs["input_ids"] == IMAGE).sum()) == (h // 28) * (w // 28) == 1024
     flops = Mistral3Adapter.prefill_flops(model.config, inputs, inputs["input_ids"].shape[1])
     assert flops.vision > 0 and flops.projector > 0 and flops.language > 0

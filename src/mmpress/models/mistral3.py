@@ -83,8 +83,9 @@ class Mistral3Adapter(Adapter):
              "[IMG_END] markers are kept in place")
     # tiny models: 4 px patches, 8 px per token; a text-only row in the ragged batch
     example_rows = {"single": [[(32, 48)]], "ragged": [[(32, 48)], [(48, 32), (32, 32)], []]}
-    # a 4:3 photo at Pixtral's native resolution: 60 x 80 patches, 30 x 40 = 1200 tokens (+ 30 markers)
-    bench_media = {"image": (840, 1120)}
+    # Qwen-VL's bench image, at Pixtral's native resolution (no resize below 1540 px): 64 x 64
+    # patches, 32 x 32 = 1024 tokens (+ 32 markers)
+    bench_media = {"image": (896, 896)}
 
     def __init__(self, model, positions: str | None = None):
         super().__init__(model, positions)
