@@ -146,17 +146,20 @@ def anyres_tiles(config, image_size, max_patches: int | None = None, tiled: bool
 
 def tile_candidates(config, side: int, size: tuple[int, int], max_patches: int | None) -> list[Tiles]:
     """Every layout of ``image_grid_pinpoints`` giving an LM raster of ``size`` (H', W'): the
-    tile grids and unpadding an image of some size could have had."""
+    tile grids and unpadding an image of some size could have had. A raster of no rows (an image
+    so thin that ``unpad_image`` keeps nothing of its tiles) has no width: ``size`` (0, 0) matches
+    every such layout."""
     crop = config.vision_config.image_size
     found = []
     for ph, pw in config.image_grid_pinpoints:
         rows, cols = ph // crop, pw // crop
         full_h, full_w = rows * side, cols * side
-        cuts = [(full_h, w) for w in range(full_w, 0, -2)] + [(h, full_w) for h in range(full_h - 2, 0, -2)]
+        cuts = [(full_h, w) for w in range(full_w, -1, -2)] + [(h, full_w) for h in range(full_h - 2, -1, -2)]
         for height, width in cuts:
-            if interpolated(height, width, side, max_patches) == tuple(size):
+            seen = interpolated(height, width, side, max_patches)
+            if seen == tuple(size) or seen[0] == size[0] == 0:
                 cut = ((full_h - height) // 2, (full_w - width) // 2, height, width)
-                found.append(Tiles(rows * cols + 1, side, (rows, cols), cut, tuple(size)))
+                found.append(Tiles(rows * cols + 1, side, (rows, cols), cut, seen))
     return found
 
 
@@ -244,9 +247,9 @@ class LlavaNextAdapter(LlavaAdapter):
             if rows == [base] and f.shape[0] == base + 1:
                 options = [Tiles(1, side)]
             else:
-                cols = rows[0] - base if rows else -1
+                cols = rows[0] - base if rows else 0  # no rows: no tiles left after unpadding
                 unknown = Tiles(0, side, (0, 0), None, (len(rows), cols))
-                if cols <= 0 or list(unknown.fixed) != rows or unknown.length != f.shape[0]:
+                if (rows and cols <= 0) or list(unknown.fixed) != rows or unknown.length != f.shape[0]:
                     raise ValueError(f"an encoded image of {f.shape[0]} tokens has image_newline rows at {rows[:8]}: "
                                      f"not a {self.family} layout (a base of {base} tokens, then rows each ending "
                                      "in a newline)")
@@ -257,7 +260,7 @@ class LlavaNextAdapter(LlavaAdapter):
             if projected is not None:
                 options = [t for t in options if crop + t.crops <= projected.shape[0]
                            and torch.equal(t.pack(projected[crop : crop + t.crops]).to(wanted), wanted)]
-                if len(options) != 1:
+                if len({(t.crops, t.grid, t.cut) for t in options}) != 1:
                     raise ValueError(f"cannot tell the tile grid of an encoded image of {f.shape[0]} tokens "
                                      f"({len(options)} layouts fit): call the model (forward) with pixel_values "
                                      "and image_sizes for the prefill")
