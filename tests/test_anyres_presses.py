@@ -167,7 +167,7 @@ def test_globalcom2_single_image_is_the_thumbnail_topk():
 
 def test_apportion_gives_official_counts_then_exactly_k():
     target = torch.tensor([[9.0, 3.7, 0.2, 5.9], [9.0, 1.1, 4.4, 4.5]], dtype=torch.float64)
-    size = torch.tensor([36, 10, 10, 6])
+    size = torch.tensor([36, 10, 10, 6])  # limit: read from it
     official = apportion(target, size, 17)
     assert official[0].tolist() == [9, 3, 0, 5]  # k = its official total: the official counts
     for k in (1, 17, 25, 40, 62):
@@ -217,7 +217,8 @@ def test_globalcom2_on_parts_without_crop_positions():
     attn = torch.rand(1, 48) + 0.1
     with pytest.raises(ValueError, match="hiprune, scope"):
         get_press("globalcom2", keep=12).press(torch.randn(1, 48, 2), VisualContext(cls_attn_concat=attn, parts=parts))
-    ctx = VisualContext(cls_attn=attn, cls_attn_layers=attn[:, None], vision_features=torch.randn(1, 48, 4), parts=parts)
+    ctx = VisualContext(cls_attn=attn, cls_attn_layers=attn[:, None], vision_features=torch.randn(1, 48, 4),
+                        parts=parts)
     for name in ("hiprune", "scope"):
         _, index = get_press(name, keep=12).press(torch.randn(1, 48, 2), ctx)
         assert [(index // 16 == p).sum().item() for p in range(3)] == [4, 4, 4]
@@ -393,3 +394,21 @@ def test_llava_next_ragged_rows_decode_as_alone(next_model, name, one_thread):
                                          max_new_tokens=4, do_sample=False) for i, row in enumerate(rows)]
     for i, one in enumerate(alone):
         assert gen[i, -4:].tolist() == one[0, -4:].tolist()
+
+
+@pytest.mark.parametrize("name", ["globalcom2", "hiprune", "scope"])
+def test_llava_next_pressing_adds_no_host_syncs(next_model, name):
+    """Per-crop pressing syncs no more than a plain top-k press on the same AnyRes batch: the
+    layout (pieces, crop of each token) is built once per layout and device, quotas on the device."""
+    from test_llava import count_syncs
+
+    from mmpress.models.llava_next import LlavaNextAdapter
+
+    batch = LlavaNextAdapter.prompts(next_model, LlavaNextAdapter.example_rows["ragged"])
+    with torch.no_grad():
+        with get_press("random", keep_ratio=0.3)(next_model):
+            plain = count_syncs(lambda: next_model(**batch))
+        with get_press(name, keep_ratio=0.3)(next_model):
+            next_model(**batch)  # the first call builds the layout
+            pressed = count_syncs(lambda: next_model(**batch))
+    assert pressed == plain, name

@@ -35,16 +35,22 @@ class Piece:
 class AnyRes:
     """An AnyRes item: ``pieces`` (the base, then every crop row-major, empty crops included with
     no tokens); ``crops`` (rows, cols); ``tiles`` the tiles part (None without tiles);
-    ``crop_of`` (H' W',) the crop index of each tiles token in the tiles' (unpadded) raster."""
+    ``crop_of`` (H' W',) the crop index of each tiles token in the tiles' (unpadded) raster;
+    ``piece_of`` (N,) the piece of each token; ``sizes`` the pieces' token counts (``counts`` the
+    same as a tensor). Tensors live on
+    the device the layout was made for (made once per layout and device: no copies per call)."""
 
     pieces: tuple[Piece, ...]
+    piece_of: Tensor
+    sizes: tuple[int, ...]
+    counts: Tensor
     crops: tuple[int, int] = (0, 0)
     base: object | None = None
     tiles: object | None = None
     crop_of: Tensor | None = None
 
 
-def anyres_layout(parts: tuple, n: int, grid: tuple[int, int] | None, press: str) -> AnyRes:
+def anyres_layout(parts: tuple, n: int, grid: tuple[int, int] | None, press: str, device=None) -> AnyRes:
     """The sub-images of an item of ``n`` pressable tokens from its ``ctx.parts``.
 
     No parts: one piece, the whole image (``grid`` from ``ctx.grid``). A "base" part: the
@@ -56,13 +62,23 @@ def anyres_layout(parts: tuple, n: int, grid: tuple[int, int] | None, press: str
     crops) are one sub-image. Any other part (InternVL's, Idefics3's tiles) is one piece of its
     own grid.
     """
-    return _layout(tuple(parts), n, tuple(grid) if grid is not None else None, press)
+    layout = _layout(tuple(parts), n, tuple(grid) if grid is not None else None, press)
+    return layout if device is None else _on(layout, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _on(layout: AnyRes, device: torch.device) -> AnyRes:
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    pieces = tuple(Piece(p.role, move(p.index), p.grid, p.crop) for p in layout.pieces)
+    return AnyRes(pieces, move(layout.piece_of), layout.sizes, move(layout.counts), layout.crops, layout.base,
+                  layout.tiles, move(layout.crop_of))
 
 
 @functools.lru_cache(maxsize=64)
 def _layout(parts: tuple, n: int, grid, press: str) -> AnyRes:
     if not parts:
-        return AnyRes((Piece("image", torch.arange(n), grid),))
+        return AnyRes((Piece("image", torch.arange(n), grid),), torch.zeros(n, dtype=torch.long), (n,),
+                      torch.full((1,), n))
     starts = [sum(q.length for q in parts[:i]) for i in range(len(parts))]
     if sum(p.length for p in parts) != n or [p.start for p in parts] != starts:
         raise ValueError(f"{press}: the item's parts {parts} do not tile its {n} pressable tokens")
@@ -85,7 +101,11 @@ def _layout(parts: tuple, n: int, grid, press: str) -> AnyRes:
             if part.role == "base":
                 base = part
             pieces.append(Piece(part.role, torch.arange(part.start, part.start + part.length), raster))
-    return AnyRes(tuple(pieces), crops, base, tiles, crop_of)
+    piece_of = torch.empty(n, dtype=torch.long)
+    for i, piece in enumerate(pieces):
+        piece_of[piece.index] = i
+    sizes = tuple(p.index.numel() for p in pieces)
+    return AnyRes(tuple(pieces), piece_of, sizes, torch.tensor(sizes), crops, base, tiles, crop_of)
 
 
 def _crops(start: int, raster: tuple[int, int], side: tuple[int, int], crops: tuple[int, int], press: str):
@@ -127,56 +147,44 @@ def split_evenly(k: int, sizes: list[int]) -> list[int]:
     return quota
 
 
-def apportion(target: Tensor, size: Tensor, k: int) -> Tensor:
+def apportion(target: Tensor, size: Tensor, k: int, limit: int | None = None) -> Tensor:
     """Exactly ``k`` tokens per row among P pieces from the official real-valued counts ``target``
-    (M, P), each piece at most ``size`` (P,): the official int(target) first (so a k equal to their
-    sum gives the official counts), then the difference k - sum added to (or taken from) the pieces
-    in proportion to their targets (:func:`share`). Returns (M, P) long."""
+    (M, P), each piece at most its ``size`` (P,) (``limit``: the largest, known on the host): the
+    official int(target) first (so a k equal to their sum gives the official counts), then the
+    difference k - sum added to (or taken from) the pieces by :func:`share`. Returns (M, P) long."""
     target = target.double().clamp_min(0)
-    size = size.to(target.device).expand_as(target)
+    limit = int(size.max()) if limit is None else limit
     base = torch.minimum(target.floor().long(), size)
     left = k - base.sum(1)
-    return base + share(target, size - base, left.clamp_min(0)) - share(target, base, (-left).clamp_min(0))
+    more = share(target, size - base, left.clamp_min(0), limit)
+    return base + more - share(target, base, (-left).clamp_min(0), limit)
 
 
-def share(weight: Tensor, room: Tensor, amount: Tensor) -> Tensor:
-    """``amount`` (M,) units per row spread over P pieces in proportion to ``weight`` (M, P), each
-    piece at most ``room`` (M, P) (sum room >= amount): largest-remainder apportionment, a full
-    piece's excess going to the others in proportion; the last units to the largest fractional
-    parts (ties: the earlier piece). Returns (M, P) long."""
+def share(weight: Tensor, room: Tensor, amount: Tensor, limit: int) -> Tensor:
+    """``amount`` (M,) units per row given out among P pieces by D'Hondt's divisor method: the u-th
+    unit of piece p has priority weight_p / u, units go in priority order (ties: the earlier piece),
+    a piece takes at most ``room`` (M, P) units (``limit`` >= every room). Returns (M, P) long;
+    no host sync."""
     m, p = weight.shape
-    got = torch.zeros(m, p, dtype=torch.long, device=weight.device)
-    frac = torch.zeros_like(weight)
-    for _ in range(2 * p + 2):  # a round that fills a piece is followed by one sharing its excess
-        free = room - got
-        w = torch.where(free > 0, weight, 0.0)
-        w = torch.where(w.sum(1, keepdim=True) > 0, w, free.double())  # open pieces all weightless: by room
-        left = (amount - got.sum(1)).unsqueeze(1).double()
-        part = left * w / w.sum(1, keepdim=True).clamp_min(1e-300)
-        whole = part.floor().long()
-        add = torch.minimum(whole, free)
-        frac = torch.where(add < free, part - add, -1.0)  # a full piece takes no more
-        got = got + add
-        if not bool(((whole >= free) & (free > 0) & (part > 0)).any()):
-            break  # no piece overflowed: fewer units are left than pieces with a fractional part
-    left = (amount - got.sum(1)).unsqueeze(1)
-    order = frac.argsort(dim=1, descending=True, stable=True)
-    extra = (torch.arange(p, device=weight.device) < left).long()  # the first `left` of each row's order
-    return got.scatter_add(1, order, extra)
+    units = torch.arange(1, limit + 1, device=weight.device, dtype=weight.dtype)
+    priority = (weight.unsqueeze(-1) / units).masked_fill(units > room.unsqueeze(-1), -1.0).flatten(1)
+    order = priority.argsort(dim=1, descending=True, stable=True)
+    take = torch.arange(p * limit, device=weight.device) < amount.unsqueeze(1)
+    given = torch.zeros_like(take).scatter(1, order, take)
+    return given.view(m, p, limit).sum(dim=-1)
 
 
-def take_per_piece(score: Tensor, piece_of: Tensor, quota: Tensor) -> Tensor:
+def take_per_piece(score: Tensor, piece_of: Tensor, quota: Tensor, k: int) -> Tensor:
     """Each row's ``quota[:, p]`` highest-scored tokens of each piece p (ties: the lower index).
     score (M, N), piece_of (N,) the piece of each token, quota (M, P) summing to k per row ->
     (M, k) token indices ascending."""
     m, n = score.shape
     order = score.argsort(dim=1, descending=True, stable=True)
-    piece = piece_of.to(score.device)[order]  # (M, N) piece of each sorted token
-    onehot = F.one_hot(piece, quota.shape[1])
+    piece = piece_of[order]  # (M, N) piece of each sorted token
+    onehot = (piece.unsqueeze(-1) == torch.arange(quota.shape[1], device=score.device)).long()  # no F.one_hot: it syncs
     rank = (onehot.cumsum(dim=1) * onehot).sum(dim=-1) - 1  # rank of each sorted token within its piece
     keep_sorted = rank < quota.gather(1, piece)
     keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-    k = int(quota[0].sum())
     return (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
 
 
@@ -246,8 +254,8 @@ class GlobalCom2Press(SelectorPress):
 
     def select(self, tokens: Tensor, ctx: VisualContext, k: int) -> Tensor:
         m, n, _ = tokens.shape
-        layout = anyres_layout(ctx.parts, n, ctx.grid, self.name)
         attn = ctx.require("cls_attn_concat").double()
+        layout = anyres_layout(ctx.parts, n, ctx.grid, self.name, attn.device)
         score = attn.clamp_min(torch.finfo(attn.dtype).tiny).log()
         if layout.tiles is None:
             if len(layout.pieces) > 1 or layout.pieces[0].role not in ("image", "base"):
@@ -266,8 +274,9 @@ def crop_scales(base_score: Tensor, base_grid: tuple[int, int], crops: tuple[int
     retention ratios, float64."""
     (h, w), (rows, cols) = base_grid, crops
     ph, pw = max(h // rows, 1), max(w // cols, 1)
-    region = ((torch.arange(h) // ph).clamp(max=rows - 1)[:, None] * cols
-              + (torch.arange(w) // pw).clamp(max=cols - 1)[None, :]).flatten().to(base_score.device)
+    dev = base_score.device
+    region = ((torch.arange(h, device=dev) // ph).clamp(max=rows - 1)[:, None] * cols
+              + (torch.arange(w, device=dev) // pw).clamp(max=cols - 1)[None, :]).flatten()
     sums = base_score.new_zeros(base_score.shape[0], rows * cols, dtype=torch.float64)
     sums.scatter_add_(1, region.expand(base_score.shape[0], -1), base_score.double())
     exp = ((sums - sums.amax(dim=1, keepdim=True)) / temperature).exp()
@@ -288,7 +297,7 @@ def globalcom2_select(score: Tensor, layout: AnyRes, k: int, ratio: float, tempe
     glob = F.interpolate(base_score.view(m, 1, *base_grid), size=(h, w), mode="bilinear",
                          align_corners=False).flatten(1)  # (M, H' W')
     own = score[:, tiles.start: tiles.start + tiles.length]
-    crop_of = layout.crop_of.to(score.device)
+    crop_of = layout.crop_of
     c = crops[0] * crops[1]
 
     def normalize(x: Tensor) -> Tensor:  # F.normalize over each crop's tokens
@@ -298,19 +307,12 @@ def globalcom2_select(score: Tensor, layout: AnyRes, k: int, ratio: float, tempe
     combined = score.clone()
     combined[:, tiles.start: tiles.start + tiles.length] = normalize(own) + normalize(glob)
 
-    pieces = layout.pieces
-    size = torch.tensor([p.index.numel() for p in pieces])
-    piece_ratio = []
-    ci = 0
-    for p in pieces:
-        if p.role in ("crop", "tiles"):
-            piece_ratio.append(scales[:, ci])
-            ci += 1
+    ratios, crop = [], 0
+    for piece in layout.pieces:  # the thumbnail keeps ratio r, crop c its scale s_c
+        if piece.role in ("crop", "tiles"):
+            ratios.append(scales[:, crop])
+            crop += 1
         else:
-            piece_ratio.append(torch.full((m,), float(ratio), dtype=torch.float64, device=score.device))
-    target = torch.stack(piece_ratio, dim=1) * size.to(score.device).double()  # official N_p x ratio_p
-    quota = apportion(target, size, k)
-    piece_of = torch.empty(n, dtype=torch.long)
-    for i, p in enumerate(pieces):
-        piece_of[p.index] = i
-    return take_per_piece(combined, piece_of, quota)
+            ratios.append(scales.new_full((m,), float(ratio)))
+    target = torch.stack(ratios, dim=1) * layout.counts  # official N_p x ratio_p
+    return take_per_piece(combined, layout.piece_of, apportion(target, layout.counts, k, max(layout.sizes)), k)

@@ -25,8 +25,8 @@ def hiprune_piece(shallow: Tensor, deep: Tensor, width: int, q: int, alpha: floa
     taken = torch.zeros(m, n, dtype=torch.bool, device=shallow.device)
     if t > 0:
         anchors = shallow.argsort(dim=1, descending=True, stable=True)[:, :t]
-        offsets = torch.tensor([0, -1, 1, -width, width], device=shallow.device)
-        near = (anchors.unsqueeze(-1) + offsets).flatten(1).clamp(0, n - 1)
+        near = torch.stack([anchors, anchors - 1, anchors + 1, anchors - width, anchors + width], dim=-1)
+        near = near.flatten(1).clamp(0, n - 1)
         taken.scatter_(1, near, True)
     # official: deep - mask, then topk(q - |U|); attention < 1, so every anchor / buffer ranks first
     priority = torch.where(taken, torch.inf, deep.to(torch.promote_types(deep.dtype, torch.float32)))
@@ -100,10 +100,10 @@ class HiPrunePress(SelectorPress):
 
     def select(self, tokens: Tensor, ctx: VisualContext, k: int) -> Tensor:
         m, n, _ = tokens.shape
-        layout = anyres_layout(ctx.parts, n, ctx.grid, self.name)
         shallow, deep = ctx.require("cls_attn_layers")[:, 0], ctx.require("cls_attn")
+        layout = anyres_layout(ctx.parts, n, ctx.grid, self.name, deep.device)
         pieces = layout.pieces
-        quota = split_evenly(k, [p.index.numel() for p in pieces])
+        quota = split_evenly(k, list(layout.sizes))
         picks = []
         for piece, q in zip(pieces, quota):
             if q == 0:
@@ -114,7 +114,7 @@ class HiPrunePress(SelectorPress):
             if 5 * round(q * self.alpha / 5) > q:
                 raise ValueError(f"hiprune alpha={self.alpha} gives anchors and buffers beyond a budget of {q} "
                                  "tokens: lower alpha or raise the budget")
-            index = piece.index.to(tokens.device)
+            index = piece.index
             local = hiprune_piece(shallow[:, index], deep[:, index], piece.grid[1], q, self.alpha)
             picks.append(index[local])
         return torch.cat(picks, dim=1)

@@ -33,7 +33,7 @@ def scope_greedy(features: Tensor, saliency: Tensor, q: int, alpha: float = 1.0,
         gain = (sim - cur.unsqueeze(2)).clamp_min(0).sum(dim=1)
         gain = gain * power if combine == "multi" else gain + power
         best = gain.masked_fill(taken, -torch.inf).argmax(dim=1)
-        taken[rows, best] = True
+        taken.scatter_(1, best.unsqueeze(1), True)
         picks[:, step] = best
         cur = torch.maximum(cur, sim[rows, best])
     return picks
@@ -86,14 +86,14 @@ class ScopePress(SelectorPress):
 
     def select(self, tokens: Tensor, ctx: VisualContext, k: int) -> Tensor:
         m, n, _ = tokens.shape
-        layout = anyres_layout(ctx.parts, n, ctx.grid, self.name)
         features, saliency = ctx.require("vision_features"), ctx.require("cls_attn")
-        quota = split_evenly(k, [p.index.numel() for p in layout.pieces])
+        layout = anyres_layout(ctx.parts, n, ctx.grid, self.name, features.device)
+        quota = split_evenly(k, list(layout.sizes))
         picks = []
         for piece, q in zip(layout.pieces, quota):
             if q == 0:
                 continue
-            index = piece.index.to(tokens.device)
+            index = piece.index
             local = scope_greedy(features[:, index], saliency[:, index], q, self.alpha, self.combine)
             picks.append(index[local])
         return torch.cat(picks, dim=1)
