@@ -54,7 +54,8 @@ def probe_contexts(model, inputs, needs=Probe.needs, **kwargs):
 def row_alone(batch, i, tiles):
     start = int(batch["attention_mask"][i].nonzero()[0])
     first = sum(map(sum, tiles[:i]))
-    return {"input_ids": batch["input_ids"][i : i + 1, start:], "attention_mask": batch["attention_mask"][i : i + 1, start:],
+    return {"input_ids": batch["input_ids"][i : i + 1, start:],
+            "attention_mask": batch["attention_mask"][i : i + 1, start:],
             "pixel_values": batch["pixel_values"][first : first + sum(tiles[i])]}
 
 
@@ -70,7 +71,8 @@ def test_one_item_per_image_with_its_tiles_as_parts(model):
     one, seven = items[0], items[1]
     assert one.grid == (1, 4, 4) and one.parts == ()
     assert seven.grid is None and seven.kind == "image"
-    assert seven.parts == tuple(Part(k * T, T, (1, 4, 4), "crop") for k in range(6)) + (Part(6 * T, T, (1, 4, 4), "base"),)
+    crops = tuple(Part(k * T, T, (1, 4, 4), "crop") for k in range(6))
+    assert seven.parts == crops + (Part(6 * T, T, (1, 4, 4), "base"),)
     assert items[1].shape == items[4].shape == items[5].shape  # pressed together
 
 
@@ -282,3 +284,15 @@ def test_real_shape_is_internvl3_at_448_px():
     batch = A.prompts(model, [list(A.bench_media.values())])
     assert batch["pixel_values"].shape == (5, 3, 448, 448)  # 2 x 2 tiles + thumbnail
     assert int((batch["input_ids"] == IMAGE_TOKEN).sum()) == 5 * 256
+
+
+def test_anyres_presses_read_the_tiles(model):
+    """HiPrune and SCOPE press the thumbnail and each crop; GlobalCom2 needs the crop grid, which
+    InternVL's inputs lack, and says so."""
+    batch = A.prompts(model, ROWS)
+    for name in ("hiprune", "scope"):
+        with torch.no_grad(), mmpress.get_press(name, keep=14)(model) as run:
+            model(**batch)
+        assert run.stats.kept_visual_tokens == 6 * 14
+    with pytest.raises(ValueError, match="thumbnail"), mmpress.get_press("globalcom2", keep=14)(model):
+        model(**batch)

@@ -18,15 +18,18 @@ One item per image, its tiles as parts. The model's inputs say how many tiles an
 run of ``<IMG_CONTEXT>`` tokens, a multiple of 256; ``pixel_values`` holds every tile of the batch
 with no per-image count) but not how they are arranged: the grid (e.g. 2 x 3 or 3 x 2 for 6
 tiles) depends on the original image size, which the model never receives. So an image's tokens
-form no single raster (``Item.grid`` None, ``(1, 16, 16)`` for a one-tile image) and each tile is
+form no single raster (``Item.grid`` None; ``(1, 16, 16)`` for a one-tile image) and each tile is
 a :class:`Part` of grid ``(1, 16, 16)``: role "crop" for the grid's tiles, "base" for the
 thumbnail, last (the processor adds one exactly when the grid has more than one tile), as the
-SmolVLM / Idefics3 file names its crops and global image. GlobalCom2 and the other AnyRes presses
-read them as pieces without a crop grid (``presses.globalcom2.anyres_layout``). A press sees the whole image at once, as the paper methods that prune an
-InternVL image do (the budget is per image, spread over its tiles by the press's own ranking),
-rather than one budget per tile, which would force every tile, the empty ones too, to keep the
-same count; a press that needs the image's 2-D grid (``uniform``, ``pool``, the video presses)
-gets one only for one-tile images and raises on a tiled one (``VisualContext.require("grid")``).
+SmolVLM / Idefics3 file names its crops and global image. Why per image and not per tile: a
+press's budget (``keep=64``, a ratio) is the image's, as the papers state it, and a press that
+sees the image whole can trade tokens between tiles (a blank tile gives its share to a busy one,
+the thumbnail's global view competes with the crops' details), where per-tile items would force
+the same count on every tile. Presses that work per sub-image read the parts: HiPrune and SCOPE
+press the thumbnail and each crop as their official AnyRes code does; GlobalCom2 needs each
+crop's place in the thumbnail (the crop grid), which these inputs lack, and raises. A press that
+needs the image's 2-D grid (``uniform``, ``pool``, the video presses) gets one for a one-tile
+image only and raises on a tiled one (``VisualContext.require("grid")``).
 
 Video: the processor writes each frame as its own ``<img>`` + 256 tokens + ``</img>`` (one tile,
 "FrameN: " text between frames) and passes the frames in ``pixel_values`` with the images; the
@@ -80,8 +83,8 @@ class InternVLAdapter(Adapter):
     classes = ("InternVLForConditionalGeneration",)
     signals = LLM_SIGNALS | {"cls_attn", "vision_keys", "cls_attn_concat", "vision_keys_concat", "vision_features",
                              "text"}
-    notes = ("one item per image, its tiles and thumbnail as parts (no 2-D grid for a tiled image: the tile "
-             "arrangement is not in the model's inputs); cls_attn = each tile's [CLS] attention in the "
+    notes = ("one item per image, its tiles and thumbnail as parts (no 2-D grid for a tiled image, no crop grid: "
+             "the tile arrangement is not in the model's inputs); cls_attn = each tile's [CLS] attention in the "
              "vision_feature_layer block, a token's the mean over its 2x2 pixel-shuffled patches; video frames are "
              "one-tile images")
     # tiny tiles are 32 px: (64, 96) px -> 3 x 2 tiles + thumbnail; (32, 32) -> one tile; (64, 64) -> 2 x 2 +
@@ -188,10 +191,10 @@ class InternVLAdapter(Adapter):
             """(tiles, T, ...) per tile of the tower call -> (M, n, ...) per item."""
             nonlocal index
             t = per_tile.shape[1]
-            if per_tile.shape[0] != self.tiles_seen or n % t or max(item.source for item in items) >= len(self.tile_start):
+            if per_tile.shape[0] != self.tiles_seen or n % t or max(it.source for it in items) >= len(self.tile_start):
                 raise ValueError(f"vision signal covers {tuple(per_tile.shape[:2])} tiles x tokens, the LM sees "
-                                 f"{len(items)} images of {n} tokens: encode the images inside the `with press(model):` "
-                                 "block")
+                                 f"{len(items)} images of {n} tokens: encode the images inside the "
+                                 "`with press(model):` block")
             if index is None:  # (M * tiles per image) tiles of the items, in order (no tensor from host data)
                 index = torch.cat([torch.arange(self.tile_start[item.source], self.tile_start[item.source] + n // t,
                                                 device=per_tile.device) for item in items])
@@ -305,7 +308,8 @@ class InternVLAdapter(Adapter):
         shape = {**lm_shape(size), **(real if size == "real" else tiny), "vision_extra": {}, **overrides}
         torch.manual_seed(seed)
         hidden = shape["vision_hidden"]
-        vision = InternVLVisionConfig(**shape["vision_extra"], hidden_size=hidden, intermediate_size=4 * hidden if size == "real" else 2 * hidden,
+        vision = InternVLVisionConfig(**shape["vision_extra"], hidden_size=hidden,
+                                      intermediate_size=4 * hidden if size == "real" else 2 * hidden,
                                       num_hidden_layers=shape["vision_layers"],
                                       num_attention_heads=max(1, hidden // 64) if size == "real" else 4,
                                       image_size=shape["image_size"], patch_size=shape["patch_size"])
