@@ -250,9 +250,9 @@ class Idefics3Adapter(Adapter):
     # ---- cost and shapes ----------------------------------------------------------------------
     @classmethod
     def prefill_flops(cls, config, inputs: dict, seq_len: int, layer_seq_len=None) -> PrefillFlops:
-        """The tower over every real crop (all-zero padding crops are dropped, as the model drops
-        them), the connector's projection (no bias) over each crop's tokens, and ``batch`` rows of
-        ``seq_len`` LM tokens."""
+        """The tower (patch embedding and blocks) over every real crop (all-zero padding crops are
+        dropped, as the model drops them), the connector's projection (no bias) over each crop's
+        tokens, and ``batch`` rows of ``seq_len`` LM tokens."""
         vision_cfg, text_cfg = config.vision_config, config.text_config
         batch = inputs["input_ids"].shape[0]
         pixels = inputs.get("pixel_values")
@@ -260,7 +260,8 @@ class Idefics3Adapter(Adapter):
         if pixels is not None:
             crops = int(pixels.flatten(0, -4).ne(0).flatten(1).any(dim=1).sum())
             patches = (pixels.shape[-2] // vision_cfg.patch_size) * (pixels.shape[-1] // vision_cfg.patch_size)
-        vision = transformer_flops(vision_cfg, patches, batch=crops)
+        embed = 2.0 * crops * patches * vision_cfg.hidden_size * vision_cfg.num_channels * vision_cfg.patch_size**2
+        vision = embed + transformer_flops(vision_cfg, patches, batch=crops)
         tokens = crops * patches // config.scale_factor**2
         projector = 2.0 * tokens * vision_cfg.hidden_size * config.scale_factor**2 * text_cfg.hidden_size
         return PrefillFlops(vision, projector, language_flops(text_cfg, seq_len, batch, layer_seq_len))
