@@ -14,6 +14,7 @@ import mmpress.models.gemma3  # noqa: F401  (registers the family)
 from mmpress.flops import language_flops, transformer_flops
 from mmpress.models.gemma3 import BOI, EOI, IMAGE_TOKEN, NEWLINES, Gemma3Adapter
 from mmpress.models.lm import decoder_layers
+from mmpress.models.vision import encoder_layers
 from mmpress.presses.base import ScorerPress
 from mmpress.registry import get_adapter
 
@@ -197,7 +198,7 @@ def test_masks_keep_kept_image_tokens_bidirectional(windowed):
 # ---- in-LLM presses: per-layer oracle on the unpressed masks ------------------------------------
 def in_llm_oracle(model, batch, pre, appended):
     """Unpressed forward over prompt + ``appended`` where each layer keeps Gemma 3's own mask for it
-    and, from the cut's layer on, its queries see only the prompt columns the cut kept."""
+    and, from each cut's layer on, its queries see only the prompt columns that cut kept."""
     full = {**batch}
     s = appended.shape[1]
     for name, pad in (("input_ids", appended), ("attention_mask", torch.ones_like(appended)),
@@ -205,17 +206,24 @@ def in_llm_oracle(model, batch, pre, appended):
         full[name] = torch.cat([batch[name], pad], dim=1)
     mask = full["attention_mask"]
     full["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    length, cut = batch["input_ids"].shape[1], pre.cuts[0]
-    kept = torch.zeros(cut.cols.shape[0], length, dtype=torch.bool).scatter_(1, cut.cols, cut.valid)
-    kept = torch.cat([kept, torch.ones(kept.shape[0], s, dtype=torch.bool)], dim=1)
+    length = batch["input_ids"].shape[1]
 
-    def hook(module, args, kwargs):
-        allowed = kwargs["attention_mask"] & kept[:, None, None, :]
-        allowed = allowed | (~allowed.any(-1, keepdim=True) & torch.eye(allowed.shape[-1], dtype=torch.bool))
-        return args, {**kwargs, "attention_mask": allowed}
+    def hook(cut):
+        kept = torch.zeros(cut.cols.shape[0], length, dtype=torch.bool).scatter_(1, cut.cols, cut.valid)
+        kept = torch.cat([kept, torch.ones(kept.shape[0], s, dtype=torch.bool)], dim=1)
+
+        def restrict(module, args, kwargs):
+            allowed = kwargs["attention_mask"] & kept[:, None, None, :]
+            allowed = allowed | (~allowed.any(-1, keepdim=True) & torch.eye(allowed.shape[-1], dtype=torch.bool))
+            return args, {**kwargs, "attention_mask": allowed}
+        return restrict
 
     layers = decoder_layers(model.model.language_model)
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers[cut.start:]]
+    handles = []
+    for i, layer in enumerate(layers):  # from each cut's layer on, the prompt keys are that cut's columns
+        cut = next((c for c in reversed(pre.cuts) if c.start <= i), None)
+        if cut is not None:
+            handles.append(layer.register_forward_pre_hook(hook(cut), with_kwargs=True))
     try:
         return model(**full).logits
     finally:
@@ -274,10 +282,10 @@ def test_every_pre_llm_press_forward_and_generate(model, name):
         press = mmpress.get_press(name, keep_ratio=0.5)
     except ValueError:
         press = mmpress.get_press(name)
-    with torch.no_grad(), press(model):
+    with torch.no_grad(), press(model) as run:
         logits = model(**batch).logits
         _, scores = generate(model, batch, steps=2)
-    assert press.stats["kept_visual_tokens"] < press.stats["visual_tokens"]
+    assert run.stats.kept_visual_tokens < run.stats.visual_tokens
     assert torch.isfinite(logits).all() and torch.isfinite(scores).all()
 
 
@@ -338,7 +346,7 @@ def test_signals_equal_eager_attention_received(model, monkeypatch):
         tower = model.model.vision_tower
         monkeypatch.setattr(tower.config, "_attn_implementation", "eager")
         captured = {}
-        attn = tower.vision_model.encoder.layers[-1].self_attn
+        attn = encoder_layers(tower)[-1].self_attn
         handles = [attn.q_proj.register_forward_hook(lambda m, a, o: captured.__setitem__("q", o)),
                    attn.k_proj.register_forward_hook(lambda m, a, o: captured.__setitem__("k", o))]
         try:
@@ -374,6 +382,50 @@ def test_prompts_lay_out_images_as_the_processor():
     assert batch["pixel_values"].shape == (4, 3, *SIZE)
     alone = Gemma3Adapter.prompts(model, [RAGGED[1]], first_row=1)
     assert torch.equal(alone["pixel_values"], batch["pixel_values"][1:3])
+
+
+def tiny_processor(model):
+    """Gemma3Processor over a word-level tokenizer of the tiny model's ids and a 64 px image processor."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<image_soft_token>", "<start_of_image>", "<end_of_image>", "\n\n"]
+    assert [specials.index(t) for t in ("<image_soft_token>", "<start_of_image>", "<end_of_image>", "\n\n")] == \
+        [IMAGE_TOKEN, BOI, EOI, NEWLINES]
+    vocab = {t: i for i, t in enumerate(specials)} | {f"w{i}": i for i in range(len(specials), 64)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
+                                        eos_token="<eos>", extra_special_tokens={
+                                            "image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                                            "eoi_token": "<end_of_image>"})
+    size = model.config.vision_config.image_size
+    images = Gemma3ImageProcessorPil(size={"height": size, "width": size})
+    return Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=model.config.mm_tokens_per_image)
+
+
+def test_prompts_equal_the_processor(model):
+    """prompts() lays a ragged batch out as Gemma3Processor does (its text with one
+    <start_of_image> per image, left padding): the same ids, mask and token_type_ids."""
+    from PIL import Image
+
+    batch = batch_of(model, RAGGED)
+    n = model.config.mm_tokens_per_image
+    texts = []
+    for r in range(len(RAGGED)):  # each row's text, every expanded image written back as <start_of_image>
+        ids, words, i = batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist(), [], 0
+        while i < len(ids):
+            image = ids[i] == NEWLINES and ids[i + 1] == BOI
+            words.append("<start_of_image>" if image else "<bos>" if ids[i] == 2 else f"w{ids[i]}")
+            i += n + 4 if image else 1
+        texts.append(" ".join(words))
+    images = [[Image.new("RGB", SIZE)] * len(row) for row in RAGGED]
+    out = tiny_processor(model)(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt",
+                                add_special_tokens=False)
+    for name in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(out[name], batch[name]), name
+    assert out["pixel_values"].shape == batch["pixel_values"].shape
 
 
 def test_prefill_flops_hand_count(model):

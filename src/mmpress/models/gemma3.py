@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -112,6 +113,7 @@ class Gemma3Adapter(Adapter):
         # vision block -> {"heads" / "concat": (scores (N, T), keys (N, T, d))}, of the last tower call
         self.vision: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
         self.features: Tensor | None = None  # (N, T, C): pooled tower output of the last tower call
+        self.projected: Tensor | None = None  # (N, T, D): projector output of the last tower call
         self._call: dict | None = None  # the VLM call in flight: its 2-D mask and token_type_ids
         self._cut: tuple[Tensor, Tensor] | None = None  # (src, valid) of the pressed prefill in flight
 
@@ -120,10 +122,26 @@ class Gemma3Adapter(Adapter):
         pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
         token, n, grid = self.config.image_token_id, self.side**2, (1, self.side, self.side)
         if pixel_values is not None:
-            self.vision, self.features = {}, None  # the tower runs inside this call and refills the signals
+            self.vision, self.features, self.projected = {}, None, None  # the tower runs in this call: new signals
             return [Item(token, n, grid, i) for i in range(pixel_values.shape[0])]
-        return self.encoded_items(kwargs, "image", token, lambda t, s: {  # generate() encodes images first
+        items = self.encoded_items(kwargs, "image", token, lambda t, s: {  # generate() encodes images first
             "length": t.shape[0], "grid": grid if t.shape[0] == n else None})
+        if items and self.projected is not None and max(i.source for i in items) >= self.projected.shape[0]:
+            items = self._encoded_sources(items, self.protocol.encoded_in(kwargs, "image"))
+        return items
+
+    def _encoded_sources(self, items: list[Item], encoded: list[Tensor]) -> list[Item]:
+        """Gemma 3's projector returns one (images, T, D) tensor, which generate repeats per beam /
+        returned sequence as a copy (``Tensor.repeat``), not as views of the encoded storage: each
+        copy's image is found by its features, equal to those of one image the tower encoded in
+        this block (one host read, at the prefill)."""
+        projected = self.projected
+        found = torch.stack([t.to(projected.device) for t in encoded])
+        same = (found[:, None] == projected[None]).flatten(2).all(dim=-1)  # (copies, images)
+        if not bool(same.any(dim=1).all()):
+            raise ValueError("generate's encoded images do not match the images the tower encoded under this press: "
+                             "encode the images inside the `with press(model):` block")
+        return [replace(item, source=s) for item, s in zip(items, same.long().argmax(dim=1).tolist())]
 
     # ---- masks: Gemma 3 builds them before its language model (see the module docstring) -----------
     @contextmanager
@@ -150,7 +168,7 @@ class Gemma3Adapter(Adapter):
             raise ValueError("pressing a Gemma 3 model needs its inputs as keywords (input_ids=..., pixel_values=..., "
                              "attention_mask=...), as generate and the ForConditionalGeneration class pass them")
         if isinstance(mask, dict):  # built beforehand (generate with a static, compilable cache)
-            if self.state.rows or self._continues_pressed(kwargs) or self.stage_objs:
+            if self.state.rows or self._continues_pressed(kwargs) or set(self.stages) - {"pre_llm"}:
                 raise ValueError("this Gemma 3 call brings its attention masks already built (a dict per layer type, "
                                  "as generate does for a static cache): they cannot follow the pressed sequence. "
                                  "Pass the 2-D attention mask and use the default dynamic cache")
@@ -168,7 +186,7 @@ class Gemma3Adapter(Adapter):
         """Before the core's hook: the stand-in dict becomes the call's 2-D mask again."""
         mask = kwargs.get("attention_mask")
         if not isinstance(mask, _Deferred):
-            if isinstance(mask, dict) and (self.state.rows or self.stage_objs):
+            if isinstance(mask, dict) and (self.state.rows or set(self.stages) - {"pre_llm"}):
                 raise ValueError("the Gemma 3 language model got its masks already built (a dict per layer type): "
                                  "call the whole model (Gemma3ForConditionalGeneration) with a 2-D attention mask")
             return None
@@ -178,7 +196,7 @@ class Gemma3Adapter(Adapter):
     def _check_window(self, kwargs: dict) -> None:
         """An in-LLM pressed cache holds each layer's kept columns; a sliding layer's cache drops its
         oldest entries once the window is full, which the cut masks do not follow: refuse."""
-        if not self.stage_objs:
+        if "in_llm" not in self.stages:
             return
         window = getattr(self.text_config, "sliding_window", None)
         if window is None or "sliding_attention" not in self.text_config.layer_types:
@@ -262,6 +280,8 @@ class Gemma3Adapter(Adapter):
     def signal_hooks(self, press: Press) -> list:
         needs = set(press.needs)
         handles = []
+        if (HEADS | CONCAT | {"vision_features"}) & needs:  # generate's repeated copies are matched against it
+            handles.append(self.vlm.multi_modal_projector.register_forward_hook(self._projected_hook))
         if "vision_features" in needs:
             handles.append(self.vlm.multi_modal_projector.mm_soft_emb_norm.register_forward_pre_hook(self._pooled_hook))
         layers = encoder_layers(self.vlm.vision_tower)
@@ -270,6 +290,9 @@ class Gemma3Adapter(Adapter):
         return handles + [attention_module(layers[block]).register_forward_pre_hook(self._vision_hook(block, form),
                                                                                     with_kwargs=True)
                           for block, form in forms.items()]
+
+    def _projected_hook(self, module, args, output):
+        self.projected = output
 
     def _pooled_hook(self, module, args):
         self.features = args[0]
