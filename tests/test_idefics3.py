@@ -342,10 +342,10 @@ def test_prefill_flops_count_real_crops_only(model):
 
 @pytest.mark.parametrize("model_type, tokens", [("smolvlm", 81), ("idefics3", 169)])
 def test_real_shapes_keep_the_released_token_counts(model_type, tokens):
-    """bench-cost's image (1536 px) is 4 x 4 tiles + the global image, each crop as many tokens
-    as the released model's (SmolVLM2: 384 px / 14, shuffle 3; Idefics3: 364 px / 14, shuffle 2)."""
+    """bench-cost's image (768 x 1536 px) is 2 x 4 tiles + the global image, each crop as many
+    tokens as the released model's (SmolVLM2: 384 px / 14, shuffle 3; Idefics3: 364 px / 14, shuffle 2)."""
     crop = {"smolvlm": 384, "idefics3": 364}[model_type]
-    assert tile_layout(*A.bench_media["image"], crop) == (4, 4)
+    assert tile_layout(*A.bench_media["image"], crop) == (2, 4)
     with torch.device("meta"):
         model = A.build("real", model_type=model_type)
     assert n_tok(model) == tokens and type(model).__name__.lower().startswith(model_type)
