@@ -64,16 +64,6 @@ class ProbePress(ScorerPress):
         return ctx.cls_attn
 
 
-def row_alone(batch, i):
-    """Row i of ``batch`` alone: unpadded, its own real crops only."""
-    start = int(batch["attention_mask"][i].nonzero()[0])
-    ids = batch["input_ids"][i : i + 1, start:]
-    crops = int(batch["pixel_attention_mask"][i].flatten(1).any(dim=1).sum())
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": batch["pixel_values"][i : i + 1, :crops],
-            "pixel_attention_mask": batch["pixel_attention_mask"][i : i + 1, :crops]}
-
-
 def crop_features(model, batch) -> torch.Tensor:
     """(real crops, n, D): the connector's output per crop, as the model computes it."""
     return torch.cat(list(model.model.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"])
@@ -218,7 +208,9 @@ def test_ragged_batch_with_padding_crops_decodes_as_each_row_alone_under_beam_se
     with torch.no_grad(), press(model):
         tokens = model.generate(**batch, **options)[:, -3:]
         for i in range(len(RAGGED)):
-            alone = model.generate(**row_alone(batch, i), **options)[:, -3:]
+            row = A.prompts(model, [RAGGED[i]], first_row=i)  # no padding, its own crops only
+            assert torch.equal(row["pixel_values"][0], batch["pixel_values"][i, : row["pixel_values"].shape[1]])
+            alone = model.generate(**row, **options)[:, -3:]
             assert torch.equal(tokens[i], alone[0])
 
 

@@ -304,11 +304,13 @@ class Idefics3Adapter(Adapter):
         return model
 
     @classmethod
-    def prompts(cls, model, rows: list, kind: str = "image", seed: int = 0, text: int = 33) -> dict:
-        """Left-padded rows as the processor lays them out: a few system tokens, the row's images
-        (each resized to a longest edge of 4 crops, cut into tiles, + the global image, with their
-        markers), a question of ragged length; ``pixel_values`` (B, most crops in a row, 3, S, S)
-        padded with all-zero crops and ``pixel_attention_mask``, as the image processor pads them."""
+    def prompts(cls, model, rows: list, kind: str = "image", seed: int = 0, first_row: int = 0,
+                text: int = 33) -> dict:
+        """Left-padded rows (numbered from ``first_row``) as the processor lays them out: a few
+        system tokens, the row's images (each resized to a longest edge of 4 crops, cut into tiles,
+        + the global image, with their markers), a question of ragged length; ``pixel_values``
+        (B, most crops in a row, 3, S, S) padded with all-zero crops and ``pixel_attention_mask``,
+        as the image processor pads them."""
         if kind != "image":
             raise ValueError("SmolVLM / Idefics3 prompts take images (a video is a series of unsplit images)")
         cfg = model.config
@@ -317,9 +319,9 @@ class Idefics3Adapter(Adapter):
         sequences, crops = [], []
         for i, row in enumerate(rows):
             layouts = [tile_layout(h, w, crop) for h, w in row]
-            sequences.append(text_around([image_tokens(r, c, n) for r, c in layouts], i, seed, text,
+            sequences.append(text_around([image_tokens(r, c, n) for r, c in layouts], first_row + i, seed, text,
                                          cfg.text_config.vocab_size, low=TEXT_LOW))
-            crops.append([pixel_tensor((3, crop, crop), seed, i, 1000 * j + t)
+            crops.append([pixel_tensor((3, crop, crop), seed, first_row + i, 1000 * j + t)
                           for j, (r, c) in enumerate(layouts) for t in range(r * c + 1 if r else 1)])
         if not any(crops):
             return left_pad(sequences)
