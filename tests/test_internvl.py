@@ -296,3 +296,52 @@ def test_anyres_presses_read_the_tiles(model):
         assert run.stats.kept_visual_tokens == 6 * 14
     with pytest.raises(ValueError, match="thumbnail"), mmpress.get_press("globalcom2", keep=14)(model):
         model(**batch)
+
+
+@pytest.mark.parametrize("name", ["visionzip", "vispruner", "prumerge", "divprune"])
+def test_pressed_generate_adds_no_host_syncs(model, name):
+    """Locating the tiles (one host read of the placeholder mask, then numpy) and gathering each
+    image's tile signals add no syncing op to generate."""
+    from test_llava import count_syncs
+
+    batch = A.prompts(model, ROWS)
+    with torch.no_grad():
+        unpressed = count_syncs(lambda: model.generate(**batch, max_new_tokens=2, do_sample=False))
+        with mmpress.get_press(name, keep=12)(model):
+            pressed = count_syncs(lambda: model.generate(**batch, max_new_tokens=2, do_sample=False))
+    assert pressed == unpressed, name
+
+
+@dataclass
+class NormPress(ScorerPress):
+    """Unregistered test press: keeps the tokens of largest norm (deterministic, scattered)."""
+
+    name = "test-internvl-norm"
+
+    def score(self, tokens, ctx):
+        return tokens.norm(dim=-1)
+
+
+@pytest.mark.parametrize("positions", ["keep", "reindex"])
+def test_pressed_forward_matches_hand_built_sequence(model, positions):
+    """A row with a tiled and a one-tile image: the language model gets the text and, of each
+    image, the tokens the press picks over all its tiles (positions original or 0..L'-1)."""
+    from mmpress.presses.base import VisualContext
+
+    inputs, press = A.prompts(model, [[(64, 96), (32, 32)]]), NormPress(keep=10)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.flatten(0, 1)
+        ids = inputs["input_ids"][0]
+        image = ids == IMAGE_TOKEN
+        embeds = model.get_input_embeddings()(ids).clone()
+        embeds[image] = feats
+        cols, keep = image.nonzero()[:, 0], ~image
+        for start, n in ((0, 7 * T), (7 * T, T)):
+            _, index = press.press(feats[start : start + n][None], VisualContext())
+            keep[cols[start + index[0]]] = True
+        pos = torch.arange(len(ids))[keep] if positions == "keep" else torch.arange(int(keep.sum()))
+        hidden = model.model.language_model(inputs_embeds=embeds[keep][None], position_ids=pos[None]).last_hidden_state
+        expected = model.lm_head(hidden)
+        with press(model, positions=positions):
+            got = model(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
