@@ -129,7 +129,8 @@ class Mistral3Adapter(Adapter):
                 raise ValueError("pressing a Mistral 3 image needs image_sizes (the processor returns it): the "
                                  "images of a batch differ in size inside the padded pixel_values")
             self._current, self._expect = None, True  # the tower runs inside this call and records them
-            return [Item(token, *self._shape(size), i) for i, size in enumerate(self._sizes(kwargs["image_sizes"], pixels))]
+            sizes = self._sizes(kwargs["image_sizes"], pixels)
+            return [Item(token, *self._shape(size), i) for i, size in enumerate(sizes)]
         encoded = self.protocol.encoded_in(kwargs, "image")  # generate() encodes images first
         if not encoded:
             return []
