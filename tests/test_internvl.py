@@ -148,17 +148,17 @@ def test_video_prompts_are_refused(model):
 
 
 # ---- signals ----------------------------------------------------------------------------------
-def eager_reference(model, pixel_values):
+def eager_reference(model, pixel_values, layer=-1):
     """Per tile, from eager attention and the tower's own modules, mapped to LM tokens with the
     model's own pixel_shuffle: the head-mean [CLS] attention (mean of each token's patches), the
     head-mean keys (likewise) and the projector's input."""
     tower = model.model.vision_tower
     out = tower(pixel_values=pixel_values, output_attentions=True, output_hidden_states=True)
-    last = len(tower.encoder.layer) - 1  # vision_feature_layer -1: the last block
+    last = len(tower.encoder.layer) + layer  # the block producing hidden state `layer` (-1: the last)
     cls = out.attentions[last].mean(dim=1)[:, 0, 1:]  # (tiles, P)
-    layer = tower.encoder.layer[last]
-    attn = layer.attention
-    k = attn.k_norm(attn.k_proj(layer.layernorm_before(out.hidden_states[last])))
+    block = tower.encoder.layer[last]
+    attn = block.attention
+    k = attn.k_norm(attn.k_proj(block.layernorm_before(out.hidden_states[last])))
     keys = k.view(*k.shape[:2], attn.num_heads, -1).mean(dim=2)[:, 1:]  # (tiles, P, d)
 
     def shuffle(t):  # (tiles, P, c) -> (tiles, T, 4, c): each token's 4 patches, as the projector gets them
@@ -166,21 +166,22 @@ def eager_reference(model, pixel_values):
         s = model.model.pixel_shuffle(t.reshape(t.shape[0], side, side, -1), scale_factor=0.5)
         return s.reshape(t.shape[0], -1, 4, t.shape[-1])
 
-    features = shuffle(out.last_hidden_state[:, 1:]).flatten(2)
+    features = shuffle((out.last_hidden_state if layer == -1 else out.hidden_states[layer])[:, 1:]).flatten(2)
     return shuffle(cls[..., None]).mean(dim=(2, 3)), shuffle(keys).mean(dim=2), features
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_cls_signals_equal_eager_attention_through_the_pixel_shuffle(qk_norm):
+@pytest.mark.parametrize("qk_norm, layer", [(False, -1), (True, -1), (False, -2)])
+def test_cls_signals_equal_eager_attention_through_the_pixel_shuffle(qk_norm, layer):
     model = A.build("tiny", attn="eager", vision_extra={"use_qk_norm": qk_norm})
+    model.config.vision_feature_layer = layer
     if qk_norm:  # RMSNorm weights away from 1, so a missing norm shows
         with torch.no_grad():
-            for layer in model.model.vision_tower.encoder.layer:
-                layer.attention.q_norm.weight.uniform_(0.5, 2.0)
-                layer.attention.k_norm.weight.uniform_(0.5, 2.0)
+            for block in model.model.vision_tower.encoder.layer:
+                block.attention.q_norm.weight.uniform_(0.5, 2.0)
+                block.attention.k_norm.weight.uniform_(0.5, 2.0)
     batch = A.prompts(model, ROWS)
     with torch.no_grad():
-        cls, keys, features = eager_reference(model, batch["pixel_values"])
+        cls, keys, features = eager_reference(model, batch["pixel_values"], layer)
     seen = probe_contexts(model, batch)
     starts = [0, 1, 8, 13, 17, 24]
     lengths = [n for row in TILES for n in row]
