@@ -300,9 +300,11 @@ def test_received_by_crop_equals_the_full_masked_map():
 
 
 def test_cls_presses_run_on_the_family():
-    cls_presses = [name for name, cls in mmpress.PRESSES.items() if {"cls_attn", "vision_keys"} & set(cls.needs)]
+    cls_presses = [name for name, cls in mmpress.PRESSES.items()
+                   if {"cls_attn", "vision_keys"} & set(cls.needs) and "grid" not in cls.needs]
     assert cls_presses and all(A.runs(mmpress.PRESSES[name]) for name in cls_presses)
     assert "receives" in A.notes
+    assert not A.runs(mmpress.PRESSES["uniform"])  # a split image's tokens form no 2-D grid
     assert set(A.model_types) == {"smolvlm", "idefics3"}
 
 

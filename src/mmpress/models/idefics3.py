@@ -90,11 +90,14 @@ class Idefics3Adapter(Adapter):
     family = "smolvlm"
     model_types = ("smolvlm", "idefics3")
     classes = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
-    signals = VISION_SIGNALS | LLM_SIGNALS
-    notes = ("no [CLS]: cls_attn = mean attention each patch receives (within its crop) in the last SigLIP block, "
-             "averaged over the scale_factor**2 patches pixel-shuffled into each token; vision_keys = that block's "
-             "keys, averaged the same way; *_concat: the same from one softmax over the heads-concatenated q / k; "
-             "vision_features = the pixel-shuffled connector input")
+    # no "grid": the processor splits every image (its longest edge becomes 4 crops), and a split
+    # image's tokens are crop after crop, no single raster (only an unsplit one, a video frame, has it)
+    signals = (VISION_SIGNALS - {"grid"}) | LLM_SIGNALS
+    notes = ("one item per image, its tiles and global image as parts (no 2-D grid for a split image: crop after "
+             "crop); no [CLS]: cls_attn = mean attention each patch receives (within its crop) in the last SigLIP "
+             "block, averaged over the scale_factor**2 patches pixel-shuffled into each token; vision_keys = that "
+             "block's keys, averaged the same way; *_concat: the same from one softmax over the heads-concatenated "
+             "q / k; vision_features = the pixel-shuffled connector input")
     position_modes = ("keep", "reindex")
     language_model_attr = "text_model"  # Idefics3Model / SmolVLMModel name their language model so
     # (h, w) px per image; the tiny towers' crops are 36 (smolvlm) / 24 (idefics3) px, an image's
