@@ -394,3 +394,17 @@ def test_real_shape():
     assert int((inputs["input_ids"] == IMAGE).sum()) == (h // 28) * (w // 28) == 1024
     flops = Mistral3Adapter.prefill_flops(model.config, inputs, inputs["input_ids"].shape[1])
     assert flops.vision > 0 and flops.projector > 0 and flops.language > 0
+
+
+@pytest.mark.parametrize("name", ["visionzip", "vispruner", "prumerge", "divprune"])
+def test_pressed_generate_adds_no_host_syncs(model, name):
+    """Reading the image sizes on the host and scoring each image's patches add no syncing op to
+    generate (transformers reads ``image_sizes`` itself)."""
+    from test_llava import count_syncs
+
+    batch = prompts(model, RAGGED)
+    with torch.no_grad():
+        unpressed = count_syncs(lambda: model.generate(**batch, max_new_tokens=2, do_sample=False))
+        with mmpress.get_press(name, keep_ratio=0.5)(model):
+            pressed = count_syncs(lambda: model.generate(**batch, max_new_tokens=2, do_sample=False))
+    assert pressed == unpressed

@@ -101,6 +101,7 @@ class Mistral3Adapter(Adapter):
         self._expect = False
         self._current: dict | None = None
         self._by_storage: dict[int, dict] = {}
+        self._read: tuple | None = None  # (image_sizes, their host list) of this forward
 
     # ---- where the visual tokens are ----------------------------------------------------------
     def _shape(self, size: tuple[int, int]) -> tuple[int, tuple[int, int, int]]:
@@ -130,6 +131,7 @@ class Mistral3Adapter(Adapter):
                                  "images of a batch differ in size inside the padded pixel_values")
             self._current, self._expect = None, True  # the tower runs inside this call and records them
             sizes = self._sizes(kwargs["image_sizes"], pixels)
+            self._read = (kwargs["image_sizes"], sizes)  # the tower gets the same tensor: read it once
             return [Item(token, *self._shape(size), i) for i, size in enumerate(sizes)]
         encoded = self.protocol.encoded_in(kwargs, "image")  # generate() encodes images first
         if not encoded:
@@ -181,7 +183,9 @@ class Mistral3Adapter(Adapter):
 
     def _start_encoding(self, module, args, kwargs):
         pixels = kwargs.get("pixel_values", args[0] if args else None)
-        sizes = self._sizes(kwargs.get("image_sizes", args[1] if len(args) > 1 else None), pixels)
+        image_sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+        read, self._read = self._read, None
+        sizes = read[1] if read is not None and read[0] is image_sizes else self._sizes(image_sizes, pixels)
         self._encoding = {"sizes": sizes, "signals": {}}
 
     def _finish_encoding(self, module, args, output):
