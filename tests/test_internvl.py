@@ -272,12 +272,25 @@ def test_prefill_flops_by_hand(model):
     # tower: 2 blocks of width 32 (4 heads of 8, MLP 64) over [CLS] + 64 patches per tile
     s, c, f = 65, 32, 64
     block = s * (4 * c * c + 2 * c * f) + 2 * c * s * s
-    assert flops.vision == 2.0 * tiles * 2 * block
+    embed = 64 * 3 * 4 * 4 * c  # the patch embedding: a 4 x 4 convolution of 3 channels to 32, per patch
+    assert flops.vision == 2.0 * tiles * (embed + 2 * block)
     # projector: every LM token (16 a tile) from 4 x 32 channels to 48, then 48 -> 48
     tokens = int((batch["input_ids"] == IMAGE_TOKEN).sum())
     assert tokens == tiles * T
     assert flops.projector == 2.0 * tokens * (128 * 48 + 48 * 48)
     assert flops.language > 0 and flops.total == flops.vision + flops.projector + flops.language
+
+
+def test_tower_and_projector_flops_equal_the_counted_ones():
+    """Patch embedding, blocks, projector: exactly what torch counts with eager attention."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = A.build("tiny", attn="eager")
+    batch = A.prompts(model, ROWS)
+    flops = A.prefill_flops(model.config, batch, batch["input_ids"].shape[1])
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        A.encode(model, batch)
+    assert flops.vision + flops.projector == counter.get_total_flops()
 
 
 def test_real_shape_is_internvl3_at_448_px():

@@ -276,9 +276,9 @@ class InternVLAdapter(Adapter):
     # ---- cost and shapes ------------------------------------------------------------------------
     @classmethod
     def prefill_flops(cls, config, inputs: dict, seq_len: int, layer_seq_len=None) -> PrefillFlops:
-        """The tower over every tile of the batch ([CLS] + patches), the projector (LayerNorm
-        ignored, 4C -> D and D -> D) over the tokens the LM sees, and ``batch`` rows of
-        ``seq_len`` LM tokens."""
+        """The tower over every tile of the batch (its patch embedding, then every block over [CLS]
+        + patches), the projector (4C -> D and D -> D; norms ignored) over the tokens the LM sees,
+        and ``batch`` rows of ``seq_len`` LM tokens."""
         vision_cfg, text_cfg = config.vision_config, config.text_config
         batch = inputs["input_ids"].shape[0]
         pixels = inputs.get("pixel_values")
@@ -286,7 +286,8 @@ class InternVLAdapter(Adapter):
         patch = _pair(vision_cfg.patch_size)[0]
         side = pixels.shape[-1] // patch if pixels is not None else _pair(vision_cfg.image_size)[0] // patch
         patches, scale = side * side, round(1 / config.downsample_ratio)
-        vision = transformer_flops(vision_cfg, patches + 1, batch=tiles)
+        embed = 2.0 * tiles * patches * vision_cfg.num_channels * patch * patch * vision_cfg.hidden_size
+        vision = embed + transformer_flops(vision_cfg, patches + 1, batch=tiles)
         tokens = tiles * patches // scale**2
         width, hidden = vision_cfg.hidden_size * scale**2, text_cfg.hidden_size
         projector = 2.0 * tokens * (width * hidden + hidden * hidden)
