@@ -44,7 +44,7 @@ producing ``vision_feature_layer`` (-1: the last), per head (with the module's o
 the tile's patches, then mapped through the pixel shuffle: a token's score is the mean of its
 ``1 / ratio`` squared patches' scores (``vision_keys``: their head-averaged keys, averaged the
 same way). Each tile has its own [CLS] (the tower runs per tile), so an image's scores are those
-of its tiles, each tile's summing to at most 1. ``cls_attn_concat`` / ``vision_keys_concat``:
+of its tiles, each tile's patch scores summing to at most 1 (the rest is [CLS]'s own share). ``cls_attn_concat`` / ``vision_keys_concat``:
 the same from one softmax over the heads-concatenated q / k (official PruMerge's form);
 ``cls_attn_layers``: ``cls_attn`` at the vision layers a press lists. From a forward pre-hook on
 the block's attention module (``models.vision.cls_signals``), so the tower keeps running with
