@@ -9,6 +9,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mmpress
 import mmpress.models.idefics3  # noqa: F401  (registers the family until the registry line lands)
@@ -137,6 +139,19 @@ def test_prompts_match_the_real_processor():
         assert ours_ids[ours_ids.index(FAKE):][: len(expected)] == expected
     assert real["pixel_values"].shape == ours["pixel_values"].shape
     assert torch.equal(real["pixel_attention_mask"], ours["pixel_attention_mask"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(1, 600), w=st.integers(1, 600), crop=st.sampled_from([24, 36]))
+def test_tile_layout_equals_the_image_processor(h, w, crop):
+    """The tiles prompts() cuts an image into are the image processor's (resize to the longest
+    edge, round up to whole crops), for any size and aspect ratio."""
+    from PIL import Image
+    from transformers import Idefics3ImageProcessorPil
+
+    processor = Idefics3ImageProcessorPil(size={"longest_edge": 4 * crop}, max_image_size={"longest_edge": crop})
+    out = processor(Image.new("RGB", (w, h)), return_row_col_info=True)
+    assert tile_layout(h, w, crop) == (out["rows"][0][0], out["cols"][0][0])
 
 
 # ---- pressing ------------------------------------------------------------------------------
