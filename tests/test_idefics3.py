@@ -358,3 +358,5 @@ def test_real_shapes_keep_the_released_token_counts(model_type, tokens):
     with torch.device("meta"):
         model = A.build("real", model_type=model_type)
     assert n_tok(model) == tokens and type(model).__name__.lower().startswith(model_type)
+    with pytest.raises(ValueError, match="divisible by the pixel shuffle"):  # bench-cost --image-size 112
+        A.build("tiny", model_type="smolvlm", image_size=112, patch_size=14)

@@ -6,7 +6,8 @@ generated from Idefics3's); the pressing itself is the shared core (``models/bas
 Where the image tokens are. The processor resizes an image so its longest edge is
 ``size["longest_edge"]`` (4 x the tower's ``image_size`` in the released models), cuts it into
 r x c square crops of ``image_size`` px and appends the whole image resized to one crop (the
-"global" image); an image no larger than one crop is that crop alone. The tower encodes every
+"global" image; with ``do_image_splitting=False``, as for SmolVLM's video frames, an image is
+that one crop alone). The tower encodes every
 crop; the connector pixel-shuffles each crop's (p x p) patch grid into (p/s x p/s) tokens
 (``scale_factor`` s: each LM token concatenates an s x s block of patches) and projects them. The
 prompt spells one image as
@@ -278,7 +279,8 @@ class Idefics3Adapter(Adapter):
         "real": SmolVLM2-2.2B's tower geometry (384 px crops, patch 14, pixel shuffle 3: 81 tokens a
         crop) or Idefics3-8B's (364 px, patch 14, shuffle 2: 169 tokens), the SigLIP tower scaled to
         6 x 384 as LLaVA's CLIP is for a CPU, and the shared 12 x 896 LM (a Llama: SmolLM / Llama 3
-        are Llama decoders). "tiny": 36 px crops (shuffle 3) / 24 px (shuffle 2), 9 tokens a crop."""
+        are Llama decoders). "tiny": 36 px crops (shuffle 3) / 24 px (shuffle 2), 9 tokens a crop.
+        ``image_size`` (an override) is the crop's side: the tower's resolution."""
         from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig, SmolVLMConfig,
                                   SmolVLMForConditionalGeneration)
 
@@ -288,15 +290,19 @@ class Idefics3Adapter(Adapter):
         crop = {("smolvlm", "real"): (384, 14, 3), ("idefics3", "real"): (364, 14, 2),
                 ("smolvlm", "tiny"): (36, 4, 3), ("idefics3", "tiny"): (24, 4, 2)}
         image_size, patch_size, scale = crop[model_type, "real" if size == "real" else "tiny"]
-        vision = dict(vision_layers=6, vision_hidden=384, vision_heads=6) if size == "real" else \
+        vision = dict(vision_layers=6, vision_hidden=384) if size == "real" else \
             dict(vision_layers=2, vision_hidden=32, vision_heads=4)
         shape = {**lm_shape(size), **({"vocab": 128} if size == "tiny" else {}), **vision,
                  "image_size": image_size, "patch_size": patch_size, "scale_factor": scale, **overrides}
+        patches, rest = divmod(shape["image_size"], shape["patch_size"])
+        if rest or patches % shape["scale_factor"]:
+            raise ValueError(f"{model_type}: a crop of {shape['image_size']} px must be a whole number of "
+                             f"{shape['patch_size']} px patches, divisible by the pixel shuffle's {shape['scale_factor']}")
         torch.manual_seed(seed)
         hidden = shape["vision_hidden"]
         vision_config = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=shape["vision_layers"],
-                             num_attention_heads=shape["vision_heads"], image_size=shape["image_size"],
-                             patch_size=shape["patch_size"])
+                             num_attention_heads=shape.get("vision_heads") or max(1, hidden // 64),
+                             image_size=shape["image_size"], patch_size=shape["patch_size"])
         config_cls, model_cls = ((SmolVLMConfig, SmolVLMForConditionalGeneration) if model_type == "smolvlm"
                                  else (Idefics3Config, Idefics3ForConditionalGeneration))
         config = config_cls(vision_config=vision_config, text_config=LlamaConfig(**text_config(shape)),
