@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmpress
@@ -322,30 +324,51 @@ def test_signals_missing_and_feature_layer_lists_raise(model):
 
 
 # ---- the processor's layout, FLOPs ------------------------------------------------------------------
+def pixtral_processor_class(monkeypatch):
+    """PixtralProcessor, importable without torchvision (not installed here: its torchvision image
+    processor module is stood in for by the PIL one, which the class does not use)."""
+    import importlib
+
+    from transformers.models.pixtral import image_processing_pil_pixtral as pil
+
+    prefix = "transformers.models.pixtral."
+    if importlib.util.find_spec("torchvision") is None:
+        monkeypatch.setitem(sys.modules, prefix + "image_processing_pixtral", pil)
+        monkeypatch.delitem(sys.modules, prefix + "processing_pixtral", raising=False)
+    return importlib.import_module(prefix + "processing_pixtral").PixtralProcessor
+
+
+STAND_IN = SimpleNamespace(patch_size=4, spatial_merge_size=2, image_token="[IMG]", image_break_token="[IMG_BREAK]",
+                           image_end_token="[IMG_END]")
+NAMES = {IMAGE: "[IMG]", IMAGE_BREAK: "[IMG_BREAK]", IMAGE_END: "[IMG_END]"}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 12), cols=st.integers(1, 12))
+def test_image_layout_is_the_processors_for_any_size(model, monkeypatch, rows, cols):
+    """For any image of R x C tokens: the processor's token layout, and an item of R * C tokens on
+    the (1, R, C) grid."""
+    processor = pixtral_processor_class(monkeypatch)
+    size = (8 * rows, 8 * cols)
+    text = processor.replace_image_token(STAND_IN, {"image_sizes": [size]}, 0)
+    assert "".join(NAMES[t] for t in Mistral3Adapter.image_tokens(model.config, size)) == text
+    items = Mistral3Adapter(model).visual_items((), prompts(model, [[size]]))
+    assert [(i.length, i.grid) for i in items] == [(rows * cols, (1, rows, cols))]
+
+
 def test_prompts_match_the_pixtral_processor(model, monkeypatch):
     """The token layout of each image is the real processor's ``replace_image_token`` (run on a
     stand-in: PixtralProcessor needs torchvision, which is not installed, to be built or even
     imported, so its torchvision image processor module is stood in for by the PIL one), and
     pixel_values / image_sizes are what its PIL image processor gives for images already at a
     multiple of 8 px: zero-padded at the bottom / right to the largest sides."""
-    import importlib
-
-    from transformers.models.pixtral import image_processing_pil_pixtral as pil
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-    prefix = "transformers.models.pixtral."
-    if importlib.util.find_spec("torchvision") is None:
-        monkeypatch.setitem(sys.modules, prefix + "image_processing_pixtral", pil)
-        monkeypatch.delitem(sys.modules, prefix + "processing_pixtral", raising=False)
-    PixtralProcessor = importlib.import_module(prefix + "processing_pixtral").PixtralProcessor
-
-    names = {IMAGE: "[IMG]", IMAGE_BREAK: "[IMG_BREAK]", IMAGE_END: "[IMG_END]"}
-    stand_in = SimpleNamespace(patch_size=4, spatial_merge_size=2, image_token="[IMG]",
-                               image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+    processor = pixtral_processor_class(monkeypatch)
     sizes = [(32, 48), (48, 32), (16, 8)]
     for i, size in enumerate(sizes):
-        text = PixtralProcessor.replace_image_token(stand_in, {"image_sizes": sizes}, i)
-        assert "".join(names[t] for t in Mistral3Adapter.image_tokens(model.config, size)) == text
+        text = processor.replace_image_token(STAND_IN, {"image_sizes": sizes}, i)
+        assert "".join(NAMES[t] for t in Mistral3Adapter.image_tokens(model.config, size)) == text
     batch = prompts(model, [sizes])
     images = [(batch["pixel_values"][j, :, :h, :w].permute(1, 2, 0).numpy() * 40 + 128).round().clip(0, 255)
               for j, (h, w) in enumerate(sizes)]
