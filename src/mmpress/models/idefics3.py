@@ -294,10 +294,10 @@ class Idefics3Adapter(Adapter):
             dict(vision_layers=2, vision_hidden=32, vision_heads=4)
         shape = {**lm_shape(size), **({"vocab": 128} if size == "tiny" else {}), **vision,
                  "image_size": image_size, "patch_size": patch_size, "scale_factor": scale, **overrides}
-        patches, rest = divmod(shape["image_size"], shape["patch_size"])
-        if rest or patches % shape["scale_factor"]:
-            raise ValueError(f"{model_type}: a crop of {shape['image_size']} px must be a whole number of "
-                             f"{shape['patch_size']} px patches, divisible by the pixel shuffle's {shape['scale_factor']}")
+        if shape["image_size"] // shape["patch_size"] % shape["scale_factor"]:  # (the conv drops a remainder)
+            raise ValueError(f"{model_type}: a crop of {shape['image_size']} px must be a number of "
+                             f"{shape['patch_size']} px patches a side divisible by the pixel shuffle's "
+                             f"{shape['scale_factor']}")
         torch.manual_seed(seed)
         hidden = shape["vision_hidden"]
         vision_config = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=shape["vision_layers"],
