@@ -74,9 +74,9 @@ def test_prompts_give_a_row_alone_the_batch_rows_tokens_and_pixels(model):
     assert torch.equal(batch["pixel_values"][: first.shape[0]], first)
 
 
-@pytest.mark.parametrize("rows", ["single", "ragged"])
+@pytest.mark.parametrize("rows", ["single", "ragged", "video"])
 def test_keep_all_reproduces_unpressed(model, rows):
-    batch = A.prompts(model, A.example_rows[rows])
+    batch = A.prompts(model, A.example_rows[rows], kind="video" if rows == "video" else "image")
     with torch.no_grad():
         reference, (ref_tokens, ref_scores) = model(**batch).logits, generate(model, batch)
         with mmpress.get_press("none")(model):
@@ -112,26 +112,33 @@ def test_gated_deltanet_ignores_left_padding_in_prefill_and_decoding(model):
     torch.testing.assert_close(after2, after, atol=1e-5, rtol=1e-4)
 
 
-def test_pressed_forward_matches_hand_built_sequence(model):
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_pressed_forward_matches_hand_built_sequence(model, kind):
     """The kept tokens with their original M-RoPE ids, run through every layer (Gated DeltaNet
-    included) on the shorter sequence."""
-    inputs, press = A.prompts(model, [[(32, 32), (32, 48)]]), NormPress(keep=5)
+    included) on the shorter sequence; a video's frames lie apart, each after its timestamp."""
+    rows = [[(32, 32), (32, 48)]] if kind == "image" else [[(4, 32, 32)]]
+    inputs, press = A.prompts(model, rows, kind=kind), NormPress(keep=5)
+    token = model.config.image_token_id if kind == "image" else model.config.video_token_id
     seen, vlm = {}, model.model
     with torch.no_grad():
         handle = vlm.language_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
         model(**inputs)
         handle.remove()
         ids = inputs["input_ids"][0]
-        feats = vlm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
-        where = (ids == model.config.image_token_id).nonzero()[:, 0].split([f.shape[0] for f in feats])
+        if kind == "image":
+            feats = vlm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        else:
+            feats = vlm.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
+        where = (ids == token).nonzero()[:, 0].split([f.shape[0] for f in feats])
         kept = torch.cat([w[press.press(f[None], mmpress.VisualContext())[1][0]] for f, w in zip(feats, where)])
-        keep = ids != model.config.image_token_id
+        keep = ids != token
         keep[kept] = True
         hidden = vlm.language_model(inputs_embeds=seen["inputs_embeds"][:, keep],
                                     position_ids=seen["position_ids"][..., keep])
         expected = model.lm_head(hidden.last_hidden_state)
         with press(model):
             got = model(**inputs).logits
+    assert (~keep).sum() == sum(f.shape[0] for f in feats) - 5 * len(feats)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
