@@ -282,3 +282,24 @@ def test_prefill_flops_hand_computed(model):
     assert flops.vision > 0 and flops.projector > 0
     more = A.prefill_flops(model.config, A.prompts(model, [[(32, 32)], [(64, 48), (32, 32)]]), 30)
     assert more.vision > flops.vision and more.projector > flops.projector
+
+
+def test_flops_equal_torch_flop_counter():
+    """The tower + merger count equals torch's FLOP counter exactly (eager); the LM's, on a stack
+    of full-attention layers, too, up to eager's full (not causal) score square. (Gated DeltaNet is
+    counted in its recurrent form, 3 d_k x d_v products per token and value head, the least any
+    implementation does; transformers' torch reference runs the chunked form, padded to 64-token
+    chunks, and does more.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = A.build("tiny", attn="eager", full_attention_interval=1)
+    inputs = A.prompts(model, ROWS)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    flops = A.prefill_flops(model.config, inputs, 30)
+    assert counter.get_total_flops() == flops.vision + flops.projector
+    cfg, s = model.config.text_config, 30
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.model.language_model(inputs_embeds=torch.randn(1, s, cfg.hidden_size))
+    square = cfg.num_hidden_layers * 2 * cfg.num_attention_heads * cfg.head_dim * (2 * s * s - s * (s + 1))
+    assert counter.get_total_flops() == hybrid_language_flops(cfg, s) - 2 * cfg.hidden_size * cfg.vocab_size + square

@@ -169,8 +169,10 @@ def hybrid_language_flops(cfg, seq_len: int, batch: int = 1, layer_seq_len=None)
     attention scores and values. Linear-attention layer (Gated DeltaNet): ``in_proj_qkv``,
     ``in_proj_z``, ``in_proj_b``, ``in_proj_a``, ``out_proj``, the depthwise conv, and per token
     and value head the delta rule's three d_k x d_v products (``S^T k``, the rank-one update,
-    ``S^T q``): linear in the width. MLP: gated (3 matrices), or for MoE the router, the active
-    experts and the shared expert (with its gate)."""
+    ``S^T q``): linear in the width, the least any implementation does (transformers' torch
+    reference runs the chunked form, padded to 64-token chunks, and does more on a CPU). MLP: gated
+    (3 matrices), or for MoE the router, the active experts and the shared expert (with its gate).
+    Tested against torch's FLOP counter (full-attention layers, projections, MLP)."""
     d, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
     head = getattr(cfg, "head_dim", None) or d // heads
     k_dim, v_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
