@@ -293,6 +293,11 @@ def test_tower_and_projector_flops_equal_the_counted_ones():
     assert flops.vision + flops.projector == counter.get_total_flops()
 
 
+def test_tile_side_the_pixel_shuffle_cannot_divide_is_refused():
+    with pytest.raises(ValueError, match="multiple of 28 px"):
+        A.build("real", image_size=434, vision_layers=1, lm_layers=1)  # 31 patches a side
+
+
 def test_real_shape_is_internvl3_at_448_px():
     model = A.build("real", vision_layers=1, lm_layers=1)
     batch = A.prompts(model, [list(A.bench_media.values())])

@@ -307,6 +307,10 @@ class InternVLAdapter(Adapter):
         real = dict(vision_layers=6, vision_hidden=384, image_size=448, patch_size=14)
         tiny = dict(vision_layers=2, vision_hidden=32, image_size=32, patch_size=4)
         shape = {**lm_shape(size), **(real if size == "real" else tiny), "vision_extra": {}, **overrides}
+        side, patch = shape["image_size"], shape["patch_size"]
+        if side % patch or (side // patch) % 2:
+            raise ValueError(f"an InternVL tile of {side} px is not an even number of {patch} px patches, which the "
+                             f"2 x 2 pixel shuffle needs: pick a multiple of {2 * patch} px")
         torch.manual_seed(seed)
         hidden = shape["vision_hidden"]
         vision = InternVLVisionConfig(**shape["vision_extra"], hidden_size=hidden,
@@ -314,7 +318,7 @@ class InternVLAdapter(Adapter):
                                       num_hidden_layers=shape["vision_layers"],
                                       num_attention_heads=max(1, hidden // 64) if size == "real" else 4,
                                       image_size=shape["image_size"], patch_size=shape["patch_size"])
-        per_tile = (shape["image_size"] // shape["patch_size"] // 2) ** 2
+        per_tile = (side // patch // 2) ** 2
         config = InternVLConfig(vision_config=vision, text_config=qwen2_text(shape), image_token_id=IMAGE_TOKEN,
                                 image_seq_length=per_tile, downsample_ratio=0.5, vision_feature_layer=-1,
                                 vision_feature_select_strategy="default")
