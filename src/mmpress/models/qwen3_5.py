@@ -101,7 +101,7 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         if not super().numbers_from_cache(kwargs):
             return False
         cache = self.protocol.cache_of(kwargs)
-        return int(cache.get_seq_length()) == int(cache.get_seq_length(self.attention_layers()[0]))
+        return cache is None or int(cache.get_seq_length()) == int(cache.get_seq_length(self.attention_layers()[0]))
 
     # ---- cost and shapes ------------------------------------------------------------------------
     @classmethod
@@ -143,15 +143,15 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         head_dim = shape["head_dim"] or max(24, shape["lm_hidden"] // shape["lm_heads"])
         half = head_dim // 4 // 2  # RoPE on a quarter of each head (partial_rotary_factor 0.25), halves
         text.pop("rope_scaling", None)
-        interval = shape["full_attention_interval"]
-        keys, values = shape["linear_heads"]
+        interval, (keys, values), linear_dim = (shape["full_attention_interval"], shape["linear_heads"],
+                                                shape["linear_head_dim"])
+        sections = [half // 3 + (half % 3 > 0), half // 3 + (half % 3 > 1), half // 3]  # released: 11, 11, 10 of 32
         text.update(head_dim=head_dim, layer_types=["full_attention" if (i + 1) % interval == 0 else "linear_attention"
                                                     for i in range(layers)],
-                    linear_num_key_heads=keys, linear_num_value_heads=values, linear_key_head_dim=shape["linear_head_dim"],
-                    linear_value_head_dim=shape["linear_head_dim"],
+                    linear_num_key_heads=keys, linear_num_value_heads=values, linear_key_head_dim=linear_dim,
+                    linear_value_head_dim=linear_dim,
                     rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
-                                     "mrope_interleaved": True,
-                                     "mrope_section": [half // 3 + (half % 3 > 0), half // 3 + (half % 3 > 1), half // 3]})
+                                     "mrope_interleaved": True, "mrope_section": sections})
         if model_type == "qwen3_5_moe":
             experts, active, size = shape["experts"]
             text.update(num_experts=experts, num_experts_per_tok=active, moe_intermediate_size=size,
