@@ -229,8 +229,9 @@ class GlobalCom2Press(SelectorPress):
     ``cls_logits`` (M, N), the head-mean [CLS] logits of a listed block.
     (2) Budget. Official counts (int(N_b r), int(N_c s_c)) vary per image; a group of images shares
     one budget k here (``keep``, or ceil(keep_ratio N)), so each image takes the official counts and
-    adds (or drops) the difference to k in proportion to N_b r and N_c s_c (:func:`apportion`),
-    with r = ``keep_ratio`` (else k / N). A k equal to an image's official total gives its counts.
+    adds (or drops) the difference to k by D'Hondt's divisor method on N_b r and N_c s_c
+    (:func:`apportion`), with r = ``keep_ratio`` (else k / N). A k equal to an image's official
+    total gives its official counts.
     (3) Layout. Kept tokens stay in token order (official: the thumbnail's in descending score),
     and the model's newline tokens stay as the adapter keeps them (official: one per canvas row,
     padded rows included). Ties: the lower index (official ``argsort`` / ``topk`` on the device).
