@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import mmpress
 import mmpress.models.llava_next  # noqa: F401  (registers the family)
 from mmpress.flops import language_flops, transformer_flops
-from mmpress.models.llava_next import LlavaNextAdapter, TilesPart, anyres_tiles, tile_candidates
+from mmpress.models.llava_next import LlavaNextAdapter, TilesPart, anyres_tiles, rasters, tile_candidates
 from mmpress.presses.base import ScorerPress
 
 A = LlavaNextAdapter
@@ -72,6 +72,8 @@ def test_layout_matches_pack_image_features(model, h, w):
     assert list(tiles.fixed) == rows and tiles.length == len(rows) + values.shape[0]
     assert torch.equal(tiles.pack(per_crop), values)
     assert tiles in tile_candidates(model.config, tiles.side, tiles.size, None)
+    size = tiles.size if tiles.size[0] else (0, 0)  # generate's reading of an encoded image by its length
+    assert size in rasters(model.config, tiles.side, None)[tiles.length]
     part = tiles.parts[1]
     assert isinstance(part, TilesPart) and part.crops == tiles.grid and part.length == values.shape[0] - 64
 
@@ -101,6 +103,23 @@ def test_encoded_images_have_the_forward_layout(model):
     strip = [(i.length, i.grid, i.fixed, [(p.start, p.length, p.grid, p.role) for p in i.parts]) for i in forward]
     assert strip == [(i.length, i.grid, i.fixed, [(p.start, p.length, p.grid, p.role) for p in i.parts])
                      for i in from_features]
+
+
+def test_encoded_images_are_read_by_length_where_it_tells(model):
+    """generate's encoded images: a token count only one raster gives needs no device read; a
+    (32, 32) px image's 136 tokens (8 x 8 tiles raster, or 24 x 2) make the newline rows read."""
+    from test_llava import count_syncs
+
+    def reads(rows):
+        inputs = A.prompts(model, rows)
+        with torch.no_grad(), mmpress.get_press("divprune", keep=16)(model):
+            pressed = count_syncs(lambda: model.generate(**inputs, max_new_tokens=2, do_sample=False))
+        return pressed.get("nonzero", 0) - count_syncs(lambda: model.generate(**inputs, max_new_tokens=2)).get(
+            "nonzero", 0)
+
+    assert len(rasters(model.config, 8, None)[anyres_tiles(model.config, (32, 32)).length]) == 2
+    assert reads([[(64, 64)], [(40, 72), (96, 32)]]) == 0
+    assert reads([[(64, 64)], [(32, 32)]]) == 1
 
 
 def test_generate_resolves_the_tile_grid_as_the_forward(model):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import mmpress
 import mmpress.models.llava_onevision  # noqa: F401  (registers the family)
 from mmpress.flops import language_flops, transformer_flops
-from mmpress.models.llava_next import anyres_tiles, tile_candidates
+from mmpress.models.llava_next import anyres_tiles, rasters, tile_candidates
 from mmpress.models.llava_onevision import LlavaOnevisionAdapter
 from mmpress.presses.base import PRESSES, ScorerPress
 
@@ -79,6 +79,8 @@ def test_layout_matches_pack_image_features(model, h, w):
     torch.testing.assert_close(tiles.pack(per_crop), values, rtol=0, atol=1e-12)
     assert tiles.length == count_processor(model)._get_number_of_features(h, w, 32, 32)
     assert tiles in tile_candidates(model.config, tiles.side, tiles.size, 4)
+    size = tiles.size if tiles.size[0] else (0, 0)  # generate's reading of an encoded image by its length
+    assert size in rasters(model.config, tiles.side, 4)[tiles.length]
 
 
 def test_shrunk_tiles_have_no_crop_grid(model):

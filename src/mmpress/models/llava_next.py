@@ -163,6 +163,25 @@ def tile_candidates(config, side: int, size: tuple[int, int], max_patches: int |
     return found
 
 
+def rasters(config, side: int, max_patches: int | None) -> dict[int, set[tuple[int, int]]]:
+    """Token count of an image -> the LM rasters (H', W') of ``image_grid_pinpoints`` giving it
+    ((0, 0): no rows left after unpadding); cached per config."""
+    key = (tuple(map(tuple, config.image_grid_pinpoints)), config.vision_config.image_size, side, max_patches)
+    if key not in _RASTERS:
+        out: dict[int, set] = {}
+        for ph, pw in key[0]:
+            full_h, full_w = ph // key[1] * side, pw // key[1] * side
+            for height, width in [(full_h, w) for w in range(full_w, -1, -2)] + [(h, full_w) for h in range(full_h - 2, -1, -2)]:
+                rows, cols = interpolated(height, width, side, max_patches)
+                size = (rows, cols) if rows else (0, 0)
+                out.setdefault(side**2 + size[0] * (size[1] + 1), set()).add(size)
+        _RASTERS[key] = out
+    return _RASTERS[key]
+
+
+_RASTERS: dict = {}
+
+
 @family
 class LlavaNextAdapter(LlavaAdapter):
     """Applies presses to a LLaVA-NeXT model: each image (base + tiles) one item, its newline
@@ -226,45 +245,49 @@ class LlavaNextAdapter(LlavaAdapter):
         self.vision, self.features, self.records, self.projected = {}, None, [], None
 
     def read_layouts(self, kind: str, features: list[Tensor]) -> list[Tiles]:
-        """The layout of each image ``generate`` encoded (it drops ``image_sizes``) from its
-        features: its newline rows (those equal to ``image_newline``: one host read) give the base,
-        the LM raster (H', W') and the newlines; with the tower hooked (a press reading its signals),
-        the tile grid is the layout of ``image_grid_pinpoints`` giving that raster whose stitching of
-        the projector's output reproduces the encoded features exactly (one in practice; a host read
+        """The layout of each image ``generate`` encoded (it drops ``image_sizes``): its LM raster
+        (H', W'), hence its newlines, from its length where only one raster of the model's
+        ``image_grid_pinpoints`` has that many tokens, else from its newline rows (those equal to
+        ``image_newline``: one host read for all images). With the tower hooked (a press reading
+        its signals), the tile grid is the layout giving that raster whose stitching of the
+        projector's output reproduces the encoded features exactly (one in practice; a host read
         per candidate, once per ``generate``). Unhooked, the tile grid stays unknown (``crops=0``)."""
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        newline = self.vlm.image_newline
-        flags = torch.cat([(f == newline.to(f)).all(dim=-1) for f in features])
-        where = flags.nonzero()[:, 0].tolist()
-        projected = self._call_of(kind)[2] if self.records or self.projected is not None else None
-        max_patches = self.max_patches_of(self.config)
-        layouts, start, crop = [], 0, 0
-        for f in features:
-            end = start + f.shape[0]
-            rows, wanted = [w - start for w in where if start <= w < end], f[~flags[start:end]]
-            start = end
-            base = side**2
-            if rows == [base] and f.shape[0] == base + 1:
-                options = [Tiles(1, side)]
-            else:
-                cols = rows[0] - base if rows else 0  # no rows: no tiles left after unpadding
-                unknown = Tiles(0, side, (0, 0), None, (len(rows), cols))
-                if (rows and cols <= 0) or list(unknown.fixed) != rows or unknown.length != f.shape[0]:
+        base, max_patches = side**2, self.max_patches_of(self.config)
+        by_length = rasters(self.config, side, max_patches)
+        known = [by_length.get(f.shape[0], set()) | ({None} if f.shape[0] == base + 1 else set()) for f in features]
+        if any(len(k) != 1 for k in known):  # the newline rows tell
+            newline = self.vlm.image_newline
+            where = torch.cat([(f == newline.to(f)).all(dim=-1) for f in features]).nonzero()[:, 0].tolist()
+            known, start = [], 0
+            for f in features:
+                rows = [w - start for w in where if start <= w < start + f.shape[0]]
+                start += f.shape[0]
+                size = None if rows == [base] and f.shape[0] == base + 1 else (len(rows), rows[0] - base if rows else 0)
+                known.append({size})
+                check = Tiles(0, side, (0, 0), None, size) if size else Tiles(1, side)
+                if (rows and size and size[1] <= 0) or list(check.fixed) != rows or check.length != f.shape[0]:
                     raise ValueError(f"an encoded image of {f.shape[0]} tokens has image_newline rows at {rows[:8]}: "
                                      f"not a {self.family} layout (a base of {base} tokens, then rows each ending "
                                      "in a newline)")
-                if projected is None:
-                    layouts.append(unknown)
-                    continue
-                options = tile_candidates(self.config, side, unknown.size, max_patches)
-            if projected is not None:
-                options = [t for t in options if crop + t.crops <= projected.shape[0]
-                           and torch.equal(t.pack(projected[crop : crop + t.crops]).to(wanted), wanted)]
-                if len({(t.crops, t.grid, t.cut) for t in options}) != 1:
-                    raise ValueError(f"cannot tell the tile grid of an encoded image of {f.shape[0]} tokens "
-                                     f"({len(options)} layouts fit): call the model (forward) with pixel_values "
-                                     "and image_sizes for the prefill")
-                crop += options[0].crops
+        projected = self._call_of(kind)[2] if self.records or self.projected is not None else None
+        layouts, crop = [], 0
+        for f, (size,) in zip(features, known):
+            unknown = Tiles(0, side, (0, 0), None, size) if size else Tiles(1, side)
+            if projected is None:
+                layouts.append(unknown)
+                continue
+            keep = torch.ones(f.shape[0], dtype=torch.bool, device=f.device)
+            keep[list(unknown.fixed)] = False
+            wanted = f[keep]
+            options = tile_candidates(self.config, side, size, max_patches) if size else [unknown]
+            options = [t for t in options if crop + t.crops <= projected.shape[0]
+                       and torch.equal(t.pack(projected[crop : crop + t.crops]).to(wanted), wanted)]
+            if len({(t.crops, t.grid, t.cut) for t in options}) != 1:
+                raise ValueError(f"cannot tell the tile grid of an encoded image of {f.shape[0]} tokens "
+                                 f"({len(options)} layouts fit): call the model (forward) with pixel_values "
+                                 "and image_sizes for the prefill")
+            crop += options[0].crops
             layouts.append(options[0])
         return layouts
 
