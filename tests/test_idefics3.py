@@ -343,7 +343,8 @@ def test_prefill_flops_count_real_crops_only(model):
     v, t = eager.config.vision_config, eager.config.text_config
     (b, length), width = batch["input_ids"].shape, t.num_attention_heads * t.head_dim
     square = 2.0 * b * t.num_hidden_layers * width * length * (length - 1)  # eager's masked upper half
-    assert flops.total + square == counted(lambda: eager(**batch, logits_to_keep=1))
+    # (transformers 5.18's language model adds a few thousand FLOPs torch counts, 7e-6 of it)
+    assert flops.total + square == pytest.approx(counted(lambda: eager(**batch, logits_to_keep=1)), rel=1e-4)
     s = (v.image_size // v.patch_size) ** 2
     assert flops.projector == 2.0 * 44 * s * v.hidden_size * t.hidden_size  # s / scale^2 tokens of scale^2 C each
     assert flops.language == pytest.approx(language_flops(t, batch["input_ids"].shape[1], 3))
