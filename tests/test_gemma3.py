@@ -253,14 +253,27 @@ def test_in_llm_press_forward_and_decoding_match_oracle(model, name):
         torch.testing.assert_close(scores[:, step], expected[:, width - 1 + step], atol=1e-4, rtol=1e-4)
 
 
+def accepted(model, press) -> bool:
+    """Whether the adapter runs ``press`` on Gemma 3 (KV presses and in-LLM renumbering wait for a
+    core change: the KV stage compacting sliding-window cache layers, the in-LLM stage passing each
+    layer's type to Gemma 3's rotary embedding)."""
+    try:
+        get_adapter(model).check_stages({press.stage: press})
+    except ValueError:
+        return False
+    return True
+
+
 def test_refusals_name_the_fix(model):
     batch = batch_of(model, SINGLE)
-    with pytest.raises(ValueError, match="positions='keep'"):  # PyramidDrop's official renumbering
-        with mmpress.get_press("pdrop")(model):
-            model(**batch)
-    with pytest.raises(ValueError, match="DynamicSlidingWindowLayer"):
-        with mmpress.get_press("snapkv", keep_ratio=0.5)(model):
-            model(**batch)
+    if not accepted(model, mmpress.get_press("pdrop", stages=(1, 2))):
+        with pytest.raises(ValueError, match="positions='keep'"):  # PyramidDrop's official renumbering
+            with mmpress.get_press("pdrop", stages=(1, 2))(model):
+                model(**batch)
+    if not accepted(model, mmpress.get_press("snapkv", keep_ratio=0.5)):
+        with pytest.raises(ValueError, match="DynamicSlidingWindowLayer"):
+            with mmpress.get_press("snapkv", keep_ratio=0.5)(model):
+                model(**batch)
     prepared = {"full_attention": None, "sliding_attention": None}
     with pytest.raises(ValueError, match="2-D attention mask"):
         with mmpress.get_press("random", keep_ratio=0.5)(model):
@@ -272,6 +285,78 @@ def test_in_llm_press_refuses_a_conversation_past_the_sliding_window(windowed):
     with pytest.raises(ValueError, match="sliding window"):
         with torch.no_grad(), mmpress.get_press("fastv", keep_ratio=0.5)(windowed):
             windowed(**batch)
+
+
+def test_kv_press_decoding_matches_oracle(model):
+    """SnapKV on a ragged batch: every layer (sliding and full) keeps the same entries per row, and
+    each decoding step equals the unpressed model whose new tokens see only the kept prompt entries
+    (found by matching the pressed cache's keys with the unpressed prefill's), every layer with its
+    own mask."""
+    press = mmpress.get_press("snapkv", keep_ratio=0.5)
+    if not accepted(model, press):
+        pytest.skip("KV presses on Gemma 3 wait for the core's KV stage to compact sliding-window cache layers")
+    batch = batch_of(model, RAGGED)
+    heads = model.config.text_config.num_attention_heads
+    with torch.no_grad():
+        with press(model):
+            cache = model(**batch, use_cache=True).past_key_values
+            tokens, scores = generate(model, batch)
+        full = model(**batch, use_cache=True).past_key_values
+        kept = []
+        for layer, ref in zip(cache.layers, full.layers):
+            same = (layer.keys[:, :, :, None, :] == ref.keys[:, :, None, :, :]).all(-1).any(2)  # (B, Hkv, L)
+            kept.append(same.repeat_interleave(heads // same.shape[1], dim=1))
+        length, s = batch["input_ids"].shape[1], tokens.shape[1]
+        inputs = {name: torch.cat([batch[name], pad], dim=1) for name, pad in (
+            ("input_ids", tokens), ("attention_mask", torch.ones_like(tokens)), ("token_type_ids", torch.zeros_like(tokens)))}
+        mask = inputs["attention_mask"]
+        inputs |= {"pixel_values": batch["pixel_values"], "position_ids": (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)}
+
+        def restrict(i):
+            def hook(module, args, kwargs):
+                allowed = kwargs["attention_mask"].expand(-1, heads, -1, -1).clone()
+                allowed[:, :, length:] &= torch.cat([kept[i], torch.ones(mask.shape[0], heads, s, dtype=torch.bool)],
+                                                    dim=-1)[:, :, None, :]
+                return args, {**kwargs, "attention_mask": allowed}
+            return hook
+
+        layers = decoder_layers(model.model.language_model)
+        handles = [layer.register_forward_pre_hook(restrict(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            expected = model(**inputs).logits
+        finally:
+            for h in handles:
+                h.remove()
+    assert all(layer.keys.shape[-2] < length for layer in cache.layers)
+    for step in range(s):
+        torch.testing.assert_close(scores[:, step], expected[:, length - 1 + step], atol=1e-4, rtol=1e-4)
+
+
+def test_in_llm_renumbering_rotates_each_layer_by_its_type(model):
+    """PyramidDrop's official renumbering: every layer, at the prefill and each decoding step,
+    gets the rotary embedding of its own type (local / global base) at the ids it runs on."""
+    press = mmpress.get_press("pdrop", stages=(1, 2))
+    if not accepted(model, press):
+        pytest.skip("in-LLM renumbering on Gemma 3 waits for the core's in-LLM stage to pass the layer type")
+    lm = model.model.language_model
+    types, checked = lm.config.layer_types, []
+
+    def check(i):
+        def hook(module, args, kwargs):
+            x, pos = args[0] if args else kwargs["hidden_states"], kwargs["position_ids"]
+            want = lm.rotary_emb(x, pos.expand(x.shape[0], -1), types[i])
+            checked.append(all(torch.allclose(a.expand_as(b), b) for a, b in zip(kwargs["position_embeddings"], want)))
+        return hook
+
+    with torch.no_grad(), press(model):
+        handles = [layer.register_forward_pre_hook(check(i), with_kwargs=True)
+                   for i, layer in enumerate(decoder_layers(lm))]
+        try:
+            generate(model, batch_of(model, RAGGED))
+        finally:
+            for h in handles:
+                h.remove()
+    assert len(checked) == 3 * len(types) and all(checked)
 
 
 # ---- every press, ragged rows, beams ----------------------------------------------------------
