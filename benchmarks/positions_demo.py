@@ -39,10 +39,6 @@ class _Numbered:
     def __call__(self, model):
         return self.press(model, positions=self.positions)
 
-    @property
-    def stats(self):
-        return self.press.stats
-
 
 def measure(presses: list[str], keep: int, n: int) -> dict:
     from mmpress import load_demo

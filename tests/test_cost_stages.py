@@ -134,12 +134,15 @@ def test_the_layers_after_an_in_llm_cut_run_on_the_cut_width():
     cfg = model.config.text_config
     press = mmpress.get_press("fastv", keep=8, layer=1)
 
+    runs = []
+
     def pressed():
-        with press(model):
+        with press(model) as run:
             model(**inputs, logits_to_keep=1)
+        runs.append(run)
 
     counted = _counted_lm(model, pressed)
-    length, cuts = stats_lengths(press.stats)
+    length, cuts = stats_lengths(runs[-1].stats.as_dict())
     assert cuts and cuts[0][0] == 1 and cuts[0][1] < length
     expected = sum(transformer_flops(cfg, width, batch=2, layers=1)
                    for width in layer_lengths(cfg.num_hidden_layers, length, cuts))

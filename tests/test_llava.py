@@ -48,13 +48,13 @@ def test_press_forward_and_generate(model, name, batch_shape):
     forward and generate; a ragged batch gives what each row gives alone (deterministic presses)."""
     press = mmpress.get_press(name) if name == "none" else mmpress.get_press(name, keep=16)
     batch = make_batch(**RAGGED) if batch_shape == "ragged" else make_batch((5,))
-    with torch.no_grad(), press(model):
+    with torch.no_grad(), press(model) as run:
         logits = model(**batch).logits
         tokens, scores = generate(model, batch)
     images = batch["pixel_values"].shape[0]
     kept = N if name == "none" else 16
-    assert press.stats["kept_visual_tokens"] == images * kept
-    assert logits.shape[1] == press.stats["pressed_seq_len"] <= batch["input_ids"].shape[1]
+    assert run.stats.kept_visual_tokens == images * kept
+    assert logits.shape[1] == run.stats.pressed_seq_len <= batch["input_ids"].shape[1]
     assert torch.isfinite(logits).all() and torch.isfinite(scores).all()
     if batch_shape == "ragged" and name != "random":  # random draws depend on the batch layout
         for i, row in enumerate(single_rows(batch)):

@@ -74,10 +74,10 @@ def test_pressed_forward_matches_hand_built_sequence_with_deepstack(model):
 @pytest.mark.parametrize("name", ["divprune", "random", "tome", "pool", "mmtok"])
 def test_presses_run_with_deepstack(model, name):
     batch, press = make_batch(model, RAGGED), mmpress.get_press(name, keep_ratio=0.5)
-    with torch.no_grad(), press(model):
+    with torch.no_grad(), press(model) as run:
         logits = model(**batch).logits
         tokens, scores = generate(model, batch)
-    assert press.stats["kept_visual_tokens"] < press.stats["visual_tokens"]
+    assert run.stats.kept_visual_tokens < run.stats.visual_tokens
     assert torch.isfinite(logits).all() and torch.isfinite(scores).all()
 
 
@@ -85,9 +85,9 @@ def test_presses_run_with_deepstack(model, name):
 def test_attention_presses_run_on_qwen3(model, name):
     """The [CLS] substitute (attention received in the last vision block) on Qwen3-VL's tower."""
     batch, press = make_batch(model, RAGGED), mmpress.get_press(name, keep_ratio=0.5)
-    with torch.no_grad(), press(model):
+    with torch.no_grad(), press(model) as run:
         logits = model(**batch).logits
-    assert press.stats["kept_visual_tokens"] < press.stats["visual_tokens"] and torch.isfinite(logits).all()
+    assert run.stats.kept_visual_tokens < run.stats.visual_tokens and torch.isfinite(logits).all()
 
 
 def test_in_llm_press_after_deepstack_and_kv_press(model):
@@ -100,10 +100,10 @@ def test_in_llm_press_after_deepstack_and_kv_press(model):
     with torch.no_grad():
         reference = model(**batch).logits
         for press in (mmpress.get_press("fastv", keep=4, layer=2), mmpress.get_press("snapkv", keep=4, window=4)):
-            with press(model):
+            with press(model) as run:
                 logits = model(**batch).logits
                 tokens, _ = generate(model, batch)
             assert logits.isfinite().all() and tokens.shape[0] == batch["input_ids"].shape[0]
-            assert press.stats["kept_visual_tokens"] < press.stats["visual_tokens"]
+            assert run.stats.kept_visual_tokens < run.stats.visual_tokens
         with pytest.warns(UserWarning), mmpress.get_press("fastv", keep=1000, layer=2)(model):
             assert torch.equal(model(**batch).logits, reference)

@@ -120,13 +120,13 @@ def test_every_press_forward_and_generate(model, name, rows):
     """Every press runs on images of different sizes in one batch, and on video; presses needing
     [CLS] attention (CLS_PRESSES) get the adapter's substitute (attention received)."""
     batch, press = make_batch(model, rows), mmpress.get_press(name, keep_ratio=0.5)
-    with torch.no_grad(), press(model):
+    with torch.no_grad(), press(model) as run:
         logits = model(**batch).logits
         tokens, scores = generate(model, batch)
-    visual = press.stats["visual_tokens"]
-    assert press.stats["kept_visual_tokens"] < visual
+    visual = run.stats.visual_tokens
+    assert run.stats.kept_visual_tokens < visual
     # a text-only row loses nothing, so the ragged batch keeps its width
-    assert logits.shape[1] == press.stats["pressed_seq_len"] <= batch["input_ids"].shape[1]
+    assert logits.shape[1] == run.stats.pressed_seq_len <= batch["input_ids"].shape[1]
     assert torch.isfinite(logits).all() and torch.isfinite(scores).all()
 
 

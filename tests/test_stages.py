@@ -305,7 +305,7 @@ def test_merging_presses_forward_generate_and_later_turn(kind, model, name, rows
     press = make(kind, name)
     with torch.no_grad():
         reference = model(**batch, use_cache=True)
-        with press(model):
+        with press(model) as run:
             out = model(**batch, use_cache=True)
             tokens = model.generate(**batch, max_new_tokens=3, do_sample=False)
             single = batches(kind, model)["single"]
@@ -316,12 +316,12 @@ def test_merging_presses_forward_generate_and_later_turn(kind, model, name, rows
             later = model(input_ids=new, past_key_values=first.past_key_values, **kw).logits
     assert tokens.shape[1] == batch["input_ids"].shape[1] + 3 and later.isfinite().all()
     if name == "sparsevlm":  # pressed in the prefill (a text-only row keeps the batch's width)
-        assert press.stats["kept_visual_tokens"] < press.stats["visual_tokens"]
+        assert run.stats.kept_visual_tokens < run.stats.visual_tokens
         assert out.logits.shape[1] <= reference.logits.shape[1]
     else:  # KV: the prefill is unpressed, the cache is not
         torch.testing.assert_close(out.logits, reference.logits)
         assert out.past_key_values.get_seq_length() <= reference.past_key_values.get_seq_length()
-        assert press.stats["kept_visual_tokens"] < press.stats["visual_tokens"]
+        assert run.stats.kept_visual_tokens < run.stats.visual_tokens
 
 
 def test_a_second_generate_on_the_longer_conversation_re_prefills(kind, model):
@@ -432,7 +432,7 @@ def test_composition_runs_and_reports_both_stages(kind, model):
     k = presses(kind)["fastv"]["keep"]
     for later in ("fastv", "snapkv"):
         press = mmpress.compose(mmpress.get_press("divprune", keep=2 * k), make(kind, later))
-        with torch.no_grad(), press(model):
+        with torch.no_grad(), press(model) as run:
             out = model(**batch, use_cache=True)
             gen = model.generate(**batch, max_new_tokens=2, do_sample=False)
             new = NEW.expand(batch["input_ids"].shape[0], -1)
@@ -440,8 +440,8 @@ def test_composition_runs_and_reports_both_stages(kind, model):
             if kind != "llava":  # (see the oracle test: Qwen continues without a mask)
                 out, new, kw = model(**batches(kind, model)["single"], use_cache=True), NEW, {}
             later_turn = model(input_ids=new, past_key_values=out.past_key_values, **kw).logits
-        assert press.stats["pressed_seq_len"] < press.stats["seq_len"]
-        assert press.stats["kept_visual_tokens"] < press.stats["visual_tokens"]
+        assert run.stats.pressed_seq_len < run.stats.seq_len
+        assert run.stats.kept_visual_tokens < run.stats.visual_tokens
         assert gen.shape[1] == batch["input_ids"].shape[1] + 2 and later_turn.isfinite().all()
 
 

@@ -176,9 +176,9 @@ def run(
             vlm(**inputs, logits_to_keep=1)
 
     base_seconds = time_call(prefill, repeats=3)
-    with pressor(vlm):
+    with pressor(vlm) as pressed:
         seconds = time_call(prefill, repeats=3)
-    stats = pressor.stats
+    stats = pressed.stats.as_dict()
     seq_len, cuts = stats_lengths(stats)  # in-LLM presses: each layer at its own length
     flops = prefill_flops(vlm.config, inputs, seq_len, layer_seq_len=cuts).total
     base_flops = prefill_flops(vlm.config, inputs, stats["seq_len"]).total

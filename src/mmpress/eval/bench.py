@@ -82,7 +82,7 @@ class _Cell:
         self.avg += stats.get("layer_avg_visual_tokens", stats["kept_visual_tokens"])
         for layer, kept in stats.get("layer_kept") or ():
             self.layer_kept[layer] += kept
-        self.images += stats["images"]
+        self.images += stats["items"]
         if flops is None or self.flops is None:
             self.flops = None
         else:
@@ -211,7 +211,7 @@ def run_bench(
             inputs = inputs_of(timed)
             first = (inputs, _unpressed_stats(model, inputs))
 
-        n_visual = first[1]["visual_tokens"] // first[1]["images"]  # known once the adapter has seen a batch
+        n_visual = first[1]["visual_tokens"] // first[1]["items"]  # known once the adapter has seen a batch
         record["model"]["visual_tokens_per_image"] = n_visual
         cells = [baseline, *_plan(presses, keeps, n_visual, notes)]
         todo = [cell for cell in cells if (cell.press, cell.keep) not in rows]
@@ -397,21 +397,21 @@ def _plan(presses: list[str], keeps: list[int], n_visual: int, notes: list[str])
 def _generate(model, processor, inputs: dict, press: Press, max_new_tokens: int):
     """Greedy answers, raw logits (B, V) of the first generated token, and the press's token counts."""
     tokenizer = processor.tokenizer
-    with press(model):
+    with press(model) as run:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True)
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
     answers = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return answers, out.logits[0].float().cpu(), dict(press.stats)
+    return answers, out.logits[0].float().cpu(), run.stats.as_dict()
 
 
 @torch.inference_mode()
 def _unpressed_stats(model, inputs: dict) -> dict:
     """The token counts of one unpressed prefill of ``inputs`` (the identity press records them)."""
     press = _Cell(BASELINE, None).make()
-    with press(model):
+    with press(model) as run:
         model(**inputs, logits_to_keep=1)
-    return dict(press.stats)
+    return run.stats.as_dict()
 
 
 def _flops(config, inputs: dict, stats: dict):
@@ -437,11 +437,15 @@ def _time_prefill(model, inputs: dict, base_stats: dict, cell: _Cell, repeats: i
         with torch.inference_mode():
             model(**inputs, logits_to_keep=1)
 
+    pressed_stats: dict = {}
+
     def under(press: Press | None, fn):
         if press is None:  # the baseline runs with no hooks at all: the true unpressed model
             return fn()
-        with press(model):
-            return fn()
+        with press(model) as run:
+            out = fn()
+        pressed_stats.update(run.stats.as_dict())
+        return out
 
     press = None if cell.press == BASELINE else cell.make()
     contenders = {BASELINE: None} if press is None else {BASELINE: None, "pressed": press}
@@ -456,7 +460,7 @@ def _time_prefill(model, inputs: dict, base_stats: dict, cell: _Cell, repeats: i
 
     device = inputs["input_ids"].device
     base_flops = _flops(model.config, inputs, base_stats)
-    flops = base_flops if press is None else _flops(model.config, inputs, press.stats)
+    flops = base_flops if press is None else _flops(model.config, inputs, pressed_stats)
     return dict(seconds=seconds, speedup=median[BASELINE] / seconds,
                 limit=None if flops is None else base_flops.total / flops.total,
                 memory=under(press, lambda: _peak_memory(prefill, device)))

@@ -9,7 +9,7 @@ the language model over the pressed sequence, so the speedup a press can reach i
 Each decoder layer is counted at its own length. A ``pre_llm`` press shortens every layer's input;
 an ``in_llm`` press cutting the sequence to width W at layer k leaves layers < k at the LM-input
 length L and runs layers >= k on W tokens (queries and keys: the earlier layers' cache is not
-read again), given as ``layer_seq_len = [(k, W), ...]`` (the adapter's ``press.stats``); a ``kv``
+read again), given as ``layer_seq_len = [(k, W), ...]`` (``run.stats`` of ``with press(model) as run``); a ``kv``
 press runs the prefill unpressed and shortens only the cache decoding reads (``kv_len`` at every
 layer). :func:`stats_lengths` reads both from a press's stats.
 """

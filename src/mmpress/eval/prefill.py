@@ -121,10 +121,10 @@ def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repea
                 seconds, step = time_call(vision, repeats=1, warmup=0), None
             else:
                 try:
-                    with press(model):
+                    with press(model) as run:
                         spent = press.spent_s
                         seconds = time_call(forward, repeats=1, warmup=0)
-                        spent, cell["stats"] = press.spent_s - spent, dict(press.stats)
+                        spent, cell["stats"] = press.spent_s - spent, run.stats.as_dict()
                         step = decode()
                 except ValueError as e:
                     if round_:
@@ -174,7 +174,7 @@ def _tokens(keep: int, stats: dict | None) -> dict:
     (in_llm) from each pressed layer on; ``stats`` None: the unpressed model (``keep``: all)."""
     if stats is None:
         return dict(kept_tokens=float(keep), avg_tokens=float(keep), layer_kept=None)
-    images, kept = max(1, stats["images"]), stats["kept_visual_tokens"]
+    images, kept = max(1, stats["items"]), stats["kept_visual_tokens"]
     layer_kept = [[layer, n / images] for layer, n in stats.get("layer_kept") or ()] or None
     return dict(kept_tokens=kept / images, avg_tokens=stats.get("layer_avg_visual_tokens", kept) / images,
                 layer_kept=layer_kept)

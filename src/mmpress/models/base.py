@@ -38,18 +38,17 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from mmpress.flops import PrefillFlops, layer_lengths
+from mmpress.flops import PrefillFlops
 from mmpress.models.protocol import CACHE_NAMES, cache_length, protocol
-from mmpress.models.stages import KVStage, LayerStage, Layout, press_items, sequence_index
-from mmpress.ops.sequence import gather_rows
+from mmpress.models.layout import input_layout
+from mmpress.models.stages import KVStage, LayerStage, Prefill, PreStage, Stats, _Prefill
 from mmpress.presses.base import STAGES, Press, VisualContext
 from mmpress.registry import family  # noqa: F401  (family files: ``from mmpress.models.base import family``)
 
@@ -60,6 +59,7 @@ STALE = ("this KV cache was pressed by mmpress: it holds only the kept tokens, s
          "`with press(model):` block that made it (without that press's hooks the model reads it as the whole "
          "prompt and answers wrongly). Re-enter the same press on the same model with the cache "
          "(`with press(model): model.generate(..., past_key_values=cache)`), or re-run the conversation without it")
+STAGE_CLASSES = {"pre_llm": PreStage, "in_llm": LayerStage, "kv": KVStage}  # stage -> its class, in order
 _PRESSED_MODELS: weakref.WeakSet = weakref.WeakSet()  # models a press is applied to right now
 # Pressed KV caches outlive the `with` block that made them (generate returns them). Each is
 # recorded here with what continuing it needs, weakly (a cache dropped by the user is forgotten);
@@ -112,19 +112,6 @@ MEDIA = ("image", "video", "audio")
 LLM_SIGNALS = frozenset({"llm_attn", "llm_keys", "llm_normed", "visual_inputs"})  # every family's core gives them
 VISION_SIGNALS = frozenset({"grid", "cls_attn", "vision_keys", "cls_attn_concat", "vision_keys_concat",
                             "vision_features", "text"})
-
-
-@dataclass
-class _Prefill:
-    """What decoding needs to know about a pressed prefill (one per pressed KV cache)."""
-
-    mask: Tensor | None  # (B, L') attention mask of the prompt every layer's cache holds; None: unpressed
-    length: int  # L, the unpressed prompt length (with padding)
-    shift: Tensor | None  # (B,) subtracted from original position ids (0 or None with positions="keep")
-    cuts: list = field(default_factory=list)  # in_llm: from layer k on, the cache holds these columns
-    width: int = 0  # prompt columns the language model's input had (what ``cuts`` index)
-    next: Tensor | None = None  # (B,) the original position id of the first token after the prompt
-    mrope: bool = False  # positions are M-RoPE's (t, h, w) rows (``continue_positions``)
 
 
 @dataclass
@@ -206,10 +193,25 @@ class _State:
     input_ids: Tensor | None = None
     items: list[Item] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)  # the batch row of each item (host integers)
+    row_lengths: list[int] = field(default_factory=list)  # each row's real length (host integers)
     positions_from_cache: bool = False  # the model numbers new tokens from the (pressed) cache length
-    pending: _Prefill | None = None  # a pressed prefill whose KV cache the language model returns
-    layout: Layout | None = None  # the visual tokens of the language model's input, for later stages
-    next: tuple | None = None  # (next position id per row, M-RoPE?) of the prefill in flight
+    run: Prefill | None = None  # the prefill with media in flight
+
+
+class Run:
+    """What ``with press(model) as run:`` gives: the results of the pressed calls of the block.
+    ``run.stats`` is the :class:`~mmpress.models.stages.Stats` of the last prefill with media
+    (None before one), ``run.prefills`` those of every one, in order."""
+
+    def __init__(self):
+        self.prefills: list[Stats] = []
+
+    @property
+    def stats(self) -> Stats | None:
+        return self.prefills[-1] if self.prefills else None
+
+    def __repr__(self) -> str:
+        return f"Run(prefills={len(self.prefills)}, stats={self.stats})"
 
 
 def encoded_sources(encoded: list[Tensor]) -> list[int] | None:
@@ -247,8 +249,6 @@ class Adapter:
     continue_hint: ClassVar[str] = CONTINUE
 
     def __init__(self, model: nn.Module, positions: str | None = None):
-        # after each pressed prefill, ``self.stats`` (also set as ``press.stats``) holds the
-        # token counts: images, visual_tokens, kept_visual_tokens, seq_len, pressed_seq_len
         if positions is not None and positions not in self.position_modes:
             raise ValueError(f"positions must be one of {self.position_modes} for {self.family} models, "
                              f"got {positions!r}")
@@ -271,8 +271,8 @@ class Adapter:
         self.positions = positions or "keep"
         self.state = _State()
         self.pressed = _Pressed(self)  # KV cache -> _Prefill, for the caches this press made on this model
-        self.stats: dict[str, int] = {}
-        self.stage_objs: list = []  # the in_llm / kv stages of the press applied now
+        self.results = Run()  # the results of the `with` block applied now
+        self.stage_objs: list = []  # the stages of the press applied now, in stage order
         self.outer = None  # the press (or composition) applied now
         self.stages: dict[str, Press] = {}
         self._uncached: tuple | None = None  # (B, L) of the last prefill run without a KV cache
@@ -339,9 +339,11 @@ class Adapter:
         raise NotImplementedError(f"the {cls.family} family has no random model shapes")
 
     @classmethod
-    def prompts(cls, model: nn.Module, rows: list, kind: str = "image", seed: int = 0) -> dict:
-        """A left-padded batch as the family's processor lays it out: row i holds media of the
-        pixel sizes ``rows[i]``; a medium's pixels depend only on (seed, size, index in its row)."""
+    def prompts(cls, model: nn.Module, rows: list, kind: str = "image", seed: int = 0, first_row: int = 0) -> dict:
+        """A left-padded batch as the family's processor lays it out: row i (numbered ``first_row``
+        + i) holds media of the sizes ``rows[i]`` ((h, w) px, a video (frames, h, w)); a medium's
+        pixels and a row's text depend only on (seed, its row number, its index in the row), so
+        ``prompts(model, [rows[i]], first_row=i)`` is row i alone."""
         raise NotImplementedError(f"the {cls.family} family has no example prompts")
 
     @classmethod
@@ -371,26 +373,23 @@ class Adapter:
         self.check_stages(stages)
         self.outer, self.stages, self._uncached, self._warned = press, stages, None, False
         lm = self.vlm.language_model
-        self.stage_objs = [cls(self, stages[name]) for name, cls in (("in_llm", LayerStage), ("kv", KVStage))
-                           if name in stages]
+        self.stage_objs = [cls(self, stages[name]) for name, cls in STAGE_CLASSES.items() if name in stages]
         self.positions = self.resolve_positions(stages)
-        if self.stage_objs and self.positions != "keep":
+        if set(stages) - {"pre_llm"} and self.positions != "keep":
             raise ValueError("in-LLM and KV presses start from the original position ids (the layers before them "
                              "saw them; PyramidDrop and SparseVLM renumber by their own `positions` field): use "
                              "positions='keep' here")
         handles = [
             self.vlm.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
-            lm.register_forward_pre_hook(lambda m, a, kw: self._language_model_hook(stages.get("pre_llm"), a, kw),
-                                         with_kwargs=True),
+            lm.register_forward_pre_hook(self._language_model_hook, with_kwargs=True),
             lm.register_forward_hook(self._capture_cache),
         ]
         _PRESSED_MODELS.add(self.vlm)
+        self.results = Run()
         try:
             for stage in self.stage_objs:
                 handles += stage.hooks()
-            if "pre_llm" in stages:
-                handles += self.signal_hooks(stages["pre_llm"])
-            yield self
+            yield self.results
         finally:
             for handle in handles:
                 handle.remove()
@@ -460,11 +459,16 @@ class Adapter:
                 raise ValueError("pressing needs input_ids (visual tokens are located by their placeholder ids), "
                                  "not inputs_embeds")
             return
-        counts = torch.stack([(input_ids == t).sum(dim=1) for t in self.token_ids]).tolist()  # (ids, B)
+        mask = kwargs.get("attention_mask")
+        real = mask.sum(dim=1) if isinstance(mask, Tensor) and mask.ndim == 2 else torch.full_like(input_ids[:, 0],
+                                                                                                   input_ids.shape[1])
+        # the per-row placeholder counts and real lengths: one host read, before the forward queues work
+        *counts, state.row_lengths = torch.stack([*((input_ids == t).sum(dim=1) for t in self.token_ids),
+                                                  real.to(input_ids.device, input_ids.dtype)]).tolist()
         if not items:
             if any(map(any, counts)):  # transformers would embed the placeholders as text, silently
-                raise ValueError("the prompt holds image tokens but no images were given: pass pixel_values "
-                                 "(one image per <image> placeholder)")
+                raise ValueError("the prompt holds image tokens but no images were given: pass pixel_values (one "
+                                 "image per <image> placeholder; videos and audio likewise)")
             return
         state.rows = self._rows(items, dict(zip(self.token_ids, counts)))
         use_cache = kwargs.get("use_cache")
@@ -545,7 +549,7 @@ class Adapter:
                                  f"placeholder (the processor expands each to its token count)")
         return rows
 
-    def _language_model_hook(self, press: Press | None, args, kwargs):
+    def _language_model_hook(self, module, args, kwargs):
         for stage in self.stage_objs:
             stage.begin_call()
         embeds = kwargs.get("inputs_embeds")
@@ -562,33 +566,38 @@ class Adapter:
                 raise ValueError(f"this call continues a pressed KV cache with {embeds.shape[1]} new tokens but the model "
                                  f"made position ids for {pos.shape[-1]}. {self.continue_hint}")
             return None if pre.mask is None else (args, self._map_decoding(pre, kwargs, embeds, past))
-        if not self.state.rows:
+        state = self.state
+        if not state.rows:
             return None
-        self.state.layout, self.state.next = None, self._next_positions(kwargs, embeds)
-        if press is not None:
-            kwargs, self.state.pending = self._press_prefill(press, kwargs, embeds)
-        elif self.stage_objs:
-            self.state.layout = self._input_layout(kwargs)
-            n, length = sum(self.state.layout.lengths), embeds.shape[1]
-            self.stats = {"images": len(self.state.items), "visual_tokens": n, "kept_visual_tokens": n,
-                          "seq_len": length, "pressed_seq_len": length}
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError("pressing needs a 2-D attention mask (batch, seq); got a 4-D mask")
+        valid = torch.ones_like(state.input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        layout = input_layout(state.input_ids, valid, state.items, state.rows, state.row_lengths)
+        n, length = sum(layout.lengths), embeds.shape[1]
+        kinds: dict[str, int] = {}
+        for item in state.items:
+            kinds[item.kind] = kinds.get(item.kind, 0) + 1
+        stats = Stats(items=len(state.items), visual_tokens=n, kept_visual_tokens=n, seq_len=length,
+                      pressed_seq_len=length, kinds=kinds, fixed_tokens=sum(len(i.fixed) for i in state.items))
+        run = state.run = Prefill(kwargs, layout, state.items, stats, next=self._next_positions(kwargs, embeds))
         for stage in self.stage_objs:
-            stage.start(self.state.layout, kwargs["inputs_embeds"])
-        return args, kwargs
+            stage.start(run)
+        return args, run.kwargs
 
     def _capture_cache(self, module, args, output):
-        """Remembers which KV cache holds a pressed prefill, so that decoding steps and later
-        turns on that cache (and only those) are mapped onto it."""
-        pre, self.state.pending = self.state.pending, None
-        pre = self._finish_stages(pre)
-        if self.stats:
-            self.outer.stats = self.stats
+        """Runs the stages' ``finish`` and remembers which KV cache holds a pressed prefill, so that
+        decoding steps and later turns on that cache (and only those) are mapped onto it."""
+        run, self.state.run = self.state.run, None
+        if run is None:
+            return
+        for stage in self.stage_objs:
+            stage.finish(run)
+        self.results.prefills.append(run.stats)
         cache = getattr(output, self.protocol.cache, None)  # (not the deprecated alias: it warns)
-        if pre is not None and cache is not None:
-            if self.state.next is not None:
-                pre.next, pre.mrope = self.state.next
-            self.pressed[cache] = pre
-        self.state.next = None
+        if run.record is not None and cache is not None:
+            run.record.next, run.record.mrope = run.next
+            self.pressed[cache] = run.record
 
     @staticmethod
     def _next_positions(kwargs: dict, embeds: Tensor) -> tuple[Tensor, bool]:
@@ -604,109 +613,6 @@ class Adapter:
         if mask is not None and mask.ndim == 2:
             pos = pos.masked_fill(~mask.bool(), torch.iinfo(pos.dtype).min if not pos.is_floating_point() else -1)
         return pos.amax(dim=1) + 1, mrope
-
-    def _finish_stages(self, pre: _Prefill | None) -> _Prefill | None:
-        """Adds what the in-LLM / KV stage did in this prefill to what decoding needs."""
-        layout, self.state.layout = self.state.layout, None
-        for stage in self.stage_objs:
-            done = stage.finish()
-            if isinstance(stage, LayerStage) and done[0]:
-                cuts, counts = done
-                n_layers, visual = len(stage.layers), self.stats["kept_visual_tokens"]
-                per_layer = layer_lengths(n_layers, visual, counts)  # visual tokens each layer runs on
-                self.stats.update(layer_kept=[(layer, kept) for layer, kept in counts], kept_visual_tokens=counts[-1][1],
-                                  layer_avg_visual_tokens=sum(per_layer) / n_layers,
-                                  layer_seq_len=[(c.start, c.cols.shape[1]) for c in cuts])
-                width = layout.ids.shape[1]
-                pre = pre or _Prefill(mask=None, length=width, shift=None)
-                pre.cuts, pre.width = cuts, (width if pre.mask is None else pre.mask.shape[1])
-            elif isinstance(stage, KVStage) and done and done.mask is not None:
-                length = pre.length if pre is not None else layout.ids.shape[1]
-                pre = _Prefill(mask=done.mask.long(), length=length, shift=pre.shift if pre is not None else None)
-                self.stats.update(kept_visual_tokens=done.kept, kv_len=done.mask.shape[1],
-                                  layer_avg_visual_tokens=float(done.kept))
-        return pre
-
-    # ---- prefill ----------------------------------------------------------------------------
-    def _press_prefill(self, press: Press, kwargs: dict, embeds: Tensor) -> tuple[dict, _Prefill | None]:
-        """Presses every item of the batch (items of the same shape together) and compacts the
-        rows, without host syncs: the pressed width follows from host facts (item lengths, rows)."""
-        b, length, _ = embeds.shape
-        items, layout = self.state.items, self._input_layout(kwargs)
-        visual, valid, mask = layout.ids >= 0, layout.valid, kwargs.get("attention_mask")
-        pos = kwargs.get("position_ids")
-        pos = torch.arange(length, device=embeds.device).expand(b, length) if pos is None else pos
-        pos = pos.expand(*pos.shape[:-2], b, length)
-
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, item in enumerate(items):
-            groups[(item.token_id, item.length, item.grid)].append(i)
-        text: list = []  # every row's padded text, made once for all groups
-
-        def press_group(members, flat, tokens):
-            return press.press(tokens, self._context(press, embeds, layout, members, flat, text))
-
-        out, kept_lengths = press_items(embeds, layout, groups.values(), press_group)
-        k_total = sum(kept_lengths)
-        self.stats = press.stats = {"images": len(items), "visual_tokens": sum(layout.lengths),
-                                    "kept_visual_tokens": k_total, "seq_len": length, "pressed_seq_len": length}
-        if out is None:  # keep-all: leave the call untouched, bit-identical to the unpressed model
-            self.state.layout = layout
-            return kwargs, None
-
-        src, new_mask, width = out.src, out.layout.valid, out.src.shape[1]
-        lengths = out.keep.sum(dim=1)
-        if self.positions == "keep":
-            new_pos = pos.gather(-1, src.expand(*pos.shape[:-2], b, width))
-            shift = torch.zeros(b, dtype=pos.dtype, device=pos.device)
-        else:
-            new_pos = torch.arange(width, device=pos.device) - (width - lengths)[:, None]
-            last = torch.arange(length, device=valid.device).masked_fill(~valid, -1).argmax(dim=1)
-            shift = pos.gather(1, last[:, None])[:, 0] - (lengths - 1)
-        new_pos = new_pos.masked_fill(~new_mask, 1)  # padding: what generate gives pad slots
-        self.stats["pressed_seq_len"] = width
-        # later stages start from the language model's input: the model makes its mask from the
-        # 2-D mask below, so a None mask there again means no padded row
-        self.state.layout = replace(out.layout, uniform=True)
-        kwargs = self.press_extras(kwargs, out.keep, visual, src, new_mask, k_total)
-        new_mask = new_mask.to(mask.dtype if mask is not None else torch.long)
-        pre = _Prefill(mask=new_mask, length=length, shift=shift)
-        return {**kwargs, "inputs_embeds": out.x, "attention_mask": new_mask, "position_ids": new_pos}, pre
-
-    def _input_layout(self, kwargs: dict) -> Layout:
-        """Where the visual items sit in the language model's unpressed input (placeholder ids;
-        transformers checked their counts against the features when it scattered them)."""
-        ids, items, mask = self.state.input_ids, self.state.items, kwargs.get("attention_mask")
-        if mask is not None and mask.ndim != 2:
-            raise ValueError("pressing needs a 2-D attention mask (batch, seq); got a 4-D mask")
-        visual = torch.zeros_like(ids, dtype=torch.bool)
-        for token_id in {item.token_id for item in items}:
-            visual |= ids == token_id
-        valid = torch.ones_like(visual) if mask is None else mask.bool()
-        return Layout(ids.masked_fill(~visual, -1), valid, [i.token_id for i in items], [i.length for i in items],
-                      list(self.state.rows), True)
-
-    def _context(self, press: Press, embeds, layout: Layout, members: list[int], flat: Tensor, text: list):
-        """The signals ``press.needs`` for one group of items of equal shape (``flat``: their tokens'
-        flat positions); ``text`` caches the padded text of every row across groups."""
-        owner = flat[:, 0] // layout.ids.shape[1]  # the row of each item, on the device
-        needs, items = set(press.needs), [self.state.items[i] for i in members]
-        ctx = VisualContext()
-        grid = items[0].grid
-        if grid is not None:
-            t, h, w = grid
-            # a video's raster order over (t, h, w) is the raster order of a (t*h) x w grid, so
-            # 2-D presses (uniform, pool) run unchanged; video-aware presses read grid_thw
-            ctx.grid, ctx.grid_thw = (t * h, w), grid
-        if {"cls_attn", "vision_keys", "cls_attn_concat", "vision_keys_concat", "vision_features"} & needs:
-            self.fill_signals(press, ctx, items)
-        if "text" in needs:
-            if not text:
-                src, text_mask = layout.text_rows()
-                text[:] = gather_rows(embeds, src), text_mask, src
-            ctx.text, ctx.text_mask = text[0][owner], text[1][owner]
-            ctx.token_index, ctx.text_index = sequence_index(layout, flat, text[2], owner)
-        return ctx
 
     # ---- decoding ---------------------------------------------------------------------------
     def _map_decoding(self, pre: _Prefill, kwargs: dict, embeds: Tensor, past: int) -> dict:
@@ -744,19 +650,20 @@ class Adapter:
 
 class Applied:
     """What ``press(model)`` returns: a context manager that hooks the press into the model on
-    entry and removes the hooks on exit, exception or not. It may be entered again after it
-    exits (each `with` applies the press afresh); entering it (or any press) again on the same
-    model while it is applied raises: presses do not nest."""
+    entry and removes the hooks on exit, exception or not; ``with press(model) as run:`` gives the
+    block's results (:class:`Run`: ``run.stats``). It may be entered again after it exits (each
+    `with` applies the press afresh); entering it (or any press) again on the same model while it
+    is applied raises: presses do not nest."""
 
     def __init__(self, adapter: Adapter, press):
         self.adapter, self.press = adapter, press
         self._open: list = []
 
-    def __enter__(self) -> nn.Module:
+    def __enter__(self) -> Run:
         block = self.adapter.apply(self.press)
-        block.__enter__()
+        run = block.__enter__()
         self._open.append(block)
-        return self.adapter.model
+        return run
 
     def __exit__(self, *exc) -> bool | None:
         return self._open.pop().__exit__(*exc)

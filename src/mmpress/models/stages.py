@@ -1,6 +1,13 @@
-"""The ``in_llm`` and ``kv`` stages: small classes that own their hooks on the language model's
-decoder layers. Family-neutral (the language model is reached through ``models/lm.py``); the
-adapter core starts them on a fresh prefill with visual tokens and keeps what decoding needs.
+"""The stages: one small class per place a press acts, each with the same lifecycle. ``hooks()``
+registers what it needs on the model (for the `with` block); ``begin_call()`` runs at every call
+of the language model; ``start(run)`` on a fresh prefill with media (:class:`Prefill`: the
+language model's call and where its items are, which a stage may change); ``finish(run)`` after
+the language model ran, adding to its :class:`Stats` and to what decoding needs. Family-neutral
+(the language model is reached through ``models/lm.py``, the tower through the family's hooks);
+the adapter core runs them in stage order and maps decoding onto the pressed cache.
+
+``pre_llm`` (:class:`PreStage`): presses each item's tokens in the language model's input
+embeddings (its signals: the family's tower hooks) and compacts the rows.
 
 ``in_llm`` (:class:`LayerStage`): a forward pre-hook on decoder layer k takes the visual hidden
 states out of the layer's input, presses each image's tokens (its score: the attention they
@@ -22,136 +29,146 @@ decoding: what the pre-LLM core already maps decoding onto.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
 import torch
 from torch import Tensor
 
+from mmpress.flops import layer_lengths
+from mmpress.models.layout import TEXT, Layout, context, press_items
 from mmpress.models.lm import cut_mask, decode_cut, decoder_layers, final_norm, queries_keys, rotary_embedding
 from mmpress.ops.attention import attention_rows, received_attention
-from mmpress.ops.sequence import compact_index, flat_positions, gather_rows
-from mmpress.presses.base import KVPress, LayerPress, VisualContext
+from mmpress.ops.sequence import gather_rows
+from mmpress.presses.base import KVPress, LayerPress
+
+
+def needs_attention(press) -> bool:
+    """Whether ``press`` reads a decoder layer's softmax attention (its scores or keys)."""
+    return bool({"llm_attn", "llm_keys"} & set(press.needs))
 
 
 @dataclass
-class Layout:
-    """Where the visual tokens of a prompt sit in the sequence the language model runs on.
+class Stats:
+    """The token counts of one pressed prefill (``run.stats`` of ``with press(model) as run``).
 
-    ids (B, W): the placeholder id of each visual column, -1 elsewhere; valid (B, W): False in
-    padding; token_ids / lengths: per item (placeholder order), its id and token count (host)."""
+    items: media items pressed (images, videos, audio clips); kinds: items per kind;
+    visual_tokens: their pressable tokens; kept_visual_tokens: those kept after the last stage;
+    fixed_tokens: media tokens kept by every press (LLaVA-NeXT's newlines); seq_len /
+    pressed_seq_len: the language model's input width, unpressed / after a pre-LLM press (the
+    longest row, padding included); in-LLM: layer_kept [(layer, kept)], layer_seq_len [(layer,
+    width)] and layer_avg_visual_tokens (averaged over the decoder layers); KV: kv_len, the width
+    of the pressed cache."""
 
-    ids: Tensor
-    valid: Tensor
-    token_ids: list[int]
-    lengths: list[int]
-    rows: list[int]
-    uniform: bool  # no row is padded (the model's mask may be None: SDPA runs causal)
+    items: int
+    visual_tokens: int
+    kept_visual_tokens: int
+    seq_len: int
+    pressed_seq_len: int
+    kinds: dict = field(default_factory=dict)
+    fixed_tokens: int = 0
+    layer_kept: list = field(default_factory=list)
+    layer_seq_len: list = field(default_factory=list)
+    layer_avg_visual_tokens: float | None = None
+    kv_len: int | None = None
 
-    def flats(self) -> list[Tensor]:
-        """Flat index into (B * W) of each item's tokens, in order (no host sync)."""
-        out: list[Tensor] = [None] * len(self.lengths)  # type: ignore[list-item]
-        for token_id in dict.fromkeys(self.token_ids):
-            mine = [i for i, t in enumerate(self.token_ids) if t == token_id]
-            sizes = [self.lengths[i] for i in mine]
-            for i, chunk in zip(mine, flat_positions(self.ids == token_id, sum(sizes)).split(sizes)):
-                out[i] = chunk
-        return out
-
-    def query_rows(self, query: str, window: int) -> tuple[Tensor, Tensor]:
-        """(B, R) columns of the query rows and (B, R) their validity: the last token ("last"),
-        the last ``window`` tokens ("window"), every text token ("text") or every token ("all")."""
-        b, w = self.valid.shape
-        cols = torch.arange(w, device=self.valid.device)
-        if query == "all":
-            return cols.expand(b, w), self.valid
-        last = cols.masked_fill(~self.valid, -1).amax(dim=1, keepdim=True)  # (B, 1)
-        if query in ("last", "window"):
-            size = 1 if query == "last" else min(window, w)
-            rows = last - torch.arange(size - 1, -1, -1, device=last.device)
-            ok = rows >= 0
-            rows = rows.clamp(min=0)
-            return rows, ok & self.valid.gather(1, rows)
-        if query == "text":
-            return self.text_rows()
-        raise ValueError(f"unknown query rows {query!r}: use 'last', 'window', 'text' or 'all'")
-
-    def text_rows(self) -> tuple[Tensor, Tensor]:
-        """(B, T) columns of each row's text tokens, left-aligned in T = the most any row holds
-        (a host fact: the row with the fewest visual tokens), and (B, T) their validity."""
-        visual_per_row = [0] * self.valid.shape[0]
-        for row, n in zip(self.rows, self.lengths):
-            visual_per_row[row] += n
-        return compact_index(self.valid & (self.ids < 0), self.valid.shape[1] - min(visual_per_row))
-
-    def attention(self, layer, hidden: Tensor, position_embeddings, query: str, window: int,
-                  keys: Tensor | None = None, projected: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(B, Hkv, W) attention each column receives from the query rows at ``layer``, and the
-        (B, Hkv, W, d) rotated keys (``keys``, if the cache holds them, else recomputed;
-        ``projected``: the layer's own ``q_proj`` output, if kept)."""
-        rows, ok = self.query_rows(query, window)
-        q, k, scaling = queries_keys(layer, hidden, position_embeddings, rows, keys=keys is None, projected=projected)
-        k = keys if keys is not None else k
-        return received_attention(q, k, rows, ok, self.valid, scaling), k
-
-
-def sequence_index(layout: Layout, flat: Tensor, text_cols: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
-    """The index in the sequence its row runs on (0: the row's first token) of each item's tokens
-    (``flat`` (G, n): their flat positions) and of its row's text tokens (``text_cols`` (B, T),
-    ``owner`` (G,): the row of each item): what a batch-1 official implementation indexes by."""
-    index = layout.valid.long().cumsum(dim=1) - 1
-    return index.view(-1)[flat], index.gather(1, text_cols)[owner]
-
-
-def _group(layout: Layout, extra: list | None = None) -> dict[tuple, list[int]]:
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, (token_id, n) in enumerate(zip(layout.token_ids, layout.lengths)):
-        groups[(token_id, n, *(extra[i] if extra else ()))].append(i)
-    return groups
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass
-class Compacted:
-    """A batch after its items were pressed: ``x`` (B, W', D) the kept tokens, re-padded on the
-    left; ``src`` (B, W') the input column each holds; ``keep`` (B, W) the input columns kept;
-    ``layout`` the visual tokens of the compacted sequence."""
+class _Prefill:
+    """What decoding needs to know about a pressed prefill (one per pressed KV cache)."""
 
-    x: Tensor
-    src: Tensor
-    keep: Tensor
+    mask: Tensor | None  # (B, L') attention mask of the prompt every layer's cache holds; None: unpressed
+    length: int  # L, the unpressed prompt length (with padding)
+    shift: Tensor | None  # (B,) subtracted from original position ids (0 or None with positions="keep")
+    cuts: list = field(default_factory=list)  # in_llm: from layer k on, the cache holds these columns
+    width: int = 0  # prompt columns the language model's input had (what ``cuts`` index)
+    next: Tensor | None = None  # (B,) the original position id of the first token after the prompt
+    mrope: bool = False  # positions are M-RoPE's (t, h, w) rows (``continue_positions``)
+
+
+@dataclass
+class Prefill:
+    """A prefill with media in flight through the stages: each stage's ``start`` reads and may
+    change the language model's call (``kwargs``) and ``layout``; its ``finish`` (after the
+    language model ran) adds to ``stats`` and to ``record``, what decoding needs (None: unpressed)."""
+
+    kwargs: dict
     layout: Layout
+    items: list
+    stats: Stats
+    record: _Prefill | None = None
+    next: tuple | None = None  # (next position id per row, M-RoPE?)
 
 
-def press_items(x: Tensor, layout: Layout, groups, press_group) -> tuple[Compacted | None, list[int]]:
-    """Press the items of ``x`` (B, W, D) group by group and compact the rows, without host syncs
-    (the width follows from host facts: item lengths and rows). ``groups``: lists of items of equal
-    shape; ``press_group(members, flat, tokens)`` -> (kept (G, k, D), index (G, k)) for one group
-    (``flat`` (G, n): the flat positions of its tokens in ``x``). Returns the compacted batch (None
-    when every token is kept: the caller leaves its call untouched) and the kept tokens per item."""
-    b, w, dim = x.shape
-    flats, values = layout.flats(), x.reshape(b * w, dim)
-    lengths, dropped = list(layout.lengths), [0] * b
-    kept_flat, kept_values = [], []
-    for members in groups:
-        flat = torch.stack([flats[i] for i in members])  # (G, n)
-        kept, index = press_group(members, flat, values[flat])
-        n, k = flat.shape[1], index.shape[1]
-        for i in members:
-            dropped[layout.rows[i]] += n - k
-            lengths[i] = k
-        kept_flat.append(flat.gather(1, index).reshape(-1))  # whole items too: their tokens stay
-        kept_values.append(kept.reshape(-1, dim).to(x.dtype))
-    if not any(dropped):
-        return None, lengths
-    kept_all = torch.cat(kept_flat)
-    values = values.index_copy(0, kept_all, torch.cat(kept_values))
-    keep = (layout.valid & (layout.ids < 0)).view(-1).index_fill(0, kept_all, True).view(b, w)
-    src, valid = compact_index(keep, w - min(dropped))  # the row losing fewest tokens sets the width
-    ids = gather_rows(layout.ids.masked_fill(~keep, -1), src).masked_fill(~valid, -1)
-    # rows lost equal counts from an unpadded sequence: still unpadded (the model's mask may stay None)
-    uniform = layout.uniform and len(set(dropped)) == 1
-    out = Layout(ids, valid, layout.token_ids, lengths, layout.rows, uniform)
-    return Compacted(gather_rows(values.view(b, w, dim), src), src, keep, out), lengths
+class PreStage:
+    """``pre_llm``: presses the items in the language model's input embeddings (items of one shape
+    together) and compacts the rows; the press's signals come from the family's tower hooks."""
+
+    def __init__(self, adapter, press):
+        self.adapter, self.press = adapter, press
+
+    def hooks(self) -> list:
+        return self.adapter.signal_hooks(self.press)
+
+    def begin_call(self) -> None:
+        pass
+
+    def start(self, run: Prefill) -> None:
+        """Press every item and compact the rows, without host syncs: the pressed width follows
+        from host facts (the rows' lengths, item lengths)."""
+        adapter, press, kwargs, layout = self.adapter, self.press, run.kwargs, run.layout
+        embeds = kwargs["inputs_embeds"]
+        b, length, _ = embeds.shape
+        items, mask = run.items, kwargs.get("attention_mask")
+        pos = kwargs.get("position_ids")
+        pos = torch.arange(length, device=embeds.device).expand(b, length) if pos is None else pos
+        pos = pos.expand(*pos.shape[:-2], b, length)
+        needs, cached = set(press.needs), {}
+        vision = {"cls_attn", "vision_keys", "cls_attn_concat", "vision_keys_concat", "vision_features"} & needs
+
+        def text_signals() -> tuple[dict, dict]:  # every row's padded text, made once for all groups
+            if not cached:
+                cols, text_mask = layout.text_rows()
+                index = layout.sequence_index()
+                cached["rows"] = dict(text=gather_rows(embeds, cols), text_mask=text_mask, text_index=index.gather(1, cols))
+                cached["columns"] = dict(token_index=index.view(-1))
+            return cached["columns"], cached["rows"]
+
+        def press_group(members, flat, tokens):
+            group = [items[i] for i in members]
+            columns, rows = text_signals() if "text" in needs else ({}, {})
+            ctx = context(flat, length, group[0], columns=columns, rows=rows)
+            if vision:
+                adapter.fill_signals(press, ctx, group)
+            return press.press(tokens, ctx)
+
+        groups = layout.groups([(item.grid, item.fixed, item.parts) for item in items])
+        out, kept_lengths = press_items(embeds, layout, groups, press_group)
+        run.stats.kept_visual_tokens = sum(kept_lengths)
+        if out is None:  # keep-all: leave the call untouched, bit-identical to the unpressed model
+            return
+        src, new_mask, width = out.src, out.layout.valid, out.src.shape[1]
+        lengths = out.keep.sum(dim=1)
+        if adapter.positions == "keep":
+            new_pos = pos.gather(-1, src.expand(*pos.shape[:-2], b, width))
+            shift = torch.zeros(b, dtype=pos.dtype, device=pos.device)
+        else:
+            new_pos = torch.arange(width, device=pos.device) - (width - lengths)[:, None]
+            last = torch.arange(length, device=layout.valid.device).masked_fill(~layout.valid, -1).argmax(dim=1)
+            shift = pos.gather(1, last[:, None])[:, 0] - (lengths - 1)
+        new_mask_int = new_mask.to(mask.dtype if mask is not None else torch.long)
+        kwargs = adapter.press_extras(kwargs, out.keep, layout.ids != TEXT, src, new_mask, run.stats.kept_visual_tokens
+                                      + run.stats.fixed_tokens)
+        run.kwargs = {**kwargs, "inputs_embeds": out.x, "attention_mask": new_mask_int,
+                      "position_ids": new_pos.masked_fill(~new_mask, 1)}  # padding: what generate gives pad slots
+        run.layout, run.stats.pressed_seq_len = out.layout, width
+        run.record = _Prefill(mask=new_mask_int, length=length, shift=shift)
+
+    def finish(self, run: Prefill) -> None:
+        pass
 
 
 def renumber(position_ids: Tensor | None, input_valid: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -206,6 +223,10 @@ class _Run:
     counts: list[tuple[int, int]] = field(default_factory=list)  # (layer, visual tokens kept)
     input_valid: Tensor | None = None  # (B, W) the language model's input: False in padding
 
+    @property
+    def layout_width(self) -> int:
+        return self.input_valid.shape[1]
+
 
 class LayerStage:
     """``in_llm``: presses the hidden states entering the press's layers (see the module doc)."""
@@ -224,6 +245,11 @@ class LayerStage:
         for prev, s in zip((-1, *starts), starts):
             if not max(prev, 0) <= self.signal[s] <= s:
                 raise ValueError(f"the signal layer of layer {s} must lie in [{max(prev, 0)}, {s}]")
+        attention = adapter.attention_layers()
+        if needs_attention(press) and any(sig not in attention for sig in self.signal.values()):
+            raise ValueError(f"{type(press).__name__} reads the attention of decoder layers "
+                             f"{sorted(set(self.signal.values()))}, but this {adapter.family} model has softmax "
+                             f"attention only in layers {attention}: press at (or score with) one of those")
         self.starts = starts
         # a press renumbering the kept sequence (PyramidDrop's official numbering) needs 1-D RoPE
         self.rotary = None
@@ -242,7 +268,8 @@ class LayerStage:
         watch = sorted(set(range(self.starts[0], len(self.layers))) | set(self.signal.values()))
         return [self.layers[i].register_forward_pre_hook(partial(self._hook, i), with_kwargs=True) for i in watch]
 
-    def start(self, layout: Layout, embeds: Tensor) -> None:
+    def start(self, run: Prefill) -> None:
+        layout, embeds = run.layout, run.kwargs["inputs_embeds"]
         b, w = layout.ids.shape
         cols = torch.arange(w, device=layout.ids.device).expand(b, w)
         self.run = _Run(layout, list(layout.lengths), layout.flats(), embeds, cols, input_valid=layout.valid)
@@ -251,9 +278,21 @@ class LayerStage:
     def begin_call(self) -> None:
         self.run, self.memo = None, {}
 
-    def finish(self) -> tuple[list[_Cut], list[tuple[int, int]]]:
-        run, self.run = self.run, None
-        return ([], []) if run is None else (run.cuts, run.counts)
+    def finish(self, run: Prefill) -> None:
+        """Adds the cuts of this prefill to what decoding needs, and its counts to the stats."""
+        mine, self.run = self.run, None
+        if mine is None or not mine.counts:
+            return
+        stats, n_layers = run.stats, len(self.layers)
+        per_layer = layer_lengths(n_layers, stats.kept_visual_tokens, mine.counts)  # visual tokens each layer runs on
+        stats.layer_kept, stats.kept_visual_tokens = [(layer, kept) for layer, kept in mine.counts], mine.counts[-1][1]
+        stats.layer_avg_visual_tokens = sum(per_layer) / n_layers
+        stats.layer_seq_len = [(c.start, c.cols.shape[1]) for c in mine.cuts]
+        if mine.cuts:
+            width = mine.layout_width
+            record = run.record or _Prefill(mask=None, length=width, shift=None)
+            record.cuts, record.width = mine.cuts, (width if record.mask is None else record.mask.shape[1])
+            run.record = record
 
     # ---- the hook ---------------------------------------------------------------------------
     def _hook(self, i: int, module, args, kwargs):
@@ -320,34 +359,31 @@ class LayerStage:
         if needs & {"text", "llm_keys", "llm_normed"}:
             rows, out["text_mask"] = layout.text_rows()
             out["text"] = gather_rows(run.embeds, run.cols.gather(1, rows))  # input embeddings, as pre_llm
-            out["text_hidden"], out["text_cols"] = gather_rows(hidden, rows), rows
+            out["text_hidden"], out["text_cols"], out["index"] = gather_rows(hidden, rows), rows, layout.sequence_index()
             if "keys" in out:
                 out["text_keys"] = gather_rows(out["keys"].view(b, w, -1), rows)
         if "llm_normed" in needs:
             out["normed"] = final_norm(self.adapter.vlm.language_model)(hidden)
         return out
 
-    def _context(self, signals: dict, run: _Run, flat: Tensor, first: Tensor, w: int) -> VisualContext:
-        ctx, owner = VisualContext(), flat[:, 0] // w
-        if "attn" in signals:
-            ctx.llm_attn = signals["attn"][flat]
-        if "keys" in signals:
-            ctx.llm_keys = signals["keys"][flat]
-        if "rows" in signals:  # (G, R, n)
-            ctx.llm_attn_rows = signals["rows"][owner].gather(2, (flat % w)[:, None].expand(-1, signals["rows"].shape[1], -1))
+    def _context(self, signals: dict, run: _Run, flat: Tensor, first: Tensor, w: int):
+        columns = {name: signals[key] for name, key in (("llm_attn", "attn"), ("llm_keys", "keys")) if key in signals}
+        rows, row_columns, given = {}, {}, {}
+        if "rows" in signals:
+            row_columns["llm_attn_rows"] = signals["rows"]
         if "text" in signals:
-            ctx.text, ctx.text_mask = signals["text"][owner], signals["text_mask"][owner]
-            ctx.text_hidden = signals["text_hidden"][owner]
+            rows.update(text=signals["text"], text_mask=signals["text_mask"], text_hidden=signals["text_hidden"],
+                        text_index=signals["index"].gather(1, signals["text_cols"]))
+            columns["token_index"] = signals["index"].view(-1)
             if "text_keys" in signals:
-                ctx.llm_text_keys = signals["text_keys"][owner]
-            ctx.token_index, ctx.text_index = sequence_index(run.layout, flat, signals["text_cols"], owner)
+                rows["llm_text_keys"] = signals["text_keys"]
         if "normed" in signals:
             normed = signals["normed"]
-            ctx.llm_normed = normed.reshape(-1, normed.shape[-1])[flat]
-            ctx.llm_text_normed = gather_rows(normed, signals["text_cols"])[owner]
+            columns["llm_normed"] = normed.reshape(-1, normed.shape[-1])
+            rows["llm_text_normed"] = gather_rows(normed, signals["text_cols"])
         if "visual_inputs" in self.press.needs:
-            ctx.visual_inputs = run.embeds.reshape(-1, run.embeds.shape[-1])[first]
-        return ctx
+            given["visual_inputs"] = run.embeds.reshape(-1, run.embeds.shape[-1])[first]
+        return context(flat, w, columns=columns, rows=rows, row_columns=row_columns, **given)
 
     def _press_at(self, i: int, run: _Run, hidden: Tensor, kwargs: dict, given: dict) -> Tensor:
         """Press every item at layer ``i``; returns the compacted hidden states (``kwargs``: the
@@ -355,14 +391,14 @@ class LayerStage:
         press, layout = self.press, run.layout
         signals = self._signals(i, run, hidden, kwargs)
         stage, w = self.starts.index(i), hidden.shape[1]
-        groups = _group(layout, [(f,) for f in run.first])
+        groups = layout.groups([(f,) for f in run.first])
 
         def press_group(members, flat, tokens):
             first = torch.stack([run.first_flats[m] for m in members])
             k = min(press.budgets(run.first[members[0]])[stage], flat.shape[1])
             return press.press(tokens, self._context(signals, run, flat, first, w), k)
 
-        out, lengths = press_items(hidden, layout, groups.values(), press_group)
+        out, lengths = press_items(hidden, layout, groups, press_group)
         run.counts.append((i, sum(lengths)))
         if out is None:  # keep-all: the layers run unchanged, bit-identical to the unpressed model
             return hidden
@@ -423,15 +459,16 @@ class KVStage:
 
     def hooks(self) -> list:
         out = []
-        for i, layer in enumerate(self.layers):
+        for i in self.adapter.attention_layers():  # layers without softmax attention keep their cache
+            layer = self.layers[i]
             out.append(layer.register_forward_pre_hook(partial(self._record, i), with_kwargs=True))
             out.append(layer.register_forward_hook(partial(self._evict, i), with_kwargs=True))
             if self.press.query == "all":  # every prompt row queries: keep the queries the layer projects
                 out.append(layer.self_attn.q_proj.register_forward_hook(self._record_queries))
         return out
 
-    def start(self, layout: Layout, embeds: Tensor) -> None:
-        self.run = _KVRun(layout)
+    def start(self, run: Prefill) -> None:
+        self.run = _KVRun(run.layout)
 
     def _record_queries(self, module, args, output):
         if self.run is not None:
@@ -440,9 +477,16 @@ class KVStage:
     def begin_call(self) -> None:
         self.run = None
 
-    def finish(self):
-        run, self.run = self.run, None
-        return run
+    def finish(self, run: Prefill) -> None:
+        """The pressed cache's one mask (every pressed layer holds the same entries per row)."""
+        mine, self.run = self.run, None
+        if mine is None or mine.mask is None:
+            return
+        record = run.record
+        length = record.length if record is not None else run.layout.ids.shape[1]
+        run.record = _Prefill(mask=mine.mask.long(), length=length, shift=record.shift if record is not None else None)
+        run.stats.kept_visual_tokens, run.stats.kv_len = mine.kept, mine.mask.shape[1]
+        run.stats.layer_avg_visual_tokens = float(mine.kept)
 
     def _record(self, i: int, module, args, kwargs):
         if self.run is not None:
@@ -478,20 +522,20 @@ class KVStage:
         else:  # one selection for all heads: an entry is its keys and values over the heads
             layout, x, scores = run.layout, kv.transpose(1, 2).reshape(b, w, heads * 2 * d), attn.mean(dim=1).reshape(-1)
 
-        groups = _group(layout).values()
+        groups = layout.groups()
         row_wise = press.per_head and hasattr(press, "press_kv_row")
         if row_wise:  # LOOK-M merges into its row's text entries: one image of a row per group, in turn
-            text_ok = layout.valid & (layout.ids < 0)  # (B', W): its text entries, whole rows (no host sync)
+            text_ok = layout.valid & (layout.ids == TEXT)  # (B', W): its text entries, whole rows (no host sync)
             length, seq = layout.valid.sum(dim=1), layout.valid.long().cumsum(dim=1) - 1
             # a row's images in their order (the second sees the text the first merged into), and
             # never two of one row in a group: the group's rank among its row's images joins the key
             rank = _rank_in_row(layout.rows)
-            groups = [g for _, g in sorted(_group(layout, [(r,) for r in rank]).items(), key=lambda kv: kv[0][-1])]
+            groups = sorted(layout.groups([(r,) for r in rank]), key=lambda g: rank[g[0]])
 
         def press_group(members, flat, tokens):
             g, n = flat.shape
             parts = tokens.view(g, n, -1, 2 * d)  # (G, n, heads or 1, 2d)
-            ctx = VisualContext(llm_attn=scores[flat], llm_keys=parts[..., :d].flatten(2))
+            ctx = context(flat, w, columns={"llm_attn": scores}, llm_keys=parts[..., :d].flatten(2))
             k = press.budget(n)
             if k >= n:
                 return tokens, torch.arange(n, device=tokens.device).expand(g, n)
@@ -538,4 +582,5 @@ def _per_head(layout: Layout, heads: int) -> Layout:
     order = sorted((row, h, i) for i, row in enumerate(layout.rows) for h in range(heads))
     per_head = lambda t: t[:, None].expand(b, heads, w).reshape(b * heads, w)  # noqa: E731
     return Layout(per_head(layout.ids), per_head(layout.valid), [layout.token_ids[i] for _, _, i in order],
-                  [layout.lengths[i] for _, _, i in order], [row * heads + h for row, h, _ in order], layout.uniform)
+                  [layout.lengths[i] for _, _, i in order], [row * heads + h for row, h, _ in order],
+                  [n for n in layout.row_lengths for _ in range(heads)])
