@@ -281,10 +281,18 @@ def test_refusals_name_the_fix(model):
 
 
 def test_in_llm_press_refuses_a_conversation_past_the_sliding_window(windowed):
+    """A prompt longer than the window, and decoding that grows past it, raise (the sliding layers'
+    caches would drop entries the cut masks still index)."""
     batch = batch_of(windowed, SINGLE)
     with pytest.raises(ValueError, match="sliding window"):
         with torch.no_grad(), mmpress.get_press("fastv", keep_ratio=0.5)(windowed):
             windowed(**batch)
+    length = batch["input_ids"].shape[1]
+    model = Gemma3Adapter.build("tiny", window=length + 2)
+    with torch.no_grad(), mmpress.get_press("fastv", keep_ratio=0.5)(model):
+        generate(model, batch, steps=1)  # the prompt and its first token fit
+        with pytest.raises(ValueError, match="sliding window"):
+            generate(model, batch, steps=4)
 
 
 def test_kv_press_decoding_matches_oracle(model):

@@ -201,12 +201,9 @@ class Gemma3Adapter(Adapter):
         window = getattr(self.text_config, "sliding_window", None)
         if window is None or "sliding_attention" not in self.text_config.layer_types:
             return
-        cache = self.protocol.cache_of(kwargs)
         embeds = kwargs.get("inputs_embeds")
-        total = cache_length(cache) + (embeds.shape[1] if embeds is not None else 0)
-        pre = self.pressed.get(cache) if cache is not None else None
-        if pre is not None and pre.cuts:
-            total = pre.length + cache_length(cache) - pre.cuts[0].cols.shape[1] + embeds.shape[1]
+        # layer 0's cache after this call (the press cuts later layers): the whole conversation
+        total = cache_length(self.protocol.cache_of(kwargs)) + (embeds.shape[1] if embeds is not None else 0)
         if total >= window:
             raise ValueError(f"an in-LLM press on Gemma 3 needs the whole conversation ({total} tokens so far) within "
                              f"the sliding window ({window}): its sliding layers' caches drop their oldest entries "
