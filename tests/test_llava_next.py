@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import mmpress
@@ -62,6 +62,9 @@ def reference_pack(model, per_crop: torch.Tensor, size) -> tuple[list[int], torc
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(8, 220), st.integers(8, 220))
+@example(8, 129)  # so wide that unpad_image keeps no row of its tiles: the base alone
+@example(129, 8)  # so tall that it keeps no column: rows of a newline alone
+@example(72, 40)  # 2 x 2 tiles cut to one tile's width
 def test_layout_matches_pack_image_features(model, h, w):
     """For any image size: the item's length, newline rows and token order are those of
     transformers' ``pack_image_features`` (newlines where it writes image_newline, each tiles token
@@ -72,10 +75,10 @@ def test_layout_matches_pack_image_features(model, h, w):
     assert list(tiles.fixed) == rows and tiles.length == len(rows) + values.shape[0]
     assert torch.equal(tiles.pack(per_crop), values)
     assert tiles in tile_candidates(model.config, tiles.side, tiles.size, None)
-    size = tiles.size if tiles.size[0] else (0, 0)  # generate's reading of an encoded image by its length
-    assert size in rasters(model.config, tiles.side, None)[tiles.length]
+    assert tiles.size in rasters(model.config, tiles.side, None)[tiles.length]
     part = tiles.parts[1]
-    assert isinstance(part, TilesPart) and part.crops == tiles.grid and part.length == values.shape[0] - 64
+    assert isinstance(part, TilesPart) and part.length == values.shape[0] - 64
+    assert part.crops == (tiles.grid if tiles.size == tiles.cut[2:] else None)
 
 
 def test_newline_rows_of_the_real_features_are_the_fixed_tokens(model):
@@ -91,9 +94,11 @@ def test_newline_rows_of_the_real_features_are_the_fixed_tokens(model):
         assert sum(p.length for p in item.parts) == item.length - len(item.fixed)
 
 
-def test_encoded_images_have_the_forward_layout(model):
-    """generate's encoded images (no image_sizes) get the same items as a forward's."""
-    inputs = A.prompts(model, A.example_rows["ragged"])
+@pytest.mark.parametrize("rows", [A.example_rows["ragged"], [[(129, 8)], [(8, 129), (32, 32)]]])
+def test_encoded_images_have_the_forward_layout(model, rows):
+    """generate's encoded images (no image_sizes) get the same items as a forward's, also for
+    images of which unpadding keeps no tiles column (129 x 8 px) or no row (8 x 129 px)."""
+    inputs = A.prompts(model, rows)
     adapter = A(model)
     forward = adapter.visual_items((), inputs)
     with torch.no_grad():

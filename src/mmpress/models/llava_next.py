@@ -17,14 +17,15 @@ base grid (1, h, w) then the unpadded tiles grid (1, H', W'). An image the proce
 Signals: the tower's, per crop (``llava.py``: the [CLS] attention and keys of the
 ``vision_feature_layer`` block, the projector's input), mapped onto the LM tokens through the same
 stitching and unpadding (OneVision: and pooling) the features go through (:class:`Tiles.pack`),
-so ``cls_attn`` of a tile token is the [CLS] attention of its own crop: each crop has its own
-softmax (scores compare within a crop, as in the tower; the official GlobalCom2 code reads them
-the same way).
+so ``cls_attn`` of a tile token is the [CLS] attention of its own crop (each crop is its own
+softmax, as in the tower). A tiled image's tokens form no single raster (``Item.grid`` None): the
+presses needing one (``grid``: uniform, pool, the video presses) do not run on LLaVA-NeXT.
 
 ``generate`` encodes the images before the prefill and drops ``image_sizes``: an encoded image's
-layout is then read from its features (its newline rows equal ``image_newline``), and, for a press
-reading tower signals, its tile grid is the one of the ``image_grid_pinpoints`` whose stitching of
-the projector's output gives the encoded features exactly (:meth:`LlavaNextAdapter._resolve`).
+layout is then read from its token count, or from its newline rows where several rasters have
+that count, and, for a press reading tower signals, its tile grid is the one of the
+``image_grid_pinpoints`` whose stitching of the projector's output gives the encoded features
+exactly (:meth:`LlavaNextAdapter.read_layouts`).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class Tiles:
         x = crops[1:].reshape(rows, cols, s, s, c).permute(4, 0, 2, 1, 3).reshape(c, rows * s, cols * s)
         top, left, height, width = self.cut
         x = x[:, top : top + height, left : left + width]
-        if (height, width) != self.size:  # OneVision's "anyres_max_N": bilinear, as the features
+        if height and (height, width) != self.size:  # OneVision's "anyres_max_N": bilinear, as the features
             x = nn.functional.interpolate(x[None], list(self.size), mode="bilinear")[0]
         return torch.cat([base, x.flatten(1, 2).transpose(0, 1)])
 
@@ -141,45 +142,44 @@ def anyres_tiles(config, image_size, max_patches: int | None = None, tiled: bool
     full = (rows * side, cols * side)
     height, width = unpad_image(torch.empty(0, *full), image_size).shape[1:]
     cut = ((full[0] - height) // 2, (full[1] - width) // 2, height, width)  # unpad_image slices [pad : n - pad]
-    return Tiles(crops, side, (rows, cols), cut, interpolated(height, width, side, max_patches))
+    size = interpolated(height, width, side, max_patches) if height else (0, 0)  # nothing of the tiles kept
+    return Tiles(crops, side, (rows, cols), cut, size)
+
+
+def all_tiles(config, side: int, max_patches: int | None) -> list[Tiles]:
+    """Every layout an image could have under ``image_grid_pinpoints``: each tile grid with each
+    symmetric cut ``unpad_image`` can make (rows or columns, two at a time), then the shrink; a
+    raster left with no rows (an image so thin that nothing of its tiles is kept) has size (0, 0).
+    Cached per config."""
+    key = (tuple(map(tuple, config.image_grid_pinpoints)), config.vision_config.image_size, side, max_patches)
+    if key not in _ALL:
+        found = []
+        for ph, pw in key[0]:
+            rows, cols = ph // key[1], pw // key[1]
+            full_h, full_w = rows * side, cols * side
+            cuts = [(full_h, w) for w in range(full_w, -1, -2)] + [(h, full_w) for h in range(full_h - 2, -1, -2)]
+            for height, width in cuts:
+                seen = interpolated(height, width, side, max_patches) if height else (0, 0)
+                cut = ((full_h - height) // 2, (full_w - width) // 2, height, width)
+                found.append(Tiles(rows * cols + 1, side, (rows, cols), cut, seen))
+        _ALL[key] = found
+    return _ALL[key]
+
+
+_ALL: dict = {}
 
 
 def tile_candidates(config, side: int, size: tuple[int, int], max_patches: int | None) -> list[Tiles]:
-    """Every layout of ``image_grid_pinpoints`` giving an LM raster of ``size`` (H', W'): the
-    tile grids and unpadding an image of some size could have had. A raster of no rows (an image
-    so thin that ``unpad_image`` keeps nothing of its tiles) has no width: ``size`` (0, 0) matches
-    every such layout."""
-    crop = config.vision_config.image_size
-    found = []
-    for ph, pw in config.image_grid_pinpoints:
-        rows, cols = ph // crop, pw // crop
-        full_h, full_w = rows * side, cols * side
-        cuts = [(full_h, w) for w in range(full_w, -1, -2)] + [(h, full_w) for h in range(full_h - 2, -1, -2)]
-        for height, width in cuts:
-            seen = interpolated(height, width, side, max_patches)
-            if seen == tuple(size) or seen[0] == size[0] == 0:
-                cut = ((full_h - height) // 2, (full_w - width) // 2, height, width)
-                found.append(Tiles(rows * cols + 1, side, (rows, cols), cut, seen))
-    return found
+    """The layouts (:func:`all_tiles`) giving an LM raster of ``size`` (H', W')."""
+    return [t for t in all_tiles(config, side, max_patches) if t.size == tuple(size)]
 
 
 def rasters(config, side: int, max_patches: int | None) -> dict[int, set[tuple[int, int]]]:
-    """Token count of an image -> the LM rasters (H', W') of ``image_grid_pinpoints`` giving it
-    ((0, 0): no rows left after unpadding); cached per config."""
-    key = (tuple(map(tuple, config.image_grid_pinpoints)), config.vision_config.image_size, side, max_patches)
-    if key not in _RASTERS:
-        out: dict[int, set] = {}
-        for ph, pw in key[0]:
-            full_h, full_w = ph // key[1] * side, pw // key[1] * side
-            for height, width in [(full_h, w) for w in range(full_w, -1, -2)] + [(h, full_w) for h in range(full_h - 2, -1, -2)]:
-                rows, cols = interpolated(height, width, side, max_patches)
-                size = (rows, cols) if rows else (0, 0)
-                out.setdefault(side**2 + size[0] * (size[1] + 1), set()).add(size)
-        _RASTERS[key] = out
-    return _RASTERS[key]
-
-
-_RASTERS: dict = {}
+    """Token count of an image -> the LM rasters (H', W') of the layouts (:func:`all_tiles`) giving it."""
+    out: dict[int, set] = {}
+    for t in all_tiles(config, side, max_patches):
+        out.setdefault(t.length, set()).add(t.size)
+    return out
 
 
 @family
@@ -190,11 +190,11 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_types = ("llava_next",)
     classes = ("LlavaNextForConditionalGeneration",)
-    signals = VISION_SIGNALS | LLM_SIGNALS
+    signals = (VISION_SIGNALS - {"grid"}) | LLM_SIGNALS  # a tiled image is no single raster
     notes = ("cls_attn = [CLS] row of the attention in the vision_feature_layer block, per crop (base, tiles), "
              "mapped onto the LM tokens as pack_image_features maps the features; vision_keys = its keys; "
-             "*_concat: the same from one softmax over the heads-concatenated q / k; image_newline tokens are "
-             "kept in place and seen by no press")
+             "*_concat: the same from one softmax over the heads-concatenated q / k; an image is its base and "
+             "tiles (ctx.parts), no single grid; image_newline tokens are kept in place and seen by no press")
     example_rows = {"single": [[(40, 72)]], "ragged": [[(64, 64)], [(72, 40), (32, 32)], [(40, 72)]]}
     bench_media = {"image": (672, 672)}  # 2 x 2 tiles + base: 2928 tokens, as LLaVA-NeXT-7B
     has_cls = True  # CLIP: token 0 of a crop is [CLS] (dropped with the "default" strategy)
@@ -266,7 +266,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 size = None if rows == [base] and f.shape[0] == base + 1 else (len(rows), rows[0] - base if rows else 0)
                 known.append({size})
                 check = Tiles(0, side, (0, 0), None, size) if size else Tiles(1, side)
-                if (rows and size and size[1] <= 0) or list(check.fixed) != rows or check.length != f.shape[0]:
+                if (size and size[1] < 0) or list(check.fixed) != rows or check.length != f.shape[0]:
                     raise ValueError(f"an encoded image of {f.shape[0]} tokens has image_newline rows at {rows[:8]}: "
                                      f"not a {self.family} layout (a base of {base} tokens, then rows each ending "
                                      "in a newline)")
@@ -394,21 +394,18 @@ class LlavaNextAdapter(LlavaAdapter):
         2-layer MLP projector over every crop's patch tokens (before unpadding: transformers
         projects them all), and ``batch`` rows of ``seq_len`` LM tokens."""
         crops = sum(t.crops for t in cls.crops_of(config, inputs)) + cls.video_frames(inputs)
-        return cls._flops(config, crops, inputs["input_ids"].shape[0], seq_len, layer_seq_len)
-
-    @classmethod
-    def video_frames(cls, inputs: dict) -> int:
-        return 0
-
-    @classmethod
-    def _flops(cls, config, crops: int, batch: int, seq_len: int, layer_seq_len) -> PrefillFlops:
-        vision_cfg, text_cfg = config.vision_config, config.text_config
+        batch, vision_cfg, text_cfg = inputs["input_ids"].shape[0], config.vision_config, config.text_config
         patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
         cls_token = cls.has_cls
         vision = transformer_flops(vision_cfg, patches + cls_token, batch=crops) if crops else 0.0
         tokens = patches + (cls_token and config.vision_feature_select_strategy == "full")
         projector = 2.0 * crops * tokens * (vision_cfg.hidden_size * text_cfg.hidden_size + text_cfg.hidden_size**2)
         return PrefillFlops(vision, projector, language_flops(text_cfg, seq_len, batch, layer_seq_len))
+
+    @classmethod
+    def video_frames(cls, inputs: dict) -> int:
+        """Frames the tower encodes for the batch's videos (LLaVA-NeXT: none)."""
+        return 0
 
     @classmethod
     def build(cls, size: str = "tiny", seed: int = 0, attn: str = "sdpa", model_type: str | None = None,
@@ -448,8 +445,8 @@ class LlavaNextAdapter(LlavaAdapter):
         if any(len(size) != 2 for row in rows for size in row):
             raise ValueError(f"{cls.family} prompts take images of (h, w) px")
         sizes = [tuple(size) for row in rows for size in row]
-        inputs = {"image_sizes": torch.tensor(sizes).reshape(-1, 2), **cls._batch_facts(rows)}
-        tiles = cls.layouts_of(config, sizes, cls.tiled_images(inputs, len(sizes)))
+        inputs = {"image_sizes": torch.tensor(sizes).reshape(-1, 2)}
+        tiles = cls.layouts_of(config, sizes, [True] * len(sizes))
         vocab = config.text_config.vocab_size
         sequences, pixels, k = [], [], 0
         for i, row in enumerate(rows):
@@ -467,11 +464,6 @@ class LlavaNextAdapter(LlavaAdapter):
                                                for p in pixels])
             out.update(inputs)
         return out
-
-    @classmethod
-    def _batch_facts(cls, rows: list) -> dict:
-        """What else the processor returns about the images of ``rows`` (OneVision: per-row counts)."""
-        return {}
 
     @classmethod
     def encode(cls, model, inputs: dict) -> None:

@@ -34,9 +34,8 @@ from torch import Tensor
 
 from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Item, family
 from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, qwen2_text, text_around
-from mmpress.models.llava_next import LlavaNextAdapter, Tiles
+from mmpress.models.llava_next import LlavaNextAdapter
 from mmpress.models.vision import received_attention
-from mmpress.presses.base import Press
 
 IMAGE_TOKEN, VIDEO_TOKEN = 3, 4  # the placeholder ids of the random models below
 
