@@ -200,17 +200,20 @@ class Mistral3Adapter(Adapter):
     def _patch_grids(self, sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
         return [(h // self.patch, w // self.patch) for h, w in sizes]
 
-    def _windows(self, x: Tensor, sizes: list[tuple[int, int]]) -> list[Tensor]:
-        """Per image, (S, ...) per-patch values of the packed sequence -> (R * C, ...) the mean over
-        each merge window, windows in raster order (the merger's ``unfold``; a last odd row or
-        column of patches, which the merger drops, is dropped)."""
+    def _window_grids(self, x: Tensor, sizes: list[tuple[int, int]]) -> list[Tensor]:
+        """Per image, the (R, m, C, m, F) merge windows of (S, ...) per-patch values of the packed
+        sequence (a last odd row or column of patches, which the merger's ``unfold`` drops, is
+        dropped); windows in raster order, as the merger makes its tokens."""
         m, out = self.merge, []
         grids = self._patch_grids(sizes)
         for chunk, (h, w) in zip(x.split([h * w for h, w in grids]), grids):
             rows, cols = h // m, w // m
-            windows = chunk.reshape(h, w, -1)[: rows * m, : cols * m].reshape(rows, m, cols, m, -1)
-            out.append(windows.mean(dim=(1, 3)).reshape(rows * cols, *x.shape[1:]))
+            out.append(chunk.reshape(h, w, -1)[: rows * m, : cols * m].reshape(rows, m, cols, m, -1))
         return out
+
+    def _windows(self, x: Tensor, sizes: list[tuple[int, int]]) -> list[Tensor]:
+        """Per image, (R * C, ...): the mean of (S, ...) per-patch values over each merge window."""
+        return [g.mean(dim=(1, 3)).reshape(-1, *x.shape[1:]) for g in self._window_grids(x, sizes)]
 
     def _attention_hook(self, block: int, forms: set[str]):
         def hook(module, args, kwargs):
@@ -254,15 +257,9 @@ class Mistral3Adapter(Adapter):
         encoding = self._encoding
         if encoding is None:
             return
-        x, m = args[0], self.merge
-        x = x.reshape(-1, x.shape[-1])  # (1, S, C) or (S, C)
-        grids = self._patch_grids(encoding["sizes"])
-        out = []
-        for chunk, (h, w) in zip(x.split([h * w for h, w in grids]), grids):
-            rows, cols = h // m, w // m
-            windows = chunk.reshape(h, w, -1)[: rows * m, : cols * m].reshape(rows, m, cols, m, -1)
-            out.append(windows.permute(0, 2, 4, 1, 3).reshape(rows * cols, -1))
-        encoding["signals"]["features"] = out
+        x = args[0].reshape(-1, args[0].shape[-1])  # (1, S, C) or (S, C)
+        encoding["signals"]["features"] = [g.permute(0, 2, 4, 1, 3).reshape(g.shape[0] * g.shape[2], -1)
+                                           for g in self._window_grids(x, encoding["sizes"])]
 
     def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
         encoding, needs = self._current, set(press.needs)
