@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmpress
-import mmpress.models.internvl  # noqa: F401  (registers the family until the registry names it)
 from mmpress.models.base import Part
 from mmpress.models.internvl import IMAGE_TOKEN, IMG_END, IMG_START, InternVLAdapter
 from mmpress.presses.base import ScorerPress
@@ -126,6 +125,9 @@ def test_prompts_match_the_processor():
         assert [it.length // T for it in adapter.visual_items((), dict(theirs))] == [n for row in TILES for n in row]
 
 
+_MODEL: dict = {}  # one tiny model for the hypothesis examples (a fixture is not reset between them)
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(8, 400), st.integers(8, 400))
 def test_tile_count_is_the_processors(h, w):
@@ -137,9 +139,6 @@ def test_tile_count_is_the_processors(h, w):
     tiles = images.get_number_of_image_patches(h, w, {})
     assert inputs["pixel_values"].shape[0] == tiles
     assert int((inputs["input_ids"] == IMAGE_TOKEN).sum()) == tiles * T
-
-
-_MODEL: dict = {}
 
 
 def test_video_prompts_are_refused(model):
