@@ -152,11 +152,19 @@ def test_signal_is_the_attention_received_in_each_crop_and_frame():
     torch.testing.assert_close(by_kind[64].cls_attn[0], pooled, atol=1e-6, rtol=1e-5)
 
 
+def generate(model, inputs):
+    out = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[:, -2:], torch.stack(out.logits, dim=1)
+
+
 @pytest.mark.parametrize("name", sorted(n for n, cls in PRESSES.items() if cls.video and cls.stage == "pre_llm"))
-def test_video_presses_keep_the_newline(model, name):
-    """The video presses run on OneVision video, forward and generate; the video's newline token
-    reaches the language model."""
-    inputs = A.prompts(model, [[(4, 32, 32)], [(4, 32, 32)]])
+def test_video_presses_run_on_video_and_keep_the_newline(model, name):
+    """The video presses run on OneVision video, forward and generate: each video's newline
+    reaches the language model, and a ragged batch (rows of other text lengths) gives each row
+    its logits and tokens alone."""
+    rows = [[(4, 32, 32)], [(4, 32, 32)]]
+    inputs = A.prompts(model, rows)
     press = mmpress.get_press(name, keep=24)
     seen = {}
 
@@ -167,15 +175,22 @@ def test_video_presses_keep_the_newline(model, name):
     try:
         with torch.no_grad(), press(model) as run:
             logits = model(**inputs).logits
-            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            tokens, scores = generate(model, inputs)
     finally:
         handle.remove()
-    assert torch.isfinite(logits).all()
     stats = run.prefills[0]
     assert (stats.visual_tokens, stats.fixed_tokens, stats.kinds) == (2 * 64, 2, {"video": 2})
     assert stats.kept_visual_tokens == 2 * 24
     newline = (seen["embeds"] == model.model.image_newline).all(-1)
     assert newline.sum(1).tolist() == [1, 1]
+    for i, row in enumerate(rows):
+        alone = A.prompts(model, [row], first_row=i)
+        with torch.no_grad(), press(model):
+            row_logits = model(**alone).logits
+            row_tokens, row_scores = generate(model, alone)
+        torch.testing.assert_close(logits[i, -1], row_logits[0, -1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(scores[i], row_scores[0], atol=1e-4, rtol=1e-4)
+        assert torch.equal(tokens[i], row_tokens[0])
 
 
 def test_prefill_flops_count_crops_and_frames(model):
