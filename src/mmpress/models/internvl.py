@@ -26,10 +26,11 @@ press's budget (``keep=64``, a ratio) is the image's, as the papers state it, an
 sees the image whole can trade tokens between tiles (a blank tile gives its share to a busy one,
 the thumbnail's global view competes with the crops' details), where per-tile items would force
 the same count on every tile. Presses that work per sub-image read the parts: HiPrune and SCOPE
-press the thumbnail and each crop as their official AnyRes code does; GlobalCom2 needs each
-crop's place in the thumbnail (the crop grid), which these inputs lack, and raises. A press that
-needs the image's 2-D grid (``uniform``, ``pool``, the video presses) gets one for a one-tile
-image only and raises on a tiled one (``VisualContext.require("grid")``).
+press the thumbnail and each crop as pieces, as they press LLaVA-NeXT's base and crops;
+GlobalCom2 needs each crop's place in the thumbnail (the crop grid), which these inputs lack, and
+raises. A press that needs the image's 2-D grid (``uniform``, ``pool``, the video presses) gets
+one for a one-tile image only and raises on a tiled one (``VisualContext.require("grid")``), so
+this family does not declare the "grid" signal.
 
 Video: the processor writes each frame as its own ``<img>`` + 256 tokens + ``</img>`` (one tile,
 "FrameN: " text between frames) and passes the frames in ``pixel_values`` with the images; the
@@ -44,8 +45,9 @@ producing ``vision_feature_layer`` (-1: the last), per head (with the module's o
 the tile's patches, then mapped through the pixel shuffle: a token's score is the mean of its
 ``1 / ratio`` squared patches' scores (``vision_keys``: their head-averaged keys, averaged the
 same way). Each tile has its own [CLS] (the tower runs per tile), so an image's scores are those
-of its tiles, each tile's patch scores summing to at most 1 (the rest is [CLS]'s own share). ``cls_attn_concat`` / ``vision_keys_concat``:
-the same from one softmax over the heads-concatenated q / k (official PruMerge's form);
+of its tiles, each tile's patch scores summing to at most 1 (the rest is [CLS]'s own share).
+``cls_attn_concat`` / ``vision_keys_concat``: the same from one softmax over the
+heads-concatenated q / k (official PruMerge's form);
 ``cls_attn_layers``: ``cls_attn`` at the vision layers a press lists. From a forward pre-hook on
 the block's attention module (``models.vision.cls_signals``), so the tower keeps running with
 SDPA. ``vision_features``: the projector's input, each token's patches concatenated as the pixel
