@@ -24,20 +24,6 @@ TYPES = ("smolvlm", "idefics3")
 RAGGED = A.example_rows["ragged"]  # 17 crops | 5 + 9 crops | 13 crops
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _text_model_alias():
-    """TEMPORARY, until the core reaches the language model as ``text_model`` too (these models
-    have no ``language_model``; a core patch is proposed to the lead): a read-only alias for the
-    tests' duration."""
-    from transformers import Idefics3Model, SmolVLMModel
-
-    with pytest.MonkeyPatch.context() as patch:
-        for cls in (Idefics3Model, SmolVLMModel):
-            if not hasattr(cls, "language_model"):
-                patch.setattr(cls, "language_model", property(lambda self: self.text_model), raising=False)
-        yield
-
-
 @pytest.fixture(scope="module", params=TYPES)
 def model(request):
     return A.build("tiny", model_type=request.param)

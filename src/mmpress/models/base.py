@@ -242,6 +242,8 @@ class Adapter:
     example_rows: ClassVar[dict] = {}
     #: the medium of each kind a "real" bench prompt holds: {"image": (336, 336), "video": (16, 448, 448)}
     bench_media: ClassVar[dict] = {}
+    #: the VLM's attribute holding its language model (SmolVLM / Idefics3: "text_model")
+    language_model_attr: ClassVar[str] = "language_model"
     position_modes: ClassVar[tuple[str, ...]] = ("keep", "reindex")
     #: generate(whole conversation, past_key_values=pressed cache) continues it (see _continue_generate)
     continues_generate: ClassVar[bool] = True
@@ -254,8 +256,9 @@ class Adapter:
                              f"got {positions!r}")
         self.model = model
         # *ForConditionalGeneration wraps the VLM in .model; a bare VLM is accepted too
-        self.vlm = model.model if hasattr(getattr(model, "model", None), "language_model") else model
-        if not hasattr(self.vlm, "language_model"):
+        inner, name = getattr(model, "model", None), self.language_model_attr
+        self.vlm = inner if hasattr(inner, name) else model
+        if not hasattr(self.vlm, name):
             raise ValueError(f"{type(model).__name__} does not look like a transformers {self.family} model")
         # every weight on meta: never loaded (accelerate's offloading leaves some there, with a device map)
         first = next(model.parameters(), None)
@@ -266,7 +269,8 @@ class Adapter:
                              "pressing, e.g. from_pretrained(path, device_map='auto'), or model.to_empty(device=...) "
                              "then load_state_dict(...)")
         self.config = self.vlm.config
-        self.protocol = protocol(self.vlm, self.vlm.language_model)
+        self.lm = getattr(self.vlm, name)  # the language model every stage hooks
+        self.protocol = protocol(self.vlm, self.lm)
         self.requested_positions = positions  # None: each press's official numbering (``resolve_positions``)
         self.positions = positions or "keep"
         self.state = _State()
@@ -310,7 +314,7 @@ class Adapter:
     def attention_layers(self) -> list[int]:
         """The decoder layers with softmax attention (default: all): in-LLM presses read their
         signal there and KV presses evict only there (Qwen3.5's linear-attention layers have none)."""
-        return list(range(len(self.vlm.language_model.layers)))
+        return list(range(len(self.lm.layers)))
 
     def encoded_items(self, kwargs: dict, kind: str, token_id: int, describe) -> list[Item]:
         """The items of ``kind`` that ``generate`` encoded before this forward (``mm_encoder_outputs``),
@@ -372,7 +376,7 @@ class Adapter:
         stages = self._stages(press)
         self.check_stages(stages)
         self.outer, self.stages, self._uncached, self._warned = press, stages, None, False
-        lm = self.vlm.language_model
+        lm = self.lm
         self.stage_objs = [cls(self, stages[name]) for name, cls in STAGE_CLASSES.items() if name in stages]
         self.positions = self.resolve_positions(stages)
         if set(stages) - {"pre_llm"} and self.positions != "keep":
@@ -472,7 +476,7 @@ class Adapter:
             return
         state.rows = self._rows(items, dict(zip(self.token_ids, counts)))
         use_cache = kwargs.get("use_cache")
-        if cache is None and not (self.vlm.language_model.config.use_cache if use_cache is None else use_cache):
+        if cache is None and not (self.lm.config.use_cache if use_cache is None else use_cache):
             self._uncached_prefill(kwargs, tuple(input_ids.shape))
 
     def _uncached_prefill(self, kwargs: dict, shape: tuple) -> None:

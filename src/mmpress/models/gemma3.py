@@ -260,18 +260,6 @@ class Gemma3Adapter(Adapter):
         if lm_stages and getattr(self.text_config, "attn_logit_softcapping", None) is not None:
             raise ValueError("this Gemma model soft-caps its attention logits (attn_logit_softcapping): in-LLM and KV "
                              "presses score tokens without it; use a pre-LLM press")
-        if "kv" in stages and "sliding_attention" in self.text_config.layer_types:
-            raise ValueError(f"{type(stages['kv']).__name__} is a KV press; Gemma 3's sliding-window layers keep their "
-                             "KV cache in a DynamicSlidingWindowLayer, which mmpress does not compact yet. Use a "
-                             "pre-LLM or in-LLM press")
-        press = stages.get("in_llm")
-        if press is not None and getattr(press, "positions", "keep") in (None, "reindex") \
-                and len(set(self.text_config.layer_types)) > 1:
-            raise ValueError(f"{type(press).__name__} renumbers the kept tokens inside the language model "
-                             "(positions='reindex', its default on 1-D RoPE); Gemma 3 rotates its sliding and full "
-                             "layers with different RoPE bases from one rotary_emb(x, ids, layer_type), which the "
-                             f"renumbering does not pass yet. Pass {type(press).__name__}(positions='keep') "
-                             "(original position ids)")
 
     # ---- signals: attention received (no [CLS]), averaged over each pooling window ------------------
     def signal_hooks(self, press: Press) -> list:

@@ -28,6 +28,7 @@ decoding: what the pre-LLM core already maps decoding onto.
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -235,7 +236,7 @@ class LayerStage:
         if getattr(press, "positions", "keep") is None:  # the official numbering where the family has 1-D RoPE
             press = replace(press, positions="reindex" if "reindex" in adapter.position_modes else "keep")
         self.adapter, self.press = adapter, press
-        self.layers = decoder_layers(adapter.vlm.language_model)
+        self.layers = decoder_layers(adapter.lm)
         starts = press.layers()
         n = len(self.layers)
         if list(starts) != sorted(set(starts)) or starts[-1] >= n:
@@ -252,14 +253,17 @@ class LayerStage:
                              f"attention only in layers {attention}: press at (or score with) one of those")
         self.starts = starts
         # a press renumbering the kept sequence (PyramidDrop's official numbering) needs 1-D RoPE
-        self.rotary = None
+        self.rotary, self.rotary_types = None, None
         if getattr(press, "positions", "keep") == "reindex":
             if "reindex" not in adapter.position_modes:
                 raise ValueError(f"{type(press).__name__}(positions='reindex') renumbers the kept tokens 0..L'-1, "
                                  f"which is defined for 1-D RoPE only; this {adapter.family} model numbers "
                                  "positions with M-RoPE (t, h, w): pass positions='keep' (original ids)")
-            self.rotary = rotary_embedding(adapter.vlm.language_model)
-        impl = getattr(adapter.vlm.language_model.config, "_attn_implementation", "sdpa") or "sdpa"
+            self.rotary = rotary_embedding(adapter.lm)
+            # Gemma 3: one rotary module, a RoPE base per layer type, chosen by a third argument
+            takes_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+            self.rotary_types = adapter.lm.config.layer_types if takes_type else None
+        impl = getattr(adapter.lm.config, "_attn_implementation", "sdpa") or "sdpa"
         self.flash = "flash" in impl
         self.run: _Run | None = None
         self.memo: dict = {}
@@ -300,10 +304,10 @@ class LayerStage:
         if self.run is None:
             return self._decoding(i, args, hidden, kwargs)
         run, given = self.run, kwargs
-        kwargs = self._cut_inputs(run, given)
+        kwargs = self._cut_inputs(run, given, i)
         if i in self.starts:
             hidden = self._press_at(i, run, hidden, kwargs, given)
-            kwargs = self._cut_inputs(run, given)
+            kwargs = self._cut_inputs(run, given, i)
         if any(sig == i != start for start, sig in self.signal.items()):  # a later stage scores with layer i
             run.recorded[i] = (hidden, kwargs["position_embeddings"])
         if not run.cuts:
@@ -312,7 +316,14 @@ class LayerStage:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    def _cut_inputs(self, run: _Run, kwargs: dict) -> dict:
+    def _rotate(self, x: Tensor, positions: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of ``positions`` for decoder layer ``i`` (its layer type's base, where the
+        language model has one per type)."""
+        if self.rotary_types is None:
+            return self.rotary(x, positions)
+        return self.rotary(x, positions, self.rotary_types[i])
+
+    def _cut_inputs(self, run: _Run, kwargs: dict, i: int) -> dict:
         """The layer's mask / rotary embeddings / position ids (as the model loop passes every
         layer: for its input's full width) cut to the current columns, once per stage."""
         if not run.cuts:
@@ -327,7 +338,7 @@ class LayerStage:
                                              square_causal_ok=run.layout.uniform)
                 elif name == "position_embeddings" and value is not None:  # (cos, sin): (B, W, d)
                     if cut.positions is not None:
-                        run.memo[key] = self.rotary(value[0], cut.positions)
+                        run.memo[key] = self._rotate(value[0], cut.positions, i)
                     else:
                         run.memo[key] = tuple(gather_rows(t.expand(b, *t.shape[1:]), cut.cols) for t in value)
                 elif name == "position_ids" and cut.positions is not None:
@@ -363,7 +374,7 @@ class LayerStage:
             if "keys" in out:
                 out["text_keys"] = gather_rows(out["keys"].view(b, w, -1), rows)
         if "llm_normed" in needs:
-            out["normed"] = final_norm(self.adapter.vlm.language_model)(hidden)
+            out["normed"] = final_norm(self.adapter.lm)(hidden)
         return out
 
     def _context(self, signals: dict, run: _Run, flat: Tensor, first: Tensor, w: int):
@@ -427,12 +438,12 @@ class LayerStage:
         out = {**kwargs, "attention_mask": self.memo[key]}
         if cut.shift is not None:  # renumbered prompt: a later token continues its numbering
             pos = kwargs.get("position_ids")
-            key = ("positions", id(pos), cut.start)
+            key = ("positions", id(pos), id(kwargs["position_embeddings"]), cut.start)
             if key not in self.memo:
                 if not isinstance(pos, Tensor) or pos.ndim != 2:
                     raise ValueError("positions='reindex' needs the 1-D position ids of the new tokens")
                 new = pos.expand(cut.shift.shape[0], q) - cut.shift[:, None]
-                self.memo[key] = (new, self.rotary(kwargs["position_embeddings"][0], new))
+                self.memo[key] = (new, self._rotate(kwargs["position_embeddings"][0], new, i))
             out["position_ids"], out["position_embeddings"] = self.memo[key]
         return args, out
 
@@ -454,7 +465,7 @@ class KVStage:
 
     def __init__(self, adapter, press: KVPress):
         self.adapter, self.press = adapter, press
-        self.layers = decoder_layers(adapter.vlm.language_model)
+        self.layers = decoder_layers(adapter.lm)
         self.run: _KVRun | None = None
 
     def hooks(self) -> list:
@@ -500,9 +511,14 @@ class KVStage:
         if cache is None:
             return
         entry = cache.layers[i]
-        if type(entry).__name__ != "DynamicLayer":
+        sliding = type(entry).__name__ == "DynamicSlidingWindowLayer"
+        if type(entry).__name__ != "DynamicLayer" and not sliding:
             raise ValueError(f"KV presses evict from a DynamicCache (the default cache); this cache's layer is a "
                              f"{type(entry).__name__}: pass no cache_implementation / past_key_values")
+        if sliding and entry.cumulative_length != entry.keys.shape[-2]:
+            raise ValueError(f"a KV press compacts the whole prompt's cache, but this sliding-window layer holds only "
+                             f"the last {entry.keys.shape[-2]} of the prompt's {entry.cumulative_length} entries (the "
+                             "prompt is longer than the window): use a pre-LLM or in-LLM press")
         press, (hidden, pe) = self.press, run.inputs
         keys, values = entry.keys, entry.values
         b, heads, w, d = keys.shape
@@ -562,6 +578,8 @@ class KVStage:
         else:
             kv, mask = out.x.view(b, width, heads, 2 * d).transpose(1, 2), out.layout.valid
         entry.keys, entry.values = kv[..., :d].contiguous(), kv[..., d:].contiguous()
+        if sliding:  # the layer sizes its window (and its masks) by the entries it has seen
+            entry.cumulative_length = entry.keys.shape[-2]
         run.mask, run.kept = mask, sum(lengths) // (heads if press.per_head else 1)
 
 
