@@ -11,7 +11,8 @@ Videos: every frame is one crop through the tower and projector, then ``apply_po
 h x w grid bilinearly (27 x 27 -> 14 x 14); a video's tokens are its frames' pooled grids, in
 raster order over (t, h, w), then ONE newline token. A video is one item of ``kind="video"``,
 grid (t, h', w') of its pooled frames, its last token fixed: the video presses (``mmpress list``)
-run on it.
+run on it. The presses needing one raster (``grid``) run on videos and on the untiled images of
+multi-image rows; a tiled image has none (its base and tiles are ``Item.parts``) and refuses them.
 
 Signals: the SigLIP tower has no [CLS] token, so ``cls_attn`` is a documented substitute, as for
 Qwen-VL (``qwen_vl.py``): the attention each token RECEIVES in the ``vision_feature_layer`` block,
@@ -95,8 +96,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     notes = ("no [CLS] (SigLIP): cls_attn = mean attention each token receives within its crop / frame in the "
              "vision_feature_layer block (HiPrune's no-[CLS] saliency), mapped onto the LM tokens as the features "
              "are (stitched, unpadded, shrunk; video frames pooled); vision_keys = that block's keys; *_concat: the "
-             "same from one softmax over the heads-concatenated q / k; image_newline tokens are kept in place and "
-             "seen by no press")
+             "same from one softmax over the heads-concatenated q / k; grid (uniform, pool, video presses): videos "
+             "and the untiled images of multi-image rows only, a tiled image is its base and tiles (ctx.parts); "
+             "image_newline tokens are kept in place and seen by no press")
     example_rows = {"single": [[(40, 72)]], "ragged": [[(96, 64)], [(72, 40), (32, 32)], [(64, 64)]],
                     "video": [[(4, 32, 32)]]}
     bench_media = {"image": (768, 768), "video": (16, 384, 384)}  # 2 x 2 tiles + base: 3699 tokens; 16 x 196 + 1
