@@ -445,7 +445,7 @@ class Adapter:
         state.input_ids, state.items, state.rows = input_ids, items, []
         cache = self.protocol.cache_of(kwargs)
         state.positions_from_cache = False
-        past = cache_length(cache)
+        past = cache_length(cache, self.attention_layers()[0])  # hybrid caches: a softmax layer's
         entry = _entry(cache)
         if entry is not None and not self.continues(entry):
             raise ValueError(STALE)
@@ -560,7 +560,7 @@ class Adapter:
         if embeds is None:
             return None
         cache = self.protocol.cache_of(kwargs)
-        past = cache_length(cache)
+        past = cache_length(cache, self.attention_layers()[0])  # hybrid caches: a softmax layer's
         if past:  # decoding, or a later turn appended to a cache
             pre = self.pressed.get(cache)
             if pre is None:

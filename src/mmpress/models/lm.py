@@ -60,6 +60,8 @@ def queries_keys(layer: nn.Module, hidden: Tensor, position_embeddings: tuple[Te
     else:
         rows_of = rows
     q = (projected if rows_of is None else gather_rows(projected, rows_of)).view(b, rows.shape[1], -1, d)
+    if attn.q_proj.out_features == 2 * attn.o_proj.in_features:  # output-gated (Qwen3.5, Qwen3-Next): [query | gate] per head
+        q = q.view(b, rows.shape[1], -1, 2 * d)[..., :d]
     norm = hasattr(attn, "q_norm")  # Qwen3: RMSNorm per head before RoPE
     q = attn.q_norm(q) if norm else q
     cos, sin = (t.expand(b, *t.shape[1:]) for t in position_embeddings)

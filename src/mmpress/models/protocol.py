@@ -88,6 +88,6 @@ def protocol(vlm: nn.Module, language_model: nn.Module) -> Protocol:
     return Protocol(cache=cache, encoded_images=encoded)
 
 
-def cache_length(cache) -> int:
-    """Tokens held by a KV cache (0 for None); a host integer, read from shapes, no sync."""
-    return 0 if cache is None else int(cache.get_seq_length())
+def cache_length(cache, layer: int = 0) -> int:
+    """Tokens held by a KV cache's ``layer`` (0 for None); a host integer, read from shapes, no sync."""
+    return 0 if cache is None else int(cache.get_seq_length(layer))

@@ -252,6 +252,7 @@ class LayerStage:
                              f"{sorted(set(self.signal.values()))}, but this {adapter.family} model has softmax "
                              f"attention only in layers {attention}: press at (or score with) one of those")
         self.starts = starts
+        self.linear = set(range(n)) - set(attention)  # recurrent layers: a 2-D padding mask, no KV cache
         # a press renumbering the kept sequence (PyramidDrop's official numbering) needs 1-D RoPE
         self.rotary, self.rotary_types = None, None
         if getattr(press, "positions", "keep") == "reindex":
@@ -301,8 +302,8 @@ class LayerStage:
     # ---- the hook ---------------------------------------------------------------------------
     def _hook(self, i: int, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        if self.run is None:
-            return self._decoding(i, args, hidden, kwargs)
+        if self.run is None:  # a linear-attention layer's recurrent state continues as it is
+            return None if i in self.linear else self._decoding(i, args, hidden, kwargs)
         run, given = self.run, kwargs
         kwargs = self._cut_inputs(run, given, i)
         if i in self.starts:
@@ -331,10 +332,11 @@ class LayerStage:
         cut, out = run.cuts[-1], dict(kwargs)
         b = cut.cols.shape[0]
         for name, value in kwargs.items():
-            key = (name, id(value), len(run.cuts))
+            linear = i in self.linear and name == "attention_mask"
+            key = (name, id(value), len(run.cuts), linear, self.rotary_types and self.rotary_types[i])
             if key not in run.memo:
-                if name == "attention_mask":
-                    run.memo[key] = cut_mask(value, cut.cols, cut.valid, cut.cols, self.flash,
+                if name == "attention_mask":  # a linear-attention layer's is the 2-D padding mask, as flash's
+                    run.memo[key] = cut_mask(value, cut.cols, cut.valid, cut.cols, self.flash or linear,
                                              square_causal_ok=run.layout.uniform)
                 elif name == "position_embeddings" and value is not None:  # (cos, sin): (B, W, d)
                     if cut.positions is not None:

@@ -120,7 +120,7 @@ class VisualContext:
         if value is None:
             raise ValueError(
                 f"this press needs the '{name}' signal, which the model's adapter could not provide "
-                f"(e.g. a vision tower without a [CLS] token has no cls_attn); choose another press"
+                f"(e.g. a tiled image has no single grid); choose another press"
             )
         return value
 
