@@ -201,7 +201,7 @@ def test_scores_equal_eager_attention(kind, query):
         handle.remove()
     ids, valid = batch["input_ids"], batch["attention_mask"].bool()
     visual = (ids == model.config.image_token_id) | (ids == getattr(model.config, "video_token_id", -1))
-    layout = Layout(ids.masked_fill(~visual, -1), valid, [], [], [], True)
+    layout = Layout(ids.masked_fill(~visual, -1), valid, [], [], [], valid.sum(1).tolist())
     if query == "text":  # query_rows sizes the text width from the items: give it the rows' counts
         layout.rows, layout.lengths = list(range(ids.shape[0])), visual.sum(1).tolist()
     got, _ = layout.attention(lm_layer, seen["hidden"], seen["pe"], query, 4)

@@ -34,7 +34,9 @@ class DARTPress(SelectorPress):
     model; this press acts on the LM input, before any layer runs), where no layer has run: norms
     and cosines are taken on the projected visual tokens and the text input embeddings (official:
     layer-1 keys and the final-normed hidden states entering layer 2, which do not exist here).
-    Everything else is the official selection. An image with fewer text tokens after it than
+    Everything else is the official selection. Equal norms (a repeated word of the prompt has one
+    embedding) go to the earliest token (official: ``topk``'s order, which its kernel leaves
+    undefined; forced by batching: a padded row must pick what it picks alone). An image with fewer text tokens after it than
     ``text_pivots`` spreads its budget over fewer pivots (official: fails). Batched over M images
     with per-image budgets (official: batch 1).
     A later turn: the selection made with the first prompt's text stays (a continued cache holds
@@ -67,7 +69,7 @@ def dart_select(tokens: Tensor, token_keys: Tensor, text: Tensor | None, text_ke
     ``token_index`` / ``text_index``: :func:`set_order`), each claims its quota of the not yet
     claimed tokens least cosine-similar to it (on ``tokens`` / ``text``). Returns (M, k)."""
     m, n, _ = tokens.shape
-    kept = token_keys.float().norm(p=norm_p, dim=-1).topk(min(image_pivots, k), dim=-1).indices
+    kept = _first_largest(token_keys.float().norm(p=norm_p, dim=-1), min(image_pivots, k))
     if kept.shape[1] == k:
         return kept
     pivots, valid = gather_tokens(tokens, kept).float(), torch.ones_like(kept, dtype=torch.bool)
@@ -75,7 +77,7 @@ def dart_select(tokens: Tensor, token_keys: Tensor, text: Tensor | None, text_ke
     if text_pivots:
         after = text_mask if text_index is None else text_mask & (text_index > token_index[:, -1:])
         norm = text_keys.float().norm(p=norm_p, dim=-1).masked_fill(~after, -torch.inf)
-        top = norm.topk(min(text_pivots, text.shape[1]), dim=-1).indices
+        top = _first_largest(norm, min(text_pivots, text.shape[1]))
         pivots = torch.cat([pivots, gather_tokens(text.float(), top)], dim=1)
         valid = torch.cat([valid, after.gather(1, top)], dim=1)  # a valid prefix: topk puts -inf last
         if index is not None:
@@ -100,6 +102,12 @@ def dart_select(tokens: Tensor, token_keys: Tensor, text: Tensor | None, text_ke
     picked = (~free).scatter(1, kept, False)  # exactly `spare` per image
     chosen = picked.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :spare]
     return torch.cat([kept, chosen], dim=1)
+
+
+def _first_largest(scores: Tensor, k: int) -> Tensor:
+    """(M, k) indices of the k largest scores per row, largest first, equal scores to the lowest
+    index (a stable sort: the same pick wherever padding puts the row)."""
+    return scores.sort(dim=-1, descending=True, stable=True).indices[:, :k]
 
 
 # CPython's set (Objects/setobject.c, unchanged since 3.7): LINEAR_PROBES, PERTURB_SHIFT, PySet_MINSIZE
