@@ -62,7 +62,7 @@ from mmpress.flops import PrefillFlops, language_flops, transformer_flops
 from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Adapter, Item, family
 from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, text_around
 from mmpress.models.protocol import cache_length
-from mmpress.models.vision import (CONCAT, HEADS, attention_module, concat_layer, encoder_layers, hook_forms,
+from mmpress.models.vision import (CONCAT, HEADS, fill_cls_signals, attention_module, concat_layer, encoder_layers, hook_forms,
                                    layer_index, press_layers, received_attention)
 from mmpress.ops.sequence import gather_rows
 from mmpress.presses.base import Press, VisualContext
@@ -324,20 +324,9 @@ class Gemma3Adapter(Adapter):
             if self.features is None:
                 raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
             ctx.vision_features = tokens(self.features)
-        if HEADS & needs:
-            attn, keys = self._recorded(len(encoder_layers(self.vlm.vision_tower)) - 1, "heads")
-            ctx.cls_attn, ctx.vision_keys = tokens(attn), tokens(keys)
-            if layers := self._press_layers(press):
-                ctx.cls_attn_layers = torch.stack([tokens(self._recorded(self._block(i), "heads")[0])
-                                                   for i in layers], dim=1)
-        if CONCAT & needs:
-            attn, keys = self._recorded(self._concat_block(press), "concat")
-            ctx.cls_attn_concat, ctx.vision_keys_concat = tokens(attn), tokens(keys)
-
-    def _recorded(self, block: int, form: str) -> tuple[Tensor, Tensor]:
-        if form not in self.vision.get(block, {}):
-            raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
-        return self.vision[block][form]
+        fill_cls_signals(ctx, needs, self.vision, tokens,
+                         lambda: (len(encoder_layers(self.vlm.vision_tower)) - 1, [self._block(i) for i in self._press_layers(press)]),
+                         lambda: self._concat_block(press))
 
     def _press_layers(self, press: Press) -> tuple[int, ...]:
         return press_layers(press, len(encoder_layers(self.vlm.vision_tower)))

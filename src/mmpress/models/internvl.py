@@ -67,7 +67,7 @@ from torch.nn import functional as F
 from mmpress.flops import PrefillFlops, language_flops, transformer_flops
 from mmpress.models.base import LLM_SIGNALS, Adapter, Item, Part, family
 from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, qwen2_text, text_around
-from mmpress.models.vision import (CONCAT, HEADS, attention_module, cls_signals, concat_layer, encoder_layers,
+from mmpress.models.vision import (fill_cls_signals, attention_module, cls_signals, concat_layer, encoder_layers,
                                    hook_forms, layer_index, press_layers)
 from mmpress.presses.base import Press, VisualContext
 
@@ -207,20 +207,9 @@ class InternVLAdapter(Adapter):
             if self.features is None:
                 raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
             ctx.vision_features = tokens(self.features)
-        if HEADS & needs:
-            scores, keys = self._recorded(self._block(self._feature_layer()), "heads")
-            ctx.cls_attn, ctx.vision_keys = tokens(scores), tokens(keys)
-            if layers := self._press_layers(press):
-                ctx.cls_attn_layers = torch.stack([tokens(self._recorded(self._block(i), "heads")[0])
-                                                   for i in layers], dim=1)
-        if CONCAT & needs:
-            scores, keys = self._recorded(self._concat_block(press), "concat")
-            ctx.cls_attn_concat, ctx.vision_keys_concat = tokens(scores), tokens(keys)
-
-    def _recorded(self, block: int, form: str) -> tuple[Tensor, Tensor]:
-        if form not in self.vision.get(block, {}):
-            raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
-        return self.vision[block][form]
+        fill_cls_signals(ctx, needs, self.vision, tokens,
+                         lambda: (self._block(self._feature_layer()), [self._block(i) for i in self._press_layers(press)]),
+                         lambda: self._concat_block(press))
 
     def _feature_layer(self) -> int:
         layer = self.config.vision_feature_layer

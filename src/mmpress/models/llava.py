@@ -24,7 +24,7 @@ from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, qwen2_text
 
 from mmpress.flops import PrefillFlops, language_flops, transformer_flops
 from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Adapter, Item, family
-from mmpress.models.vision import (CONCAT, HEADS, attention_module, cls_signals, concat_layer, encoder_layers,
+from mmpress.models.vision import (fill_cls_signals, attention_module, cls_signals, concat_layer, encoder_layers,
                                    hook_forms, layer_index, press_layers)
 from mmpress.presses.base import Press, VisualContext
 
@@ -100,21 +100,9 @@ class LlavaAdapter(Adapter):
             if self.features is None:
                 raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
             ctx.vision_features = patches(self.features, with_cls=False)  # the projector's input: [CLS] already gone
-        needs = set(press.needs)
-        if HEADS & needs:
-            attn, keys = self._recorded(self._block(self._feature_layer()), "heads")
-            ctx.cls_attn, ctx.vision_keys = patches(attn), patches(keys)
-            if layers := self._press_layers(press):
-                ctx.cls_attn_layers = torch.stack([patches(self._recorded(self._block(i), "heads")[0])
-                                                   for i in layers], dim=1)
-        if CONCAT & needs:
-            attn, keys = self._recorded(self._concat_block(press), "concat")
-            ctx.cls_attn_concat, ctx.vision_keys_concat = patches(attn), patches(keys)
-
-    def _recorded(self, block: int, form: str) -> tuple[Tensor, Tensor]:
-        if form not in self.vision.get(block, {}):
-            raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
-        return self.vision[block][form]
+        fill_cls_signals(ctx, set(press.needs), self.vision, patches,
+                         lambda: (self._block(self._feature_layer()), [self._block(i) for i in self._press_layers(press)]),
+                         lambda: self._concat_block(press))
 
     def _concat_block(self, press: Press) -> int:
         depth = len(encoder_layers(self.vlm.vision_tower))

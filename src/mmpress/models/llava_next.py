@@ -42,7 +42,7 @@ from mmpress.flops import PrefillFlops, language_flops, transformer_flops
 from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Item, Part, encoded_sources, family
 from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, qwen2_text, text_around
 from mmpress.models.llava import LlavaAdapter
-from mmpress.models.vision import CONCAT, HEADS
+from mmpress.models.vision import fill_cls_signals
 from mmpress.presses.base import Press, VisualContext
 
 IMAGE_TOKEN = 3  # the placeholder id of the random models below
@@ -342,20 +342,9 @@ class LlavaNextAdapter(LlavaAdapter):
             if features is None:
                 raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
             ctx.vision_features = mapped(features, with_cls=False)
-        if HEADS & needs:
-            attn, keys = self._recorded(self._block(self._feature_layer()), "heads")
-            ctx.cls_attn, ctx.vision_keys = mapped(attn), mapped(keys)
-            if layers := self._press_layers(press):
-                ctx.cls_attn_layers = torch.stack([mapped(self._recorded(self._block(i), "heads")[0])
-                                                   for i in layers], dim=1)
-        if CONCAT & needs:
-            attn, keys = self._recorded(self._concat_block(press), "concat")
-            ctx.cls_attn_concat, ctx.vision_keys_concat = mapped(attn), mapped(keys)
-
-    def _recorded(self, block: int, form: str) -> tuple[Tensor, Tensor]:
-        if form not in self.reading.get(block, {}):
-            raise ValueError("vision signals missing: encode the images inside the `with press(model):` block")
-        return self.reading[block][form]
+        fill_cls_signals(ctx, needs, self.reading, mapped,
+                         lambda: (self._block(self._feature_layer()), [self._block(i) for i in self._press_layers(press)]),
+                         lambda: self._concat_block(press))
 
     def drops_cls(self) -> bool:
         return self.config.vision_feature_select_strategy == "default" and self.has_cls

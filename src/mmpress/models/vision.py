@@ -66,6 +66,34 @@ def hook_forms(needs: set[str], heads_blocks, concat_block) -> dict[int, set[str
     return forms
 
 
+MISSING = "vision signals missing: encode the images inside the `with press(model):` block"
+
+
+def recorded(store: dict, block: int, form: str) -> tuple[Tensor, Tensor]:
+    """The ``form`` ("heads" / "concat") signals a vision hook recorded for ``block`` in ``store``
+    (block -> form -> (scores, keys)); a ValueError when the tower did not run under the press."""
+    if form not in store.get(block, {}):
+        raise ValueError(MISSING)
+    return store[block][form]
+
+
+def fill_cls_signals(ctx, needs: set[str], store: dict, to_tokens, heads_blocks, concat_block) -> None:
+    """Put the recorded [CLS] signals a press ``needs`` into ``ctx``: ``cls_attn`` / ``vision_keys``
+    of the feature block and ``cls_attn_layers`` of the press's listed blocks (``heads_blocks()`` ->
+    (feature block, [listed blocks]), called only when a head-averaged signal is needed), and the
+    ``*_concat`` pair of ``concat_block()``; each tensor mapped onto the LM's tokens by
+    ``to_tokens`` (the family's layout)."""
+    if HEADS & needs:
+        feature_block, layer_blocks = heads_blocks()
+        scores, keys = recorded(store, feature_block, "heads")
+        ctx.cls_attn, ctx.vision_keys = to_tokens(scores), to_tokens(keys)
+        if layer_blocks:
+            ctx.cls_attn_layers = torch.stack([to_tokens(recorded(store, b, "heads")[0]) for b in layer_blocks], dim=1)
+    if CONCAT & needs:
+        scores, keys = recorded(store, concat_block(), "concat")
+        ctx.cls_attn_concat, ctx.vision_keys_concat = to_tokens(scores), to_tokens(keys)
+
+
 def press_layers(press, num_layers: int) -> tuple[int, ...]:
     """Hidden-state indices of the vision layers whose [CLS] attention ``press`` reads in
     ``cls_attn_layers``, for a tower of ``num_layers`` blocks: ``press.vision_layers_for(num_layers)``
