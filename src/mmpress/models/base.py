@@ -102,11 +102,6 @@ class Item:
         if self.kind not in MEDIA:
             raise ValueError(f"an item's kind is one of {MEDIA}, got {self.kind!r}")
 
-    @property
-    def shape(self) -> tuple:
-        """What items pressed together share."""
-        return (self.token_id, self.length, self.grid, self.fixed, self.parts)
-
 
 MEDIA = ("image", "video", "audio")
 LLM_SIGNALS = frozenset({"llm_attn", "llm_keys", "llm_normed", "visual_inputs"})  # every family's core gives them
@@ -321,13 +316,22 @@ class Adapter:
         each once per beam / returned sequence: ``describe(features, source)`` -> a dict of the Item
         fields ``length``, ``grid`` (and ``fixed``, ``parts`` where the family has them) of one item,
         from its feature tensor and its index in the encoded batch. [] when there are none."""
+        features, sources = self.encoded_media(kwargs, kind)
+        described = {s: describe(t, s) for s, t in enumerate(features)}
+        return [Item(token_id=token_id, source=s, kind=kind, **described[s]) for s in sources]
+
+    def encoded_media(self, kwargs: dict, kind: str) -> tuple[list[Tensor], list[int]]:
+        """The features of each item of ``kind`` that ``generate`` encoded (one tensor per encoded
+        item, in source order) and the source of each of the forward's items (repeated per beam /
+        returned sequence); ([], []) when there are none."""
         encoded = self.protocol.encoded_in(kwargs, kind)
         if not encoded:
-            return []
+            return [], []
         sources = encoded_sources(encoded) or list(range(len(encoded)))
-        first = {s: t for t, s in reversed(list(zip(encoded, sources)))}  # one tensor per encoded item
-        described = {s: describe(t, s) for s, t in first.items()}
-        return [Item(token_id=token_id, source=s, kind=kind, **described[s]) for s in sources]
+        first: dict[int, Tensor] = {}
+        for t, s in zip(encoded, sources):
+            first.setdefault(s, t)
+        return [first[s] for s in sorted(first)], sources
 
     # ---- what a family file says about cost and shapes (bench-cost, mmpress run, tests) ------------
     @classmethod

@@ -39,7 +39,7 @@ from transformers.models.llava_next.modeling_llava_next import (get_anyres_image
                                                                  image_size_to_num_patches, unpad_image)
 
 from mmpress.flops import PrefillFlops, language_flops, transformer_flops
-from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Item, Part, encoded_sources, family
+from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Item, Part, family
 from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, qwen2_text, text_around
 from mmpress.models.llava import LlavaAdapter
 from mmpress.models.vision import fill_cls_signals
@@ -230,14 +230,10 @@ class LlavaNextAdapter(LlavaAdapter):
     def encoded(self, kwargs: dict, kind: str, token: int) -> list[Item]:
         """The items of ``kind`` ``generate`` encoded before this forward: their layouts read from
         their features (:meth:`read_layouts`), one per encoded item."""
-        encoded = self.protocol.encoded_in(kwargs, kind)
-        if not encoded:
+        features, _ = self.encoded_media(kwargs, kind)
+        if not features:
             return []
-        sources = encoded_sources(encoded) or list(range(len(encoded)))
-        first: dict[int, Tensor] = {}
-        for t, s in zip(encoded, sources):
-            first.setdefault(s, t)
-        layouts = self.tiles[kind] = self.read_layouts(kind, [first[s] for s in sorted(first)])
+        layouts = self.tiles[kind] = self.read_layouts(kind, features)
         return self.encoded_items(kwargs, kind, token, lambda t, s: layouts[s].fields())
 
     def new_call(self) -> None:
