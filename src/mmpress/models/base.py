@@ -102,6 +102,11 @@ class Item:
         if self.kind not in MEDIA:
             raise ValueError(f"an item's kind is one of {MEDIA}, got {self.kind!r}")
 
+    @property
+    def shape(self) -> tuple:
+        """What items pressed together share."""
+        return (self.token_id, self.length, self.grid, self.fixed, self.parts)
+
 
 MEDIA = ("image", "video", "audio")
 LLM_SIGNALS = frozenset({"llm_attn", "llm_keys", "llm_normed", "visual_inputs"})  # every family's core gives them
