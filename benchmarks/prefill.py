@@ -1,6 +1,6 @@
 """Prefill speed of every press vs its FLOPs-ratio limit (issue 2's performance target).
 
-Builds the LLaVA-1.5-shaped random model (mmpress.eval.prefill.Shape: CLIP 6x384 @ 336 px,
+Builds the LLaVA-1.5-shaped random model (the llava family's "real" shape: CLIP 6x384 @ 336 px,
 Qwen2 12x896, 576 image + ~33 text tokens), times the prefill (median of --repeats) unpressed and
 for every press x budget, at batch 1 and batch 8 with ragged prompts, and writes
 benchmarks/results/prefill.json and prefill.md. In-LLM presses (keep@Lk) are listed with the
@@ -27,10 +27,13 @@ from pathlib import Path
 import torch
 
 import mmpress
-from mmpress.eval.prefill import Shape, bench_prefill, llava_shaped, prompt_batch
+from mmpress.eval.prefill import bench_prefill, shaped
+from mmpress.models.examples import lm_shape
+from mmpress.registry import ADAPTERS
 from mmpress.eval.report import keep_text
 
 RESULTS = Path(__file__).parent / "results"
+LM = lm_shape("real")
 
 
 def main():
@@ -42,11 +45,11 @@ def main():
     parser.add_argument("--presses", default="all")
     parser.add_argument("--decode-steps", type=int, default=None,
                         help="greedy decode steps timed after each prefill (default: 8 with a KV press, else 0)")
-    parser.add_argument("--lm-layers", type=int, default=Shape.lm_layers, help="e.g. 32 (LLaVA-1.5-7B's depth) "
+    parser.add_argument("--lm-layers", type=int, default=LM["lm_layers"], help="e.g. 32 (LLaVA-1.5-7B's depth) "
                         "for the in-LLM presses' default layers")
-    parser.add_argument("--lm-hidden", type=int, default=Shape.lm_hidden)
-    parser.add_argument("--lm-intermediate", type=int, default=Shape.lm_intermediate)
-    parser.add_argument("--lm-heads", type=int, default=Shape.lm_heads)
+    parser.add_argument("--lm-hidden", type=int, default=LM["lm_hidden"])
+    parser.add_argument("--lm-intermediate", type=int, default=LM["lm_intermediate"])
+    parser.add_argument("--lm-heads", type=int, default=LM["lm_heads"])
     parser.add_argument("--name", default="prefill", help="results/<name>.json and .md")
     args = parser.parse_args()
 
@@ -54,17 +57,20 @@ def main():
     decode_steps = args.decode_steps
     if decode_steps is None:
         decode_steps = 8 if any(mmpress.PRESSES[p].stage == "kv" for p in presses) else 0
-    shape = Shape(lm_layers=args.lm_layers, lm_hidden=args.lm_hidden, lm_intermediate=args.lm_intermediate,
-                  lm_heads=args.lm_heads)
-    model = llava_shaped(shape)
+    shape = dict(LM, lm_layers=args.lm_layers, lm_hidden=args.lm_hidden, lm_intermediate=args.lm_intermediate,
+                 lm_heads=args.lm_heads)
+    model, _ = shaped("llava", **shape)
+    vision = model.config.vision_config
+    shape.update(vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size, image_size=vision.image_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    record = {"shape": shape.__dict__, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+    record = {"shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": args.repeats,
               "decode_steps": decode_steps, "runs": []}
     for batch in map(int, args.batches.split(",")):
         keeps = args.keeps if batch == 1 else args.batch8_keeps
-        inputs = {k: v.to(device) for k, v in prompt_batch(shape, batch=batch).items()}
+        rows = [[(shape["image_size"], shape["image_size"])]] * batch  # ragged text, one image per row
+        inputs = {k: v.to(device) for k, v in ADAPTERS["llava"].prompts(model, rows).items()}
         rows = bench_prefill(model, inputs, presses, [int(k) for k in keeps.split(",")], repeats=args.repeats,
                              decode_steps=decode_steps)
         record["runs"].append({"batch": batch, "rows": rows})
@@ -74,8 +80,9 @@ def main():
     (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=2))
     lines = [f"# Prefill: LLaVA-1.5-shaped random model, {record['device']}, {record['threads']} threads, "
              f"median of {args.repeats}", "",
-             f"LM: {shape.lm_layers} layers x {shape.lm_hidden} (Qwen2, {shape.lm_heads} heads / "
-             f"{shape.lm_kv_heads} KV heads); CLIP {shape.vision_layers} x {shape.vision_hidden} @ {shape.image_size} px.", ""]
+             f"LM: {shape['lm_layers']} layers x {shape['lm_hidden']} (Qwen2, {shape['lm_heads']} heads / "
+             f"{shape['lm_kv_heads']} KV heads); CLIP {shape['vision_layers']} x {shape['vision_hidden']} @ "
+             f"{shape['image_size']} px.", ""]
     decode = decode_steps > 0
     for run in record["runs"]:
         lines += [f"## batch {run['batch']} (ragged prompts)", "",

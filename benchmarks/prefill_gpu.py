@@ -27,7 +27,7 @@ import transformers
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import mmpress
-from mmpress.eval.prefill import IMAGE_TOKEN, Shape, prompt_batch
+from mmpress.models.llava import IMAGE_TOKEN, LlavaAdapter
 
 RESULTS = Path(__file__).parent / "results"
 CASES = [  # (image size, keep, batch)
@@ -75,8 +75,8 @@ def count_syncs(fn) -> int:
 
 
 def run_case(model, image_size: int, keep: int, batch: int, presses: list[str], repeats: int) -> dict:
-    shape = Shape(image_size=image_size, patch_size=14, vocab=32064, text_tokens=35)
-    inputs = {k: v.cuda() for k, v in prompt_batch(shape, batch=batch).items()}
+    rows = [[(image_size, image_size)]] * batch  # ragged text, one image per row
+    inputs = {k: v.cuda() for k, v in LlavaAdapter.prompts(model, rows).items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     n = (image_size // 14) ** 2
     ideal_len = inputs["input_ids"].shape[1] - n + keep
