@@ -639,3 +639,27 @@ def test_a_kv_press_sharing_one_selection_across_heads(kind, model):
                              return_dict_in_generate=True, suppress_tokens=VISUAL_IDS)
     expected = oracle_logits(model, batch, kept, gen.sequences[:, -3:-1], kv=True)[:, -1]
     torch.testing.assert_close(gen.logits[2], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_dart_llm_selects_per_row_at_each_rows_own_positions():
+    """DART's pivots are the keys of largest L1 norm after RoPE, which depends on the absolute
+    position: a ragged forward with each row's positions counted from its first token (what
+    generate passes) gives each row its logits alone; numbered from the padded first column (a
+    plain forward's default) the padded rows select for other positions."""
+    from mmpress.registry import FAMILIES
+
+    cls = FAMILIES["llava"]
+    torch.manual_seed(0)
+    model = cls.build("tiny", lm_layers=4)
+    rows = cls.example_rows["ragged"]
+    batch = cls.prompts(model, rows)
+    press = mmpress.get_press("dart_llm", keep_ratio=0.5)
+    own = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), press(model):
+        at_own = model(**batch, position_ids=own).logits[:, -1]
+        at_column = model(**batch).logits[:, -1]
+        alone = [model(**cls.prompts(model, [row], first_row=i)).logits[0, -1] for i, row in enumerate(rows)]
+    for i in range(len(rows)):
+        torch.testing.assert_close(at_own[i], alone[i], atol=1e-5, rtol=1e-5)
+    padded = batch["attention_mask"][:, 0] == 0
+    assert padded.any() and any(not torch.allclose(at_column[i], alone[i], atol=1e-4) for i in padded.nonzero()[:, 0])

@@ -223,7 +223,11 @@ class DARTLLMPress(LayerPress):
     (T per pivot), another budget gives its remainder to the first visited pivots. Deviations,
     forced by batching: per image at batch > 1 (official: batch 1, one image); sequence
     indices (which fix the set order) count from each row's first token. Cosines are computed
-    in float32. ``dart`` is the pre-LLM variant. A later turn's question does not re-select: the
+    in float32. The keys are rotated at the positions the call gives, as in the official code, and
+    an L1 norm of rotated keys depends on the absolute position: a left-padded batch selects per
+    row what each row selects alone when its positions count from the row's first token
+    (``generate`` passes such ``position_ids``; a plain forward without them numbers a padded row
+    from the first column, transformers' default, and selects for those positions). ``dart`` is the pre-LLM variant. A later turn's question does not re-select: the
     tokens dropped at layer K stay dropped there.
     """
 
