@@ -179,15 +179,15 @@ def test_bench_writes_the_record_and_report(files, tmp_path):
 
 
 def test_bench_interrupted_keeps_finished_cells_and_resumes(files, tmp_path, monkeypatch):
-    timed, time_prefill = [], mmpress.eval.bench._time_prefill
+    answered, generate = [], mmpress.eval.bench._generate
 
-    def interrupt_after_two(*args):  # Ctrl-C while the third cell is being timed
-        if len(timed) == 2:
+    def interrupt_in_the_third(model, processor, inputs, press, max_new_tokens):  # Ctrl-C while cell 3 answers
+        if len(answered) == 2:  # the unpressed reference and the first pressed cell (one batch each)
             raise KeyboardInterrupt
-        timed.append(args[3].press)
-        return time_prefill(*args)
+        answered.append(press.name)
+        return generate(model, processor, inputs, press, max_new_tokens)
 
-    monkeypatch.setattr(mmpress.eval.bench, "_time_prefill", interrupt_after_two)
+    monkeypatch.setattr(mmpress.eval.bench, "_generate", interrupt_in_the_third)
     result = _bench(files, tmp_path)
     assert result.exit_code == 130, result.output
     assert "Traceback" not in result.output and "--resume" in result.stderr
@@ -199,13 +199,12 @@ def test_bench_interrupted_keeps_finished_cells_and_resumes(files, tmp_path, mon
     assert {"bench.md", "bench.png", "bench.html"} <= {p.name for p in tmp_path.iterdir()}
     assert "bench.json.tmp" not in {p.name for p in tmp_path.iterdir()}
 
-    generated, generate = [], mmpress.eval.bench._generate
+    generated = []
 
     def recording(model, processor, inputs, press, max_new_tokens):
         generated.append((press.name or "none", press.keep))
         return generate(model, processor, inputs, press, max_new_tokens)
 
-    monkeypatch.setattr(mmpress.eval.bench, "_time_prefill", time_prefill)
     monkeypatch.setattr(mmpress.eval.bench, "_generate", recording)
     result = _bench(files, tmp_path, "--resume")
     assert result.exit_code == 0, result.output
@@ -230,9 +229,15 @@ def test_bench_cost_on_a_small_shape(tmp_path):
                                  "--vision-layers", "1", "--vision-hidden", "64", "--image-size", "112",
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())
+    record = json.loads(out.read_text())
+    rows = record["rows"]
     assert [(r["press"], r["keep"]) for r in rows] == [("none", 64), ("random", 16), ("divprune", 16)]
     assert all(r["limit"] > 1 for r in rows[1:])
+    for row in rows:  # one round: no spread to speak of, but the fields are there
+        assert row["speedup_range"] == [row["speedup"]] * 2 and len(row["speedup_rounds"]) == 1
+    machine = record["machine"]
+    assert len(machine["load_before"]) == len(machine["load_after"]) == 3 and machine["threads"] >= 1
+    assert machine["cpus"] >= 1 and "load average" in result.output
 
 
 # ---- default grids: quick unless --full ---------------------------------------------------------

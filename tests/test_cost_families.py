@@ -120,7 +120,7 @@ def test_bench_cost_qwen_on_a_tiny_shape(tmp_path, kind, tokens, arch):
     result = runner.invoke(app, ["bench-cost", "--arch", arch, "--input", kind, "--presses", "random,pool",
                                  "--keeps", "8,4", *TINY_ARGS, "--out", str(out)], terminal_width=100)
     assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())
+    rows = json.loads(out.read_text())["rows"]
     assert [(r["press"], r["keep"]) for r in rows] == [("none", tokens)] + [(p, k) for p in ("random", "pool")
                                                                           for k in (8, 4)]
     assert all(r["limit"] > 1 for r in rows[1:]) and 0 < rows[0]["vision_flops_share"] < 1

@@ -295,7 +295,7 @@ def test_bench_cost_shows_in_llm_and_kv_presses(tmp_path, kv_press):
     result = CliRunner().invoke(app, ["bench-cost", "--presses", f"random,fastv,{kv_press}", "--keeps", "16",
                                       *ARGS, "--out", str(out)], terminal_width=80)
     assert result.exit_code == 0, result.output
-    rows = {row["press"]: row for row in json.loads(out.read_text())}
+    rows = {row["press"]: row for row in json.loads(out.read_text())["rows"]}
     assert rows["fastv"]["layer_kept"] == [[2, 16.0]] and rows["fastv"]["avg_tokens"] == pytest.approx(48)
     assert all("decode_s" in row for row in rows.values())  # a KV press in the grid: decode timed (8 steps)
     text = result.output
@@ -308,7 +308,7 @@ def test_bench_cost_times_decoding_only_when_asked_or_a_kv_press_runs(tmp_path):
     out = tmp_path / "rows.json"
     result = CliRunner().invoke(app, ["bench-cost", "--presses", "fastv", "--keeps", "16", *ARGS, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "KV cache and decode" not in result.output and "decode_s" not in json.loads(out.read_text())[1]
+    assert "KV cache and decode" not in result.output and "decode_s" not in json.loads(out.read_text())["rows"][1]
     result = CliRunner().invoke(app, ["bench-cost", "--presses", "random", "--keeps", "16", "--decode-steps", "2",
                                       *ARGS, "--out", str(out)])
     assert result.exit_code == 0 and "KV cache and decode (2 steps)" in result.output, result.output

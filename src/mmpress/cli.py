@@ -242,7 +242,9 @@ def bench(
                                                                      "(the first ones)"), show_default=False),
     batch_size: int = typer.Option(8, min=1),
     max_new_tokens: int = typer.Option(8, min=1),
-    repeats: int = typer.Option(3, min=1, help="timed prefill repeats (median)"),
+    repeats: int = typer.Option(5, "--rounds", "--repeats", min=1, help="timing rounds, each timing the unpressed "
+                                "model and every press once (round-robin): speedups are their median, with their "
+                                "range; a wide range is flagged noisy"),
     timing_batch: Optional[int] = typer.Option(None, min=1, help=_grid_help(BENCH_GRIDS, "timing_batch",
                                                                             "samples in the timed prefill"),
                                                show_default=False),
@@ -256,7 +258,7 @@ def bench(
     --full: every press x 4 budgets on 200 scenes.
     bench.json is rewritten as each cell finishes; on Ctrl-C the report covers the finished cells."""
     from mmpress.api import ANSWER_HINT
-    from mmpress.eval.bench import ResumeError, fingerprint, resumable_rows, run_bench
+    from mmpress.eval.bench import Processes, ResumeError, fingerprint, resumable_rows, run_bench
     from mmpress.eval.data import load_dataset
     from mmpress.eval.report import print_table, save_json, write_report
 
@@ -284,7 +286,12 @@ def bench(
         except ResumeError as e:
             raise ValueError(f"{e}. {refusal}") from None
 
+    processes = Processes.current()  # under `accelerate launch`: this process answers its share of the questions
     vlm, processor = _load(model)
+    if processes.world > 1:
+        from accelerate import PartialState
+
+        vlm = vlm.to(PartialState().device)
     finished = {}
 
     def checkpoint(record: dict) -> None:
@@ -293,7 +300,7 @@ def bench(
 
     try:
         record = run_bench(vlm, processor, names, keeps, samples, console=console, repeats=repeats, model_id=model,
-                           previous=previous, checkpoint=checkpoint, **options)
+                           previous=previous, checkpoint=checkpoint, processes=processes, **options)
     except ResumeError as e:  # the model's part of the fingerprint
         raise ValueError(f"{e}. {refusal}") from None
     except KeyboardInterrupt:
@@ -308,6 +315,8 @@ def bench(
         err_console.print(f"interrupted: wrote the finished cells to {_where(paths)}; --resume runs the rest",
                           style="yellow", soft_wrap=True)
         raise typer.Exit(130) from None
+    if not processes.main:  # the first process writes the one report of them all
+        return
     paths = write_report(record, out)
     console.print(f"wrote the report: {_where(paths)}", soft_wrap=True, highlight=False)
     if not full and presses is None and keep is None:
@@ -332,7 +341,8 @@ def bench_cost(
                              "shows the families)"),
     input_kind: str = typer.Option("image", "--input", help="image, or video (families that take video)"),
     batch: int = typer.Option(1, min=1, help="batch size (rows get ragged prompt lengths)"),
-    repeats: int = typer.Option(3, min=1, help="timed repeats per cell (median)"),
+    repeats: int = typer.Option(5, "--rounds", "--repeats", min=1, help="timing rounds, each timing every cell once "
+                                "(round-robin): speedups are their median, with their range"),
     lm_layers: int = typer.Option(12), lm_hidden: int = typer.Option(896), lm_intermediate: int = typer.Option(4864),
     lm_heads: int = typer.Option(14),
     vision_layers: Optional[int] = typer.Option(None, min=1, help="default: the family's (llava 6, qwen 8)",
@@ -348,7 +358,7 @@ def bench_cost(
                                                "(KV cache, decode tokens/s); default: 8 when a KV press runs, else "
                                                "0 (none)", show_default=False),
     threads: Optional[int] = typer.Option(None, help="torch threads"),
-    out: Optional[Path] = typer.Option(None, help="also write JSON rows here"),
+    out: Optional[Path] = typer.Option(None, help="also write the JSON record here (rows, skipped, machine load)"),
 ):
     """Prefill time of presses on a random model of a family's shape: speedup vs its FLOPs limit.
 
@@ -362,7 +372,7 @@ def bench_cost(
     from rich.progress import Progress
 
     from mmpress.eval.prefill import archs, run_prefill, shaped
-    from mmpress.eval.report import decode_table, prefill_table
+    from mmpress.eval.report import decode_table, machine_text, prefill_table
     from mmpress.registry import ADAPTERS
 
     if arch not in archs():
@@ -406,10 +416,11 @@ def bench_cost(
     console.print(_split_line(record), highlight=False, soft_wrap=True)
     if decode_steps:
         console.print(decode_table(rows, title=f"KV cache and decode ({decode_steps} steps), {setting}"))
+    console.print(f"machine: {machine_text(record['machine'])}", style="dim", highlight=False)
     for name, reason in record["skipped"].items():
         console.print(f"skipped {name}: {reason}", style="yellow", highlight=False, soft_wrap=True)
     if out:
-        out.write_text(json.dumps(rows, indent=2))
+        out.write_text(json.dumps(record, indent=2))
     if not full and presses is None and keeps is None:
         console.print("every press and budget: mmpress bench-cost --full", style="dim", highlight=False)
 
@@ -427,3 +438,7 @@ def _split_line(record: dict) -> str:
 
 def main():  # pragma: no cover
     app()
+
+
+if __name__ == "__main__":  # `python -m mmpress.cli`, as `accelerate launch -m mmpress.cli bench` runs it
+    main()

@@ -10,16 +10,24 @@ Cost comes from the same runs: the adapter's token counts of each pressed prefil
 visual tokens per image (kept after the last stage, and averaged over the LM's layers), the
 analytical FLOPs per stage (``eval/cost.py``, each decoder layer at its own length, so an in-LLM
 press is charged its full first layers) and the KV-cache bytes (per layer: an in-LLM press's
-early layers keep every token; a KV press evicts after an unpressed prefill); prefill time (time
+early layers keep every token; a KV press evicts after an unpressed prefill). Prefill time (time
 to first token: one forward with ``logits_to_keep=1``, as generate's prefill) and peak memory are
-measured on the first batch (or the first ``timing_batch`` samples), each press in alternation
-with the unpressed model.
+measured on the first batch (or the first ``timing_batch`` samples) before the presses answer:
+every cell left over several rounds, round-robin with the unpressed model, each speedup with its
+range over the rounds and flagged ``noisy`` when it is not to be trusted
+(:func:`~mmpress.eval.cost.speedup_spread`); the record says how busy the machine was.
+
+Under ``accelerate launch`` (several processes, :class:`Processes`) each process answers its
+share of the batches (:func:`shard`) and the parts meet in batch order (:func:`merge_parts`):
+the record is the one process's, answer for answer; every process times the same batch, and
+the timings are pooled (:func:`pool_timings`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import platform
@@ -40,7 +48,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmpress.api import ANSWER_HINT, check_inputs, encode
-from mmpress.eval.cost import prefill_flops, prompt_cache_bytes, stats_lengths, time_call
+from mmpress.eval.cost import (machine_done, machine_state, prefill_flops, prompt_cache_bytes, round_robin,
+                               speedup_spread, stats_lengths, time_call)
 from mmpress.eval.metrics import (LEVEL, RESAMPLES, accuracy, agreements, bootstrap_ci, correctness, is_labelled,
                                   kl_divergence)
 from mmpress.presses.base import PRESSES, Press, get_press
@@ -99,7 +108,7 @@ def run_bench(
     batch_size: int = 8,
     max_new_tokens: int = 8,
     console: Console | None = None,
-    repeats: int = 3,
+    repeats: int = 5,
     timing_batch: int | None = None,
     dataset: str | None = None,
     hint: str | None = ANSWER_HINT,
@@ -107,14 +116,19 @@ def run_bench(
     model_id: str | None = None,
     previous: dict | None = None,
     checkpoint: Callable[[dict], None] | None = None,
+    processes: "Processes | None" = None,
 ) -> dict:
     """Run every press in ``presses`` at every budget in ``keeps`` (visual tokens kept per image)
     on ``data`` (dicts with ``image``, ``question`` and optionally ``answer``, ``choices``, ``kind``,
     as ``eval.data.load_dataset`` returns), plus the unpressed baseline (press ``"none"``).
 
     Greedy decoding, ``max_new_tokens`` per answer, prompts as :func:`mmpress.api.ask` builds them
-    (``hint`` appended). Prefill time is the median of ``repeats`` timed forwards on the first
-    ``timing_batch`` samples (None: the first batch). Budgets not below the model's visual-token
+    (``hint`` appended). Prefill time: ``repeats`` timing rounds on the first ``timing_batch``
+    samples (None: the first batch), each round timing the unpressed model and every cell once
+    (round-robin); each speedup is the median of its per-round ratios, with their range
+    (``speedup_range``) and ``noisy`` (None, or why it is no result: its rounds spread over 10% of
+    it, or it beats its FLOPs limit by more than that spread). ``record["machine"]``: the CPUs,
+    torch threads and load average before and after. Budgets not below the model's visual-token
     count are skipped with a note; a press that takes no budget runs once. ``torch.manual_seed(seed)``
     is set first so stochastic presses are reproducible. Progress and a final table go to ``console``.
 
@@ -128,12 +142,17 @@ def run_bench(
     names what differs: a row scored against an edited answer, or by a press whose default has
     changed, is never reused.
 
+    ``processes`` (default :meth:`Processes.current`: one, or those of an ``accelerate launch``):
+    each answers its contiguous share of the batches, the batches exactly as one process makes
+    them, so every answer is the one process's; every process returns the whole record, the first
+    alone prints it and calls ``checkpoint``.
+
     Returns a JSON-serialisable record: ``model`` (config summary, ``id`` = ``model_id``),
     ``dataset``, ``n``, ``settings``, ``quality_metric``, ``rows`` (one dict per press x budget,
     the baseline first), ``best`` (winning press per budget), ``pending`` and ``notes``. Raises
     ValueError for an unknown press, bad budgets or an empty dataset.
     """
-    from mmpress.eval.report import best_per_budget, paired_comparisons, ordered_rows, print_table
+    from mmpress.eval.report import best_per_budget, machine_text, ordered_rows, paired_comparisons, print_table
 
     if not data:
         raise ValueError("the dataset is empty: nothing to benchmark")
@@ -156,10 +175,15 @@ def run_bench(
     if budgeted and not keeps:
         raise ValueError(f"presses {budgeted} need budgets: pass keeps, e.g. [128, 64, 32]")
 
-    console = console or Console()
+    processes = processes or Processes.current()
+    console = console if console is not None and processes.main else Console(file=io.StringIO())
     torch.manual_seed(seed)
     device = next(model.parameters()).device
+    machine = machine_state()
+    if processes.world > 1:
+        machine["threads_per_process"] = processes.gather(machine["threads"])
     batches = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
+    mine = shard(len(batches), processes.rank, processes.world)  # this process's batches
     timed = data[: timing_batch or batch_size]
     labelled = any(is_labelled(s) for s in data)
     record = {
@@ -169,11 +193,12 @@ def run_bench(
         "labelled": labelled,
         "quality_metric": "accuracy" if labelled else "agreement",
         "settings": {
-            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "repeats": repeats, "hint": hint,
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "rounds": repeats, "hint": hint,
             "seed": seed, "timing_batch": len(timed), "device": str(device),
-            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None, "processes": processes.world,
             "peak_memory": _memory_method(device), "torch": torch.__version__, "python": platform.python_version(),
         },
+        "timing": _timing_text(repeats, processes.world),
         "ci": {"level": LEVEL, "resamples": RESAMPLES, "seed": seed,
                "method": "percentile bootstrap over the questions; vs_best: paired, the same resampled questions "
                          "for both presses"},
@@ -196,45 +221,157 @@ def run_bench(
         record["best"] = {str(k): v for k, v in best_per_budget(record).items()}
         paired_comparisons(record)  # each row's paired difference to its budget's winner
 
+    def answer(cell: _Cell, references: dict | None) -> None:
+        """``cell`` answers this process's batches; every process's parts are merged into it, in
+        batch order, as one process answering them all would have added them."""
+        parts = []
+        for i in mine:
+            inputs = inputs_of(batches[i])
+            answers, logits, stats = _generate(model, processor, inputs, cell.make(), max_new_tokens)
+            if references is None:  # the unpressed reference itself
+                kl = None
+                references_of[i] = logits
+            else:
+                kl = kl_divergence(references[i], logits)
+            parts.append(dict(batch=i, answers=answers, stats=stats, flops=_flops(model.config, inputs, stats),
+                              kv=prompt_cache_bytes(model, stats, len(batches[i])), kl=kl))
+            if references is None and i == 0 and len(timed) == len(batches[0]):
+                first.append((inputs, stats))  # the timing batch, and its token counts unpressed
+            progress.advance(task)
+        for part in merge_parts(processes.gather(parts), len(batches)):
+            cell.add(part["answers"], part["stats"], part["flops"], part["kv"], kl=part["kl"])
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("answering: none (unpressed reference)", total=len(batches))
-        baseline, references, first = _Cell(BASELINE, None), [], None
-        for samples in batches:
-            inputs = inputs_of(samples)
-            answers, logits, stats = _generate(model, processor, inputs, baseline.make(), max_new_tokens)
-            baseline.add(answers, stats, _flops(model.config, inputs, stats), prompt_cache_bytes(model, stats, len(samples)))
-            references.append(logits)
-            first = first or (inputs, stats)  # the timing batch, and its token counts unpressed
-            progress.advance(task)
-        if len(timed) != len(batches[0]):
+        task = progress.add_task("answering: none (unpressed reference)", total=len(mine))
+        baseline, references_of, first = _Cell(BASELINE, None), {}, []
+        answer(baseline, None)
+        if not first:  # another timing batch, or batch 0 answered by another process
             inputs = inputs_of(timed)
-            first = (inputs, _unpressed_stats(model, inputs))
+            first.append((inputs, _unpressed_stats(model, inputs)))
+        first = first[0]
 
         n_visual = first[1]["visual_tokens"] // first[1]["items"]  # known once the adapter has seen a batch
         record["model"]["visual_tokens_per_image"] = n_visual
         cells = [baseline, *_plan(presses, keeps, n_visual, notes)]
         todo = [cell for cell in cells if (cell.press, cell.keep) not in rows]
-        progress.update(task, total=len(batches) * (1 + sum(cell is not baseline for cell in todo)))
+        pressed = [cell for cell in todo if cell is not baseline]
+        progress.update(task, total=len(mine) * (1 + len(pressed)))
+
+        # every cell left is timed first, round-robin with the unpressed model (the baseline is
+        # the reference of every round, also when its row is already in a resumed record)
+        progress.update(task, description=f"timing: {len(pressed)} presses x {repeats} rounds")
+        clock = progress.add_task("timing rounds", total=1 + repeats)
+        timings = _time_cells(model, *first, [baseline, *pressed], repeats, lambda: progress.advance(clock))
+        timings = pool_timings(processes.gather(timings))
+        progress.remove_task(clock)
         for i, cell in enumerate(todo):
             label = f"{cell.press} keep={cell.keep or 'own'}"
             if cell is not baseline:  # the baseline has answered above
                 progress.update(task, description=f"answering: {label}")
-                for samples, reference in zip(batches, references):
-                    inputs = inputs_of(samples)
-                    answers, logits, stats = _generate(model, processor, inputs, cell.make(), max_new_tokens)
-                    cell.add(answers, stats, _flops(model.config, inputs, stats), prompt_cache_bytes(model, stats, len(samples)),
-                             kl=kl_divergence(reference, logits))
-                    progress.advance(task)
-            progress.update(task, description=f"timing: {label}")
-            rows[(cell.press, cell.keep)] = _row(cell, data, baseline, _time_prefill(model, *first, cell, repeats), seed)
+                answer(cell, references_of)
+            rows[(cell.press, cell.keep)] = _row(cell, data, baseline, timings[(cell.press, cell.keep)], seed)
+            record["machine"] = _machine(machine, processes)
             update(pending=todo[i + 1 :])
-            if checkpoint is not None:
+            if checkpoint is not None and processes.main:
                 checkpoint(record)
 
+    record["machine"] = _machine(machine, processes)
+    if record["machine"].get("busy"):
+        notes.append(f"the machine was busy ({machine_text(record['machine'])}): timings shared its CPUs with "
+                     "other work; rerun on an idle machine for figures to quote")
     update(pending=[])
     print_table(record, console)
     return record
+
+
+def _timing_text(rounds: int, processes: int) -> str:
+    text = (f"prefill of the timing batch, {rounds} rounds after a warm-up round, each round timing the unpressed "
+            "model and every press once (round-robin, each round starting one cell further on); speedup: the median "
+            "of the per-round ratios (unpressed / pressed, the same round), range: their min and max")
+    if processes > 1:
+        text += (f"; {processes} processes timed the same batch at once, each its own rounds, pooled: the median and "
+                 "range over every process's rounds (per process: timing_ranks)")
+    return text
+
+
+def _machine(machine: dict, processes: "Processes") -> dict:
+    """The machine's load (:func:`~mmpress.eval.cost.machine_state`) before the run and now."""
+    return machine_done(dict(machine, processes=processes.world))
+
+
+# ---- more than one process ---------------------------------------------------------------------
+@dataclass
+class Processes:
+    """The processes answering one bench: this one's ``rank`` of ``world`` and how their results
+    meet (``gather``: every process's object, in rank order, on every process)."""
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[object], list] = field(default=lambda obj: [obj], repr=False)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def current(cls) -> "Processes":
+        """One process, or, under ``accelerate launch`` (or torchrun: ``WORLD_SIZE`` > 1), this
+        one among them: accelerate's ``PartialState`` starts the process group (gloo on CPU,
+        NCCL on GPUs) and objects meet with ``all_gather_object``."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.num_processes <= 1:
+            return cls()
+
+        def gather(obj) -> list:
+            out = [None] * state.num_processes
+            torch.distributed.all_gather_object(out, obj)
+            return out
+
+        return cls(state.process_index, state.num_processes, gather)
+
+
+def shard(n: int, rank: int, world: int) -> list[int]:
+    """The indices of ``n`` items that process ``rank`` of ``world`` takes: contiguous runs, the
+    first ``n % world`` processes one more (as accelerate's ``split_between_processes``)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    size, extra = divmod(n, world)
+    start = rank * size + min(rank, extra)
+    return list(range(start, start + size + (rank < extra)))
+
+
+def merge_parts(gathered: list[list[dict]], n_batches: int) -> list[dict]:
+    """The batches every process answered (one list of parts per process, each part a dict with
+    its ``batch`` index), in batch order; RuntimeError unless each of the ``n_batches`` batches
+    was answered exactly once."""
+    parts = sorted((part for process in gathered for part in process), key=lambda part: part["batch"])
+    got = [part["batch"] for part in parts]
+    if got != list(range(n_batches)):
+        raise RuntimeError(f"the processes answered batches {got}, expected each of 0..{n_batches - 1} once")
+    return parts
+
+
+def pool_timings(gathered: list[dict]) -> dict[tuple, dict]:
+    """Every process's timings of the same cells (:func:`_time_cells`, one dict per process)
+    pooled per cell: the median speedup and its range over every process's rounds, each round's
+    ratio taken within its process (:func:`~mmpress.eval.cost.speedup_spread`); the seconds over
+    all rounds; the peak memory of the first process; with several processes, each one's
+    median speedup and range (``ranks``)."""
+    out = {}
+    for key, first in gathered[0].items():
+        base = [s for timing in gathered for s in timing[key]["base"]]
+        times = [s for timing in gathered for s in timing[key]["times"]]
+        out[key] = dict(speedup_spread(base, times, first["limit"]), seconds=statistics.median(times),
+                        seconds_range=[min(times), max(times)], limit=first["limit"], memory=first["memory"])
+        if len(gathered) > 1:
+            out[key]["ranks"] = [{"speedup": one["speedup"], "speedup_range": one["speedup_range"]} for one in
+                                 (speedup_spread(t[key]["base"], t[key]["times"], first["limit"]) for t in gathered)]
+    return out
 
 
 class ResumeError(ValueError):
@@ -424,46 +561,53 @@ def _flops(config, inputs: dict, stats: dict):
         return None
 
 
-def _time_prefill(model, inputs: dict, base_stats: dict, cell: _Cell, repeats: int) -> dict:
-    """Median prefill seconds of ``cell`` on one batch, its speedup over the unpressed model and
-    the FLOPs limit of that speedup, and its peak memory (``base_stats``: the token counts the
-    adapter recorded for the batch unpressed).
+def _time_cells(model, inputs: dict, base_stats: dict, cells: list[_Cell], rounds: int,
+                after_round: Callable[[], None] | None = None) -> dict[tuple, dict]:
+    """Prefill seconds of every cell on one batch over ``rounds`` rounds, round-robin
+    (:func:`~mmpress.eval.cost.round_robin`; ``cells[0]``: the unpressed baseline), with each
+    cell's FLOPs limit and peak memory (``base_stats``: the token counts the adapter recorded for
+    the batch unpressed). By (press, keep): ``base`` and ``times`` (the baseline's and the cell's
+    seconds, round by round), ``limit``, ``memory``.
 
-    The cell and the unpressed model are timed in alternation (one forward each per round, after
-    a warm-up round), so a slow spell of a shared machine slows both instead of biasing the
-    speedup, and each speedup stands on its own, in a resumed run too.
-    """
+    Round-robin, a slow spell of a shared machine slows every cell of the rounds it lasts, the
+    unpressed model included, instead of biasing the speedups of the cells timed during it; a
+    speedup is taken per round (:func:`pool_timings`), so it stands on its own in a resumed run
+    too."""
     def prefill():
         with torch.inference_mode():
             model(**inputs, logits_to_keep=1)
 
-    pressed_stats: dict = {}
+    presses = [None if cell.press == BASELINE else cell.make() for cell in cells]
+    times = {id(cell): [] for cell in cells}
+    stats: dict[int, dict] = {}
 
-    def under(press: Press | None, fn):
+    def time_one(i: int, timed: bool) -> None:
+        press = presses[i]
         if press is None:  # the baseline runs with no hooks at all: the true unpressed model
-            return fn()
-        with press(model) as run:
-            out = fn()
-        pressed_stats.update(run.stats.as_dict())
-        return out
+            seconds = time_call(prefill, repeats=1, warmup=0)
+        else:
+            with press(model) as run:
+                seconds = time_call(prefill, repeats=1, warmup=0)
+            stats[i] = run.stats.as_dict()
+        if timed:
+            times[id(cells[i])].append(seconds)
 
-    press = None if cell.press == BASELINE else cell.make()
-    contenders = {BASELINE: None} if press is None else {BASELINE: None, "pressed": press}
-    times = defaultdict(list)
-    for round_ in range(1 + repeats):
-        for side, contender in contenders.items():
-            seconds = under(contender, lambda: time_call(prefill, repeats=1, warmup=0))
-            if round_:  # round 0 warms up
-                times[side].append(seconds)
-    median = {side: statistics.median(seconds) for side, seconds in times.items()}
-    seconds = median.get("pressed", median[BASELINE])
+    round_robin(list(range(len(cells))), rounds, time_one, after_round=after_round)
+
+    def memory(press):
+        if press is None:
+            return _peak_memory(prefill, device)
+        with press(model):
+            return _peak_memory(prefill, device)
 
     device = inputs["input_ids"].device
     base_flops = _flops(model.config, inputs, base_stats)
-    flops = base_flops if press is None else _flops(model.config, inputs, pressed_stats)
-    return dict(seconds=seconds, speedup=median[BASELINE] / seconds,
-                limit=None if flops is None else base_flops.total / flops.total,
-                memory=under(press, lambda: _peak_memory(prefill, device)))
+    out = {}
+    for i, (cell, press) in enumerate(zip(cells, presses)):
+        flops = base_flops if press is None else _flops(model.config, inputs, stats[i])
+        out[(cell.press, cell.keep)] = dict(base=times[id(cells[0])], times=times[id(cell)], memory=memory(press),
+                                            limit=None if flops is None else base_flops.total / flops.total)
+    return out
 
 
 # ---- memory -----------------------------------------------------------------------------------
@@ -559,8 +703,13 @@ def _row(cell: _Cell, data: list[dict], baseline: _Cell, timed: dict, seed: int 
         "kl": 0.0 if is_base else float(torch.cat(cell.kl).mean()),
         "flops": flops,  # per sample, per stage, on the padded batches actually run
         "flops_ratio": None if flops is None else cell.flops["total"] / baseline.flops["total"],
-        "prefill_s": timed["seconds"],
-        "speedup": timed["speedup"],  # over the unpressed model timed in alternation with it
+        "prefill_s": timed["seconds"],  # median over the rounds
+        "prefill_s_range": timed["seconds_range"],
+        "speedup": timed["speedup"],  # the median over rounds of unpressed / pressed, timed round-robin
+        "speedup_range": timed["speedup_range"],  # [min, max] over the rounds
+        "speedup_rounds": timed["speedup_rounds"],
+        "noisy": timed["noisy"],  # None, or why the speedup is not a result (cost.speedup_spread)
+        **({"timing_ranks": timed["ranks"]} if "ranks" in timed else {}),
         "speedup_limit": timed["limit"],
         "peak_memory_bytes": timed["memory"],
         "kv_bytes": cell.kv_bytes / n,  # per sample: the prompt's cache after the prefill
@@ -594,4 +743,5 @@ def _model_summary(model, model_id: str | None) -> dict:
     }
 
 
-__all__ = ["ResumeError", "fingerprint", "press_settings", "resumable_rows", "run_bench"]
+__all__ = ["Processes", "ResumeError", "fingerprint", "merge_parts", "pool_timings", "press_settings",
+           "resumable_rows", "run_bench", "shard"]

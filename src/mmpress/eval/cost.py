@@ -16,9 +16,10 @@ layer). :func:`stats_lengths` reads both from a press's stats.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -75,6 +76,94 @@ def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+#: a speedup whose rounds spread over more than this share of its median is flagged noisy
+NOISE = 0.10
+
+
+#: a 1-minute load average above this many times the usable CPUs marks the machine busy
+BUSY = 1.25
+
+
+def round_robin(cells: Sequence, rounds: int, time_one: Callable[[object, bool], object], warmup: int = 1,
+                after_round: Callable[[], None] | None = None) -> None:
+    """Time every cell once per round, ``warmup`` untimed rounds first, then ``rounds`` timed ones:
+    ``time_one(cell, timed)`` runs and records one cell once (``timed`` False in a warm-up round).
+
+    A round visits every cell before any cell runs again, so a slow spell of a shared machine
+    (another job starting, a thermal limit) slows the unpressed model and every press alike
+    instead of the cells that happened to run during it; each round starts one cell further on
+    (round r: cells r, r+1, ..., wrapped), so no cell always follows the same one. ``time_one``
+    returning False drops its cell from later rounds (e.g. a press that refuses the model in the
+    warm-up). ``after_round`` runs after each round (a progress bar)."""
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"timing rounds must be a positive int, got {rounds!r}")
+    alive = list(cells)
+    for round_ in range(warmup + rounds):
+        shift = round_ % len(alive) if alive else 0
+        for cell in alive[shift:] + alive[:shift]:
+            if time_one(cell, round_ >= warmup) is False:
+                alive.remove(cell)
+        if after_round is not None:
+            after_round()
+
+
+def speedup_spread(base: Sequence[float], pressed: Sequence[float], limit: float | None,
+                   tolerance: float = NOISE) -> dict:
+    """A speedup measured over rounds: ``base[i]`` and ``pressed[i]`` are the unpressed and pressed
+    seconds of round i (the same round, so a slow spell hits both), and ``limit`` the speedup the
+    FLOPs allow (None: unknown).
+
+    Returns ``speedup`` (the median of the per-round ratios), ``speedup_range`` ([min, max] over
+    the rounds), ``speedup_rounds`` (the ratios), ``spread`` ((max - min) / median) and ``noisy``:
+    None for a trustworthy speedup, else why not: its rounds spread over more than ``tolerance``
+    of its median, or it beats its FLOPs limit by more than its spread (a press cannot run faster
+    than the work it leaves; a gap that large means the unpressed rounds were slowed by something
+    else)."""
+    if len(base) != len(pressed) or not base:
+        raise ValueError(f"need one unpressed and one pressed time per round, got {len(base)} and {len(pressed)}")
+    ratios = [b / p for b, p in zip(base, pressed)]
+    speedup, low, high = statistics.median(ratios), min(ratios), max(ratios)
+    spread = (high - low) / speedup
+    noisy = None
+    if spread > tolerance:
+        noisy = (f"its {len(ratios)} rounds spread over {spread:.0%} of the median ({low:.2f}x to {high:.2f}x), "
+                 f"more than {tolerance:.0%}")
+    elif limit is not None and speedup - limit > high - low:
+        noisy = (f"{speedup:.2f}x is above its FLOPs limit {limit:.2f}x by more than its spread over rounds "
+                 f"({low:.2f}x to {high:.2f}x)")
+    return dict(speedup=speedup, speedup_range=[low, high], speedup_rounds=ratios, spread=spread, noisy=noisy)
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15-minute load averages (runnable processes; None where the OS
+    keeps none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_state() -> dict:
+    """How busy the machine is as timing starts: its CPUs (all, and those this process may run
+    on), torch's intra- and inter-op threads, the load average; :func:`machine_done` adds the
+    load average after."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpus": os.cpu_count(), "usable_cpus": usable, "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), "processes": 1,
+            "load_before": load_average(), "load_after": None}
+
+
+def machine_done(machine: dict) -> dict:
+    """``machine`` (:func:`machine_state`) with the load average after the timing, and ``busy``:
+    whether the 1-minute load average before or after exceeded the usable CPUs by a quarter (the
+    load counts this run's own threads too, so an idle machine running it sits near the CPU count;
+    above, other work shared the CPUs: timings are slower and noisier than on an idle machine)."""
+    machine["load_after"] = load_average()
+    peak = max((load[0] for load in (machine["load_before"], machine["load_after"]) if load), default=None)
+    machine["busy"] = None if peak is None else peak > BUSY * (machine["usable_cpus"] or 1)
+    return machine
 
 
 class _Stamps:

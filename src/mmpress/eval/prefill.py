@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from mmpress.eval.cost import decode_seconds, prefill_flops, prompt_cache_bytes, stats_lengths, time_call
+from mmpress.eval.cost import (decode_seconds, machine_done, machine_state, prefill_flops, prompt_cache_bytes,
+                               round_robin, speedup_spread, stats_lengths, time_call)
 from mmpress.presses.base import PRESSES, get_press
 from mmpress.registry import ADAPTERS, family_of, get_adapter
 
@@ -61,25 +62,31 @@ def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repea
     (time inside ``press.press`` / ``press_kv``, summed per forward; not the attention an in-LLM or
     KV press reads) as a fraction of the unpressed prefill.
 
-    Cells are timed round-robin (one warm-up round, then ``repeats`` rounds, each timing every
-    cell once), so slow drifts of a shared machine hit the baseline and the presses alike. With
+    Cells are timed round-robin (:func:`~mmpress.eval.cost.round_robin`: one warm-up round, then
+    ``repeats`` rounds, each timing every cell once), so slow drifts of a shared machine hit the
+    baseline and the presses alike; a speedup is the median of its per-round ratios to the
+    baseline of the same round, with their range and a ``noisy`` verdict
+    (:func:`~mmpress.eval.cost.speedup_spread`). With
     ``split``, the vision tower + projector alone is one more cell: the vision / language-model
     split of the unpressed prefill, which bounds every press acting after the tower. With
     ``decode_steps`` (>= 2), each round also times that many greedy decode steps after a prefill
     (:func:`~mmpress.eval.cost.decode_seconds`, under the press): decode tokens/s and its speedup
     over the unpressed model, where a ``kv`` press (its prefill unpressed) gains.
 
-    Each row: ``press``, ``keep``, ``stage``, ``seconds``, ``speedup``, ``limit``, ``efficiency``,
-    ``overhead``; ``kept_tokens`` (visual tokens per image after the last stage), ``avg_tokens``
-    (per image, averaged over the decoder layers), ``layer_kept`` (in_llm: ``[layer, kept per
-    image]``), ``kv_bytes`` / ``kv_ratio`` (the prompt's KV cache after the prefill, each layer at
-    its own length); with ``decode_steps``: ``decode_s`` (per step), ``decode_tok_s`` (all rows)
-    and ``decode_speedup``.
+    Each row: ``press``, ``keep``, ``stage``, ``seconds`` (median; ``seconds_range``: min and max),
+    ``speedup``, ``speedup_range``, ``speedup_rounds``, ``spread``, ``noisy`` (None, or why the
+    speedup is not to be trusted), ``limit``, ``efficiency``, ``overhead``; ``kept_tokens``
+    (visual tokens per image after the last stage), ``avg_tokens`` (per image, averaged over the
+    decoder layers), ``layer_kept`` (in_llm: ``[layer, kept per image]``), ``kv_bytes`` /
+    ``kv_ratio`` (the prompt's KV cache after the prefill, each layer at its own length); with
+    ``decode_steps``: ``decode_s`` (per step), ``decode_tok_s`` (all rows) and ``decode_speedup``.
 
-    Returns ``{"rows", "skipped", "vision_seconds", "vision_share", "flops"}``: ``skipped`` maps a
-    press the family cannot run (it raised a ValueError in the warm-up, e.g. a [CLS]-attention
-    press on a tower without [CLS], or an in-LLM press at a layer the model lacks), or ``"name
-    keep=k"`` for a budget the press refuses, to its reason; ``flops`` is the unpressed split."""
+    Returns ``{"rows", "skipped", "vision_seconds", "vision_share", "flops", "machine", "rounds"}``:
+    ``skipped`` maps a press the family cannot run (it raised a ValueError in the warm-up, e.g. a
+    [CLS]-attention press on a tower without [CLS], or an in-LLM press at a layer the model lacks),
+    or ``"name keep=k"`` for a budget the press refuses, to its reason; ``flops`` is the unpressed
+    split; ``machine`` (:func:`~mmpress.eval.cost.machine_state`) how busy the machine was: its
+    CPUs, torch's threads, the load average before and after the timing."""
     if decode_steps and (not isinstance(decode_steps, int) or decode_steps < 2):
         raise ValueError(f"decode_steps must be 0 or an int >= 2, got {decode_steps!r}")
     config = model.config
@@ -112,37 +119,39 @@ def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repea
     def decode():
         return decode_seconds(model, inputs, decode_steps) if decode_steps else None
 
-    for round_ in range(repeats + 1):
-        for cell in list(cells):
-            press = cell["obj"]
-            if press is None:  # the baseline runs with no hooks at all: the true unpressed model
-                seconds, step = time_call(forward, repeats=1, warmup=0), decode()
-            elif press == "vision":
-                seconds, step = time_call(vision, repeats=1, warmup=0), None
-            else:
-                try:
-                    with press(model) as run:
-                        spent = press.spent_s
-                        seconds = time_call(forward, repeats=1, warmup=0)
-                        spent, cell["stats"] = press.spent_s - spent, run.stats.as_dict()
-                        step = decode()
-                except ValueError as e:
-                    if round_:
-                        raise
-                    skipped[cell["press"]] = " ".join(str(e).split())
-                    cells.remove(cell)
-                    continue
-                if round_:
-                    cell["spent"].append(spent)
-            if round_:  # round 0 warms up
-                cell["times"].append(seconds)
-                if step is not None:
-                    cell["decode"].append(step)
-        if progress is not None:
-            progress()
+    def time_one(cell: dict, timed: bool):
+        press = cell["obj"]
+        if press is None:  # the baseline runs with no hooks at all: the true unpressed model
+            seconds, step = time_call(forward, repeats=1, warmup=0), decode()
+        elif press == "vision":
+            seconds, step = time_call(vision, repeats=1, warmup=0), None
+        else:
+            try:
+                with press(model) as run:
+                    spent = press.spent_s
+                    seconds = time_call(forward, repeats=1, warmup=0)
+                    spent, cell["stats"] = press.spent_s - spent, run.stats.as_dict()
+                    step = decode()
+            except ValueError as e:
+                if timed:
+                    raise
+                skipped[cell["press"]] = " ".join(str(e).split())
+                cells.remove(cell)
+                return False
+            if timed:
+                cell["spent"].append(spent)
+        if timed:
+            cell["times"].append(seconds)
+            if step is not None:
+                cell["decode"].append(step)
+
+    machine = machine_state()
+    round_robin(list(cells), repeats, time_one, after_round=progress)
+    machine_done(machine)
 
     vision_seconds = statistics.median(cells.pop()["times"]) if split else None
-    base = statistics.median(cells[0]["times"])
+    base_times = cells[0]["times"]
+    base = statistics.median(base_times)
     base_decode = statistics.median(cells[0]["decode"]) if decode_steps else None
     base_flops = prefill_flops(config, inputs, width)
     base_kv = prompt_cache_bytes(model, {"seq_len": width}, batch)
@@ -152,10 +161,12 @@ def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repea
         press, stats = cell["obj"], cell["stats"]
         flops = base_flops if press is None else prefill_flops(config, inputs, *stats_lengths(stats))
         kv = base_kv if press is None else prompt_cache_bytes(model, stats, batch)
-        speedup, limit = base / seconds, base_flops.total / flops.total
+        limit = base_flops.total / flops.total
+        timing = speedup_spread(base_times, cell["times"], limit)
         overhead = 0.0 if press is None else statistics.median(cell["spent"]) / base
         row = dict(press=cell["press"], keep=cell["keep"], stage="none" if press is None else press.stage,
-                   seconds=seconds, speedup=speedup, limit=limit, efficiency=speedup / limit, overhead=overhead,
+                   seconds=seconds, seconds_range=[min(cell["times"]), max(cell["times"])], **timing, limit=limit,
+                   efficiency=timing["speedup"] / limit, overhead=overhead,
                    **_tokens(cell["keep"], stats), kv_bytes=kv, kv_ratio=kv / base_kv)
         if decode_steps:
             step = statistics.median(cell["decode"])
@@ -166,7 +177,8 @@ def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repea
         rows[0].update(vision_seconds=vision_seconds, vision_share=vision_seconds / base,
                        vision_flops_share=split_flops["vision"] / base_flops.total)
     return dict(rows=rows, skipped=skipped, vision_seconds=vision_seconds,
-                vision_share=None if vision_seconds is None else vision_seconds / base, flops=split_flops)
+                vision_share=None if vision_seconds is None else vision_seconds / base, flops=split_flops,
+                machine=machine, rounds=repeats)
 
 
 def _tokens(keep: int, stats: dict | None) -> dict:

@@ -163,6 +163,58 @@ def _versus(comparison: dict | None, best: bool) -> str:
     return f"{comparison['diff']:+.2f} [{low:+.2f}, {high:+.2f}]" + ("" if comparison["tied"] else " *")
 
 
+NOISY = "noisy"
+
+
+def speedup_text(row: dict, style: str = "interval") -> str:
+    """A measured speedup with its spread over the timing rounds: ``2.10x [2.02, 2.19]`` (min and
+    max, ``style="interval"``) or ``2.10x±4%`` (``"pm"``: half the range, as a share of the
+    median); a noisy one (``row["noisy"]``) is no result: ``noisy`` alone (``"pm"``), or
+    ``noisy (3.37x [2.95, 3.60])``. A row without rounds (an older record): the bare speedup."""
+    speedup, spread = row.get("speedup"), row.get("speedup_range")
+    if speedup is None:
+        return "n/a"
+    if not spread:
+        return f"{speedup:.2f}x"
+    low, high = spread
+    if row.get("noisy"):
+        return NOISY if style == "pm" else f"{NOISY} ({speedup:.2f}x [{low:.2f}, {high:.2f}])"
+    if style == "pm":
+        return f"{speedup:.2f}x±{(high - low) / 2 / speedup:.0%}"
+    return f"{speedup:.2f}x [{low:.2f}, {high:.2f}]"
+
+
+def _noisy_text(rounds=None) -> str:
+    over = f"its {rounds} timing rounds" if rounds else "its timing rounds"
+    return (f"{NOISY}: not a result: {over} spread over 10% of its median, or it beat its FLOPs limit by more than "
+            "that spread (a press cannot run faster than the work it leaves: the unpressed rounds were slowed by "
+            "other work); rerun with more --rounds on a quieter machine")
+
+
+def machine_text(machine: dict | None) -> str:
+    """How busy the machine was while timing: ``2 CPUs, 2 torch threads, load average 9.08 before,
+    8.70 after (1 min): busy``."""
+    if not machine:
+        return "machine load not recorded"
+
+    def load(key):
+        value = machine.get(key)
+        return "n/a" if not value else f"{value[0]:.2f}"
+    cpus = machine.get("cpus")
+    usable = machine.get("usable_cpus")
+    text = f"{cpus} CPUs" + (f" ({usable} usable)" if usable and usable != cpus else "")
+    processes = machine.get("processes") or 1
+    if processes > 1:
+        threads = machine.get("threads_per_process") or [machine.get("threads")] * processes
+        text += f", {processes} processes of {'/'.join(map(str, threads))} torch threads"
+    else:
+        text += f", {machine.get('threads')} torch threads"
+    text += f", load average {load('load_before')} before, {load('load_after')} after (1 min)"
+    if machine.get("busy"):
+        text += ": busy, more runnable work than CPUs"
+    return text
+
+
 def table_cells(record: dict, ci: str = "interval") -> list[tuple[list[str], bool]]:
     """One list of formatted cells per row (in :func:`ordered_rows` order), with whether the row
     is its budget's winner; ``ci``: how accuracy and agreement show their intervals
@@ -188,7 +240,7 @@ def table_cells(record: dict, ci: str = "interval") -> list[tuple[list[str], boo
             _si(flops and flops["total"], "FLOP"),
             _num(r["flops_ratio"], ".3f"),
             _num(r["prefill_s"] * 1e3, ".1f"),
-            _num(r["speedup"], ".2f") + "x",
+            speedup_text(r, "pm" if ci == "pm" else "interval"),
             "n/a" if r["speedup_limit"] is None else f"{r['speedup_limit']:.2f}x",
             _bytes(r["peak_memory_bytes"]),
             _bytes(r["kv_bytes"]),
@@ -219,15 +271,17 @@ _STAGES_TEXT = "keep@Lk: an in-LLM press, from decoder layer k on; keep@KV: a KV
 
 def _caption(record: dict, compact: bool = False) -> str:
     settings = record["settings"]
-    timed = (f"median of {settings['repeats']} forwards on a batch of {settings['timing_batch']} "
+    rounds = settings.get("rounds", settings.get("repeats"))
+    timed = (f"median of {rounds} round-robin rounds on a batch of {settings['timing_batch']} "
              f"({settings['device']})")
+    noisy = any(r.get("noisy") for r in record["rows"])
     if compact:
         pm = (f"±: half the {(record.get('ci') or {}).get('level', 0.95):.0%} bootstrap interval of "
               f"{quality_key(record)}. " if _has_ci(record) else "")
         return (f"bold: best press per budget by {quality_key(record)}. {pm}{_STAGES_TEXT} avg tok: visual tokens "
                 f"per image averaged over the LM's layers. KL: first answer token vs unpressed, nats. Speedup: "
-                f"measured prefill, {timed}; FLOPs limit: the speedup FLOPs allow. Time, memory, KV cache: in the "
-                "report.")
+                f"measured prefill, {timed}, ±: half its range over the rounds; FLOPs limit: the speedup FLOPs "
+                f"allow. {_noisy_text(rounds) + '. ' if noisy else ''}Time, memory, KV cache: in the report.")
     memory = settings["peak_memory"] or "n/a (not measurable on this device)"
     ci = ""
     if _has_ci(record):
@@ -238,8 +292,9 @@ def _caption(record: dict, compact: bool = False) -> str:
             f"{_STAGES_TEXT} kept/img: visual tokens per image after the last stage; avg/img: averaged over the "
             "LM's layers (what its cost follows). KL: first answer token, KL(unpressed || pressed), nats (a KV "
             "press's prefill is unpressed: KL 0). FLOPs: analytical prefill, per sample, each LM layer at its own "
-            f"length. Prefill: {timed}; limit = FLOPs ratio of that batch. Peak memory: {memory}. KV: the prompt's "
-            "cache after the prefill, per sample.")
+            f"length. Prefill: {timed}; speedup [min, max] over the rounds; limit = FLOPs ratio of that batch. "
+            f"{_noisy_text(rounds) + '. ' if noisy else ''}Peak memory: {memory}. KV: the prompt's cache after the "
+            f"prefill, per sample. Machine: {machine_text(record.get('machine'))}.")
 
 
 # ---- terminal ---------------------------------------------------------------------------------
@@ -256,6 +311,7 @@ def bench_table(record: dict, compact: bool = False) -> Table:
     for cells, best in table_cells(record, ci="pm" if compact else "interval"):
         if compact:
             cells = [c.removesuffix(" (unpressed)") for c, h in zip(cells, HEADERS) if h in headers]
+        cells = [Text(c, style="dim") if c.startswith(NOISY) else c for c in cells]  # no result: dimmed
         table.add_row(*cells, style="bold" if best else None)
     return table
 
@@ -269,6 +325,8 @@ def print_table(record: dict, console: Console | None = None) -> None:
     if natural > console.width:
         table = bench_table(record, compact=True)
     console.print(table)
+    if record.get("machine"):
+        console.print(f"machine: {machine_text(record['machine'])}", style="dim", highlight=False)
     for note in record.get("notes", []):
         console.print(f"[dim]note: {note}[/dim]")
 
@@ -276,18 +334,23 @@ def print_table(record: dict, console: Console | None = None) -> None:
 def prefill_table(rows: list[dict], title: str) -> Table:
     """``mmpress bench-cost``'s rows (:func:`mmpress.eval.prefill.bench_prefill`) as a rich table
     that fits 80 columns."""
+    noisy = f" {_noisy_text()}." if any(r.get("noisy") for r in rows) else ""
     table = Table(title=title, caption=f"{_STAGES_TEXT} avg tok: visual tokens per image averaged over the LM's "
-                  "layers. FLOPs limit: each LM layer at its own length. speedup / limit: the share of the FLOPs "
+                  "layers. speedup: the median over the round-robin timing rounds, ±: half its range over them. "
+                  "FLOPs limit: each LM layer at its own length. speedup / limit: the share of the FLOPs "
                   "limit reached; press overhead: time inside the press (in-LLM / KV presses: their selection, not "
-                  "the attention they read), as a share of the unpressed prefill.", caption_justify="left",
+                  f"the attention they read), as a share of the unpressed prefill.{noisy}", caption_justify="left",
                   pad_edge=False)
     for header in ("press", "keep", "avg\ntok", "prefill\nms", "speedup", "FLOPs\nlimit", "speedup\n/ limit",
                    "press\noverhead"):
         table.add_column(header, justify="left" if header == "press" else "right", overflow="fold")
     for r in rows:
+        speedup = speedup_text(r, "pm")
+        noisy = speedup == NOISY
         table.add_row(r["press"], keep_text(r), _num(avg_tokens(r), ".0f"),
-                      f"{r['seconds'] * 1e3:.1f}", f"{r['speedup']:.2f}x", f"{r['limit']:.2f}x",
-                      f"{r['efficiency']:.0%}", f"{r['overhead']:.1%}")
+                      f"{r['seconds'] * 1e3:.1f}", Text(speedup, style="dim") if noisy else speedup,
+                      f"{r['limit']:.2f}x", Text("-", style="dim") if noisy else f"{r['efficiency']:.0%}",
+                      f"{r['overhead']:.1%}")
     return table
 
 
@@ -345,8 +408,15 @@ def plot_pareto(record: dict, path: str | Path) -> Path:
         line = ax_tokens.errorbar([avg_tokens(r) * dodge for r in points], ys, yerr=err, fmt="o-", capsize=2,
                                   elinewidth=1, linewidth=0.8, markersize=4, label=name, color=colors[i])
         color = line.lines[0].get_color()
-        ax_speed.errorbar([r["speedup"] for r in points], ys, yerr=err, fmt="o-", capsize=2, elinewidth=1,
+        ranges = [r.get("speedup_range") for r in points]  # the spread over the timing rounds
+        xerr = ([[r["speedup"] - lo for r, (lo, _) in zip(points, ranges)],
+                 [hi - r["speedup"] for r, (_, hi) in zip(points, ranges)]] if all(ranges) else None)
+        ax_speed.errorbar([r["speedup"] for r in points], ys, xerr=xerr, yerr=err, fmt="o-", capsize=2, elinewidth=1,
                           linewidth=0.8, markersize=4, color=color)
+        noisy = [r for r in points if r.get("noisy")]
+        if noisy:  # not results: ringed in grey
+            ax_speed.scatter([r["speedup"] for r in noisy], [r[key] for r in noisy], s=120, facecolors="none",
+                             edgecolors="grey", linewidths=1.2, zorder=3)
         if len(names) <= 8:
             for r in points:
                 ax_speed.annotate(str(r["keep"] or "own"), (r["speedup"], r[key]), textcoords="offset points",
@@ -377,7 +447,9 @@ def plot_pareto(record: dict, path: str | Path) -> Path:
     ax_tokens.set_xlabel("visual tokens per image (averaged over the LM's layers)")
     interval = _has_ci(record) and f"{(record.get('ci') or {}).get('level', 0.95):.0%} bootstrap interval"
     ax_tokens.set_ylabel(f"{key} (bars: {interval})" if interval else key)
-    ax_speed.set_xlabel("measured prefill speedup (x, labels: budget)")
+    noisy = any(r.get("noisy") for r in rows)
+    ax_speed.set_xlabel("measured prefill speedup (x, labels: budget; bars: range over the timing rounds"
+                        + ("; ringed: noisy, not a result)" if noisy else ")"))
     if len(names) > 8:  # beside the panels: inside, it would hide points
         fig.legend(*ax_tokens.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     else:
@@ -403,6 +475,9 @@ def to_markdown(record: dict, image: str | None = None) -> str:
         lines += ["", "Not told apart from the best at this n (paired interval holds 0): " + "; ".join(
             f"{keep}: {', '.join(p for p in presses if p != best.get(int(keep)))}"
             for keep, presses in tied.items() if len(presses) > 1) + "."]
+    noisy = [f"{r['press']} keep={keep_text(r)} ({r['noisy']})" for r in ordered_rows(record) if r.get("noisy")]
+    if noisy:
+        lines += ["", "Noisy speedups, not results: " + "; ".join(noisy) + "."]
     lines += [f"- note: {note}" for note in record.get("notes", [])]
     if image:
         lines += ["", f"![quality vs cost]({image})"]
@@ -468,6 +543,7 @@ def write_report(record: dict, out: str | Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["avg_tokens", "bench_table", "best_per_budget", "decode_table", "keep_text", "ordered_rows",
-           "paired_comparisons", "plot_pareto", "prefill_table", "print_table", "quality_key", "save_json",
-           "stage_mark", "table_cells", "to_html", "to_markdown", "with_ci", "write_report"]
+__all__ = ["avg_tokens", "bench_table", "best_per_budget", "decode_table", "keep_text", "machine_text",
+           "ordered_rows", "paired_comparisons", "plot_pareto", "prefill_table", "print_table", "quality_key",
+           "save_json", "speedup_text", "stage_mark", "table_cells", "to_html", "to_markdown", "with_ci",
+           "write_report"]
