@@ -251,6 +251,8 @@ def bench(
     out: Optional[Path] = typer.Option(None, help=_grid_help(BENCH_GRIDS, "out", "folder for bench.json/.md/.png/"
                                                              ".html"), show_default=False),
     resume: bool = typer.Option(False, "--resume", help="keep the cells already in OUT/bench.json, run the rest"),
+    config: Optional[Path] = typer.Option(None, "--config", help="a press settings file (mmpress tune --out): bench "
+                                          "its press at its budget", show_default=False),
 ):
     """Quality vs cost of presses x budgets on a dataset: accuracy, fidelity, FLOPs, time, memory.
 
@@ -262,6 +264,10 @@ def bench(
     from mmpress.eval.data import load_dataset
     from mmpress.eval.report import print_table, save_json, write_report
 
+    if config is not None:  # a tuned setting: its press and budget are the grid
+        if presses is not None or keep is not None:
+            raise typer.BadParameter("--config sets the press and budget: drop --presses and --keep", param_hint="--config")
+        presses, keep = _config_cell(config)
     settings = grid(BENCH_GRIDS, full, presses=presses, keep=keep, data=data, limit=limit, timing_batch=timing_batch,
                     out=out)
     names, keeps = _press_names(settings["presses"]), _budgets(settings["keep"])
@@ -434,6 +440,159 @@ def _split_line(record: dict) -> str:
     return (f"unpressed split: vision tower + projector {vision * 1e3:.1f} ms ({share:.0%}), language model "
             f"{(base - vision) * 1e3:.1f} ms ({1 - share:.0%}); vision FLOPs {flops_share:.0%}. A press after the "
             f"tower is bounded by {1 / max(share, 1e-9):.2f}x.")
+
+
+# ---- tune: the smallest budget that keeps the answers ---------------------------------------------
+def _targets(agreement: Optional[float], accuracy: Optional[float]) -> tuple[str, float]:
+    """(metric, target) from ``--target-agreement`` / ``--target-accuracy``: one of them (the
+    agreement 0.95 when neither), a fraction in (0, 1]."""
+    if agreement is not None and accuracy is not None:
+        raise typer.BadParameter("give --target-agreement or --target-accuracy, not both", param_hint="--target-*")
+    metric, value, hint = (("accuracy", accuracy, "--target-accuracy") if accuracy is not None
+                           else ("agreement", 0.95 if agreement is None else agreement, "--target-agreement"))
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"the target is a fraction in (0, 1], e.g. 0.95; got {value}", param_hint=hint)
+    return metric, value
+
+
+def _layers(text: Optional[str]) -> list[int] | None:
+    """``--layer 2`` or ``--layer 2,4``: decoder layers (ints >= 1), each searched apart."""
+    if text is None:
+        return None
+    try:
+        layers = [int(x) for x in text.split(",")]
+    except ValueError:
+        layers = []
+    if not layers or min(layers) < 1 or len(set(layers)) != len(layers):
+        raise typer.BadParameter(f"expected distinct comma-separated decoder layers >= 1, e.g. 2 or 2,4; got {text!r}",
+                                 param_hint="--layer")
+    return layers
+
+
+def _tune_table(record: dict) -> Table:
+    metric, test = record["target"]["metric"], record["test"]
+    table = Table(title=f"mmpress tune: smallest budget with {metric} lower bound >= {record['target']['value']} "
+                        f"({test['level']:.0%} one-sided, {test['resamples']} resamples)"
+                        + (" [partial: interrupted]" if record["partial"] else ""))
+    for col in ("setting", "keep", metric, "interval", "FLOPs", "probes", ""):
+        table.add_column(col, overflow="fold")
+    chosen = record["chosen"] or {}
+    for row in record["results"]:
+        low, high = row["interval"]
+        table.add_row(row["press"], f"{row['keep']}/{record['visual_tokens']}", f"{row['value']:.3f}",
+                      f"[{low:.3f}, {high:.3f}]", "-" if row["flops_ratio"] is None else f"{row['flops_ratio']:.2f}",
+                      str(row["probes"]), ("chosen" if row["press"] == chosen.get("press") else "")
+                      + ("" if row["done"] else f" bracket ({row['bracket'][0]}, {row['bracket'][1]}]"))
+    return table
+
+
+def _model_args(model: str, spec: str, positions: Optional[str]) -> str:
+    return f"pretrained={model},press={spec}" + (f",positions={positions}" if positions else "")
+
+
+def _config_cell(config: Path) -> tuple[str, str]:
+    """``bench --config``: the (press name, budget) of a settings file naming one press at its own
+    layer (a bench cell); anything else is refused, naming where it runs."""
+    from mmpress.presses.base import LayerPress
+    from mmpress.presses.spec import load_settings, parse_press
+
+    settings = load_settings(config)
+    press = parse_press(settings["press"])
+    default_layer = not isinstance(press, LayerPress) or getattr(press, "layer", None) == getattr(type(press),
+                                                                                                   "layer", None)
+    if (getattr(press, "name", None) not in PRESSES or press.keep is None or not default_layer
+            or settings.get("positions") is not None):
+        raise typer.BadParameter(f"bench runs one press at a token budget at its own layer; {config} holds "
+                                 f"{settings['press']!r}" + (f" with positions={settings['positions']}"
+                                                             if settings.get("positions") else "")
+                                 + ": run it with mmpress.load_press or lmms-eval's press_file", param_hint="--config")
+    return press.name, str(press.keep)
+
+
+@app.command()
+def tune(
+    press: str = typer.Option(..., help="press name (mmpress list) whose budget is searched"),
+    target_agreement: Optional[float] = typer.Option(None, help="answers agreeing with the unpressed model's: a "
+                                                     "fraction in (0, 1] (default 0.95 when no target is given)",
+                                                     show_default=False),
+    target_accuracy: Optional[float] = typer.Option(None, help="instead: accuracy against the data's labels (exact "
+                                                    "match), a fraction in (0, 1]", show_default=False),
+    model: str = typer.Option(DEMO, help="local path or cached hub id of a model; 'demo' = embedded model"),
+    data: str = typer.Option("easy-vqa", help="calibration set: 'scenes', 'easy-vqa', a .jsonl of {image, question, "
+                             "answer}, or a saved datasets folder"),
+    split: str = typer.Option("test"),
+    limit: int = typer.Option(32, min=1, help="calibration questions (the first ones)"),
+    layer: Optional[str] = typer.Option(None, help="in-LLM presses: decoder layer(s) to press at, comma-separated, "
+                                        "each searched (default: the press's own)", show_default=False),
+    tolerance: int = typer.Option(1, min=1, help="stop when the bracket is this many tokens wide (1: the exact "
+                                  "smallest budget)"),
+    positions: Optional[str] = typer.Option(None, help="position ids of kept tokens: keep or reindex (default: the "
+                                            "adapter's)", show_default=False),
+    batch_size: int = typer.Option(8, min=1),
+    max_new_tokens: int = typer.Option(8, min=1),
+    resamples: int = typer.Option(1000, min=1, help="bootstrap resamples of the questions"),
+    level: float = typer.Option(0.95, help="confidence of the one-sided lower bound, in (0.5, 1)"),
+    seed: int = typer.Option(0, help="seeds the bootstrap and stochastic presses"),
+    out: Path = typer.Option(Path("tuned.json"), help="settings file to write (mmpress.load_press, bench --config, "
+                             "lmms-eval press_file)"),
+):
+    """The smallest budget (visual tokens per image) whose answers stay at the target.
+
+    A budget passes when the one-sided bootstrap lower bound of its agreement with the unpressed
+    model (or accuracy, --target-accuracy) on the calibration set is at or above the target. The
+    search bisects budgets 1..N and stops when the bracket is --tolerance wide; a budget stops
+    being answered as soon as it cannot pass. Ctrl-C writes what was measured, marked partial."""
+    from mmpress.eval.data import load_dataset
+    from mmpress.eval.metrics import is_labelled
+    from mmpress.eval.tune import Tuning, check_press, tune as run_tune
+    from mmpress.presses.spec import save_press
+
+    metric, target = _targets(target_agreement, target_accuracy)
+    layers = _layers(layer)
+    if press not in PRESSES:
+        raise typer.BadParameter(f"unknown press {press!r}; {press_suggestion(press)}", param_hint="--press")
+    check_press(press, layers)  # no budget, or refuses the layer: one line
+    if positions not in (None, "keep", "reindex"):
+        raise typer.BadParameter(f"positions is keep or reindex, got {positions!r}", param_hint="--positions")
+    if not 0.5 < level < 1:
+        raise typer.BadParameter(f"a one-sided confidence level in (0.5, 1), e.g. 0.95; got {level}",
+                                 param_hint="--level")
+    samples = load_dataset(data, split=split, limit=limit)
+    if metric == "accuracy" and not any(is_labelled(s) for s in samples):
+        raise typer.BadParameter(f"{data} has no labels (answers) to score accuracy against; use --target-agreement",
+                                 param_hint="--target-accuracy")
+    _check_model(model)
+    if out.is_dir():
+        raise typer.BadParameter(f"{out} is a folder; name a file, e.g. {out / 'tuned.json'}", param_hint="--out")
+    _check_out(out.parent)
+
+    vlm, processor = _load(model)
+    state = Tuning(press, metric, target, layers or [None])
+    try:
+        run_tune(vlm, processor, press, samples, target, metric=metric, layers=layers, tolerance=tolerance,
+                 batch_size=batch_size, max_new_tokens=max_new_tokens, positions=positions, resamples=resamples,
+                 level=level, seed=seed, console=console, state=state)
+    except KeyboardInterrupt:
+        if not state.searches:
+            err_console.print("interrupted before the unpressed answers finished: nothing written", style="yellow")
+            raise typer.Exit(130) from None
+    record = state.as_record()
+    chosen = record["chosen"]
+    console.print(_tune_table(record))
+    save_press(out, chosen["press"], positions=positions, partial=record["partial"], tune=record)
+    low, high = chosen["interval"]
+    console.print(f"budget {'so far' if record['partial'] else 'found'}: {chosen['press']} ({chosen['keep']} of "
+                  f"{record['visual_tokens']} visual tokens per image); {metric} {chosen['value']:.3f}, interval "
+                  f"[{low:.3f}, {high:.3f}] (low end: the {level:.0%} one-sided lower bound, {resamples} resamples), "
+                  f"{record['n']} questions, {record['seconds']:.0f} s",
+                  highlight=False, soft_wrap=True)
+    console.print(f"wrote {out}: mmpress.load_press({str(out)!r}) · mmpress bench --config {out} · lmms-eval "
+                  f"--model mmpress --model_args {_model_args(model, chosen['press'], positions)} (or press_file={out})",
+                  highlight=False, soft_wrap=True, markup=False)
+    if record["partial"]:
+        err_console.print(f"interrupted: {out} holds the best budget measured so far, marked partial",
+                          style="yellow", soft_wrap=True)
+        raise typer.Exit(130)
 
 
 def main():  # pragma: no cover
