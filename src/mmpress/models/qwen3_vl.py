@@ -28,6 +28,14 @@ class Qwen3VLAdapter(QwenVLAdapter):
     classes = ("Qwen3VLForConditionalGeneration",)
     deepstack = True
 
+    @classmethod
+    def build(cls, size: str = "tiny", seed: int = 0, attn: str = "sdpa", model_type: str | None = None, **overrides):
+        """As Qwen-VL's; "tiny" has 4 LM layers, so that an in-LLM press has a layer after the 3
+        DeepStack injections (layer 3) to act at."""
+        if size == "tiny":
+            overrides.setdefault("lm_layers", 4)
+        return super().build(size, seed=seed, attn=attn, model_type=model_type, **overrides)
+
     @staticmethod
     def _vision_config(model_type: str, shape: dict, text: dict) -> dict:
         """Full attention, DeepStack features from 3 blocks, interleaved M-RoPE."""
