@@ -152,7 +152,7 @@ def run_bench(
     the baseline first), ``best`` (winning press per budget), ``pending`` and ``notes``. Raises
     ValueError for an unknown press, bad budgets or an empty dataset.
     """
-    from mmpress.eval.report import best_per_budget, machine_text, ordered_rows, paired_comparisons, print_table
+    from mmpress.eval.report import best_per_budget, ordered_rows, paired_comparisons, print_table
 
     if not data:
         raise ValueError("the dataset is empty: nothing to benchmark")
@@ -278,8 +278,9 @@ def run_bench(
 
     record["machine"] = _machine(machine, processes)
     if record["machine"].get("busy"):
-        notes.append(f"the machine was busy ({machine_text(record['machine'])}): timings shared its CPUs with "
-                     "other work; rerun on an idle machine for figures to quote")
+        notes.append("the machine was busy (its load average exceeded its CPUs: see machine): the timings shared "
+                     "them with other work, slower and noisier than on an idle machine; rerun there for figures to "
+                     "quote")
     update(pending=[])
     print_table(record, console)
     return record
@@ -322,8 +323,12 @@ class Processes:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
 
-        state = PartialState()
+        # PartialState reads ACCELERATE_USE_CPU only through its argument (Accelerator reads the env)
+        accelerator = getattr(torch, "accelerator", None)
+        has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not has_accelerator)
         if state.num_processes <= 1:
             return cls()
 
