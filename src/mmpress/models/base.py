@@ -260,10 +260,11 @@ class Adapter:
         self.vlm = inner if hasattr(inner, name) else model
         if not hasattr(self.vlm, name):
             raise ValueError(f"{type(model).__name__} does not look like a transformers {self.family} model")
-        # every weight on meta: never loaded (accelerate's offloading leaves some there, with a device map)
+        # every weight on meta: never loaded, unless accelerate offloads them (a device map, or
+        # disk_offload / cpu_offload, whose hooks (`_hf_hook`) load each module's weights for its forward)
         first = next(model.parameters(), None)
         if first is not None and first.is_meta and all(p.is_meta for p in model.parameters()) \
-                and not hasattr(model, "hf_device_map"):
+                and not hasattr(model, "hf_device_map") and not any(hasattr(m, "_hf_hook") for m in model.modules()):
             raise ValueError(f"the {type(model).__name__}'s weights are on the meta device (built without loading "
                              "them, e.g. under torch.device('meta') or init_empty_weights): load real weights before "
                              "pressing, e.g. from_pretrained(path, device_map='auto'), or model.to_empty(device=...) "
