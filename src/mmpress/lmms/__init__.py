@@ -56,6 +56,7 @@ def register_tasks() -> bool:
         return original(self, include_path=paths, include_defaults=include_defaults)
 
     initialize_tasks._mmpress = True
+    initialize_tasks._original = original
     initialize_tasks.__doc__ = original.__doc__
     TaskManager.initialize_tasks = initialize_tasks
     return True

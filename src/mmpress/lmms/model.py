@@ -422,11 +422,14 @@ class MMPress(lmms):
         for indices in self._batches(requests, [""] * len(requests)):
             prompts, fulls, images = [], [], []
             for i in indices:
-                context, target, doc_to_visual, doc_id, task, split = requests[i].args[:6]
+                args = requests[i].args
+                context, target = args[0], args[1]
+                # (context, continuation) alone: multiple choice's unconditional requests (acc_mutual_info)
+                doc_to_visual, doc_id, task, split = args[2:6] if len(args) >= 6 else (None, None, None, None)
                 continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
                 if isinstance(continuation, list):
                     continuation = continuation[0]
-                visuals = self._visuals(doc_to_visual, task, split, doc_id) if context else []
+                visuals = self._visuals(doc_to_visual, task, split, doc_id) if context and doc_to_visual else []
                 images.append(visuals)
                 prompts.append(self.prompt(context, len(visuals)))
                 fulls.append(prompts[-1] + str(continuation))
