@@ -260,11 +260,13 @@ def run_bench(
 
         # every cell left is timed first, round-robin with the unpressed model (the baseline is
         # the reference of every round, also when its row is already in a resumed record)
-        progress.update(task, description=f"timing: {len(pressed)} presses x {repeats} rounds")
-        clock = progress.add_task("timing rounds", total=1 + repeats)
-        timings = _time_cells(model, *first, [baseline, *pressed], repeats, lambda: progress.advance(clock))
-        timings = pool_timings(processes.gather(timings))
-        progress.remove_task(clock)
+        timings = {}
+        if todo:  # (the same on every process: they all hold the same record)
+            progress.update(task, description=f"timing: {len(pressed)} presses x {repeats} rounds")
+            clock = progress.add_task("timing rounds", total=1 + repeats)
+            timings = _time_cells(model, *first, [baseline, *pressed], repeats, lambda: progress.advance(clock))
+            timings = pool_timings(processes.gather(timings))
+            progress.remove_task(clock)
         for i, cell in enumerate(todo):
             label = f"{cell.press} keep={cell.keep or 'own'}"
             if cell is not baseline:  # the baseline has answered above

@@ -179,8 +179,8 @@ def speedup_text(row: dict, style: str = "interval") -> str:
     low, high = spread
     if row.get("noisy"):
         return NOISY if style == "pm" else f"{NOISY} ({speedup:.2f}x [{low:.2f}, {high:.2f}])"
-    if style == "pm":
-        return f"{speedup:.2f}x±{(high - low) / 2 / speedup:.0%}"
+    if style == "pm":  # 3 digits: an 80-column terminal holds "10.2x±3%"
+        return f"{speedup:.{2 if speedup < 10 else 1}f}x" + (f"±{(high - low) / 2 / speedup:.0%}" if high > low else "")
     return f"{speedup:.2f}x [{low:.2f}, {high:.2f}]"
 
 
