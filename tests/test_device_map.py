@@ -164,3 +164,19 @@ def test_every_family_split_keep_all_and_every_stage(other):
         press = mmpress.compose(*presses) if len(presses) > 1 else presses[0]
         stats = check_runs(press, plain, split, batch, exact=False)
         assert stats.kept_visual_tokens < stats.visual_tokens
+
+
+def test_from_pretrained_with_a_device_map_and_an_offload_folder(tmp_path):
+    """The user's path: a saved model loaded with ``device_map`` (tower and a decoder layer on
+    disk) and ``offload_folder``, pressed as the plain model."""
+    cls = FAMILIES["llava"]
+    torch.manual_seed(0)
+    plain = cls.build("tiny")
+    plain.save_pretrained(tmp_path / "model")
+    placement = split_map(cls, plain)
+    split = type(plain).from_pretrained(tmp_path / "model", device_map=placement,
+                                        offload_folder=str(tmp_path / "offload")).eval()
+    split.generation_config.pad_token_id = plain.generation_config.pad_token_id
+    assert split.hf_device_map == placement and any(p.is_meta for p in split.parameters())
+    keep_all_matches(cls, plain, split, "ragged")
+    check_runs(stage_press("fastv", plain), plain, split, cls.prompts(plain, cls.example_rows["ragged"]), exact=False)
