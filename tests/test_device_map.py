@@ -180,3 +180,21 @@ def test_from_pretrained_with_a_device_map_and_an_offload_folder(tmp_path):
     assert split.hf_device_map == placement and any(p.is_meta for p in split.parameters())
     keep_all_matches(cls, plain, split, "ragged")
     check_runs(stage_press("fastv", plain), plain, split, cls.prompts(plain, cls.example_rows["ragged"]), exact=False)
+
+
+def test_ask_on_a_split_model_answers_as_on_one_device(tmp_path):
+    """``mmpress.ask`` puts its inputs on the model's first real device, not on the meta device
+    of an offloaded first weight (the tower)."""
+    from conftest import tiny_llava, tiny_processor
+    from PIL import Image
+
+    plain, processor = tiny_llava(), tiny_processor()
+    split = accelerate.dispatch_model(copy.deepcopy(plain), {"model.vision_tower": "disk", "model.multi_modal_projector": "cpu",
+                                                             "model.language_model": "cpu", "lm_head": "cpu"},
+                                      offload_dir=str(tmp_path))
+    assert next(split.parameters()).is_meta
+    images = [Image.new("RGB", (32, 32), color) for color in ("red", "blue")]
+    questions = ["what color is the circle", "is there a square"]
+    press = mmpress.get_press("divprune", keep=8)
+    assert mmpress.ask(split, processor, images, questions, press=press) == \
+        mmpress.ask(plain, processor, images, questions, press=press)

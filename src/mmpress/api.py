@@ -62,7 +62,9 @@ def encode(model, processor, images: Sequence, questions: Sequence[str], hint: s
     prompts = [build_prompt(processor, q, hint) for q in questions]
     inputs = processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
     param = next(model.parameters())
-    inputs = {k: v.to(param.device) for k, v in inputs.items()}
+    # accelerate's offloaded weights sit on meta (its hooks move the inputs): the first real device
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
     return inputs
