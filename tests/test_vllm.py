@@ -39,13 +39,29 @@ def engine(folder, spec: str | None, **kwargs):
                hf_overrides=overrides, limit_mm_per_prompt={"image": 2}, **kwargs)
 
 
-def vllm_tokens(llm, requests) -> list[list[int]]:
+def vllm_tokens(llm, requests) -> list[tuple[list[int], list[float]]]:
+    """Each request's greedy tokens and their log-probabilities (the random models' distributions
+    are nearly flat: the log-probabilities catch a wrong position or token that the argmax hides)."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0)
     prompts = [{"prompt_token_ids": ids, **({"multi_modal_data": {"image": imgs if len(imgs) > 1 else imgs[0]}}
                                             if imgs else {})} for ids, imgs in requests]
-    return [list(out.outputs[0].token_ids) for out in llm.generate(prompts, params, use_tqdm=False)]
+    outs = [out.outputs[0] for out in llm.generate(prompts, params, use_tqdm=False)]
+    return [(list(o.token_ids), [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)]) for o in outs]
+
+
+def same(got, want, atol: float = 2e-4) -> None:
+    """Same greedy tokens, log-probabilities within float32 noise."""
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=atol, rtol=0)
+
+
+#: vLLM's own Qwen2.5-VL (unpressed) differs from transformers' by up to 8e-4 in these
+#: log-probabilities on image requests (text-only: 1.5e-7), measured here: its vision tower's
+#: float32 arithmetic. Qwen's positions are checked exactly by test_qwen_positions_match_transformers.
+QWEN_ATOL = 3e-3
 
 
 def transformers_tokens(folder, spec: str | None, requests, expand) -> list[list[int]]:
@@ -62,13 +78,16 @@ def transformers_tokens(folder, spec: str | None, requests, expand) -> list[list
     for ids, imgs in requests:
         inputs = expand(ids, imgs, processor)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        kwargs = dict(max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
+        kwargs = dict(max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0, output_scores=True,
+                      return_dict_in_generate=True)
         if press is None or not imgs:
             generated = model.generate(**inputs, **kwargs)
         else:
             with press(model):
                 generated = model.generate(**inputs, **kwargs)
-        out.append(generated[0, inputs["input_ids"].shape[1]:].tolist())
+        tokens = generated.sequences[0, inputs["input_ids"].shape[1]:]
+        logprobs = [torch.log_softmax(score[0].double(), -1)[t].item() for score, t in zip(generated.scores, tokens)]
+        out.append((tokens.tolist(), logprobs))
     return out
 
 
@@ -116,6 +135,63 @@ class _nothing:
         return False
 
 
+def test_qwen_positions_match_transformers():
+    """The ids vLLM gives a pressed Qwen2.5-VL prompt (request time, then after the encoder, in one
+    step and in chunks that split an image) are the transformers path's: the unpressed prompt's
+    M-RoPE ids (transformers' get_rope_index) at the kept columns, and decoding continuing after
+    the unpressed prompt's largest id. No engine."""
+    from types import SimpleNamespace
+
+    from mmpress.registry import FAMILIES
+    from mmpress.vllm.qwen_vl import PressedQwen2_5_VL, with_offsets
+
+    model = FAMILIES["qwen_vl"].build("tiny")
+    config = model.config
+    grids = [(1, 8, 8), (1, 12, 16)]  # patches; tokens: 4 x 4 and 6 x 8
+    keep = [5, 11]
+    g = torch.Generator().manual_seed(0)
+    kept = [torch.randperm(t * h * w // 4, generator=g)[:k].sort().values for (t, h, w), k in zip(grids, keep)]
+    text = [[11, 12, QWEN_START], [QWEN_END, 20, QWEN_START], [QWEN_END, 30, 31]]
+    full, pressed, keep_cols = [], [], []
+    for i, piece in enumerate(text):
+        keep_cols += range(len(full), len(full) + len(piece))
+        full += piece
+        pressed += piece
+        if i < len(grids):
+            n = grids[i][0] * grids[i][1] * grids[i][2] // 4
+            keep_cols += (len(full) + kept[i]).tolist()
+            full += [3] * n
+            pressed += [3] * keep[i]
+    ids = torch.tensor([full])
+    want, _ = model.model.get_rope_index(ids, (ids == 3).int(), image_grid_thw=torch.tensor(grids),
+                                         attention_mask=torch.ones_like(ids))
+    want = want[:, 0, keep_cols]
+    want_delta = int(want.max()) + 1 - len(pressed)
+
+    vllm_model = PressedQwen2_5_VL.__new__(PressedQwen2_5_VL)  # its position methods only: no weights
+    for name, value in (("config", config), ("mmpress", parse_press("divprune:4"))):
+        object.__setattr__(vllm_model, name, value)
+    offsets, features, at = [], [], 0
+    for i, grid in enumerate(grids):
+        at = pressed.index(3, at)
+        features.append(SimpleNamespace(modality="image", mm_position=SimpleNamespace(offset=at, length=keep[i]),
+                                         data={"image_grid_thw": SimpleNamespace(data=torch.tensor(grid))}))
+        merged = (grid[0], grid[1] // 2, grid[2] // 2)
+        offsets.append(with_offsets(torch.randn(keep[i], 8), kept[i], merged))
+        at += keep[i]
+    positions, delta = vllm_model.get_mrope_input_positions(pressed, features)
+    assert delta == want_delta
+    embeds, got, got_delta = vllm_model.recompute_mrope_positions(pressed, offsets, positions, 0)
+    assert torch.equal(got, want) and got_delta == want_delta
+    assert [e.shape[1] for e in embeds] == [8, 8]
+    # chunked prefill: the first chunk ends inside the second image
+    cut = features[1].mm_position.offset + 4
+    first = [offsets[0], offsets[1][:4]]
+    _, part, _ = vllm_model.recompute_mrope_positions(pressed, first, positions, 0)
+    _, chunked, chunked_delta = vllm_model.recompute_mrope_positions(pressed, [offsets[1][4:]], part, cut)
+    assert torch.equal(chunked, want) and chunked_delta == want_delta
+
+
 # ---- LLaVA-1.5 end to end ------------------------------------------------------------------------
 LLAVA_SPEC = "divprune:16"
 
@@ -151,16 +227,36 @@ def llava(tmp_path_factory):
 def test_llava_batch1_same_tokens_as_transformers(llava):
     folder, llm = llava
     request = LLAVA_REQUESTS[:1]
-    assert vllm_tokens(llm, request) == transformers_tokens(folder, LLAVA_SPEC, request, llava_expand)
+    same(vllm_tokens(llm, request), transformers_tokens(folder, LLAVA_SPEC, request, llava_expand))
 
 
 def test_llava_concurrent_and_text_only_same_tokens_as_transformers(llava):
     folder, llm = llava
     got = vllm_tokens(llm, LLAVA_REQUESTS)
-    want = transformers_tokens(folder, LLAVA_SPEC, LLAVA_REQUESTS, llava_expand)
-    assert got == want
-    unpressed = transformers_tokens(folder, None, LLAVA_REQUESTS[:1], llava_expand)
-    assert got[0] != unpressed[0] or got[1] != transformers_tokens(folder, None, LLAVA_REQUESTS[1:2], llava_expand)[0]
+    same(got, transformers_tokens(folder, LLAVA_SPEC, LLAVA_REQUESTS, llava_expand))
+    unpressed = transformers_tokens(folder, None, LLAVA_REQUESTS, llava_expand)
+    assert [g for g, u, (_, imgs) in zip(got, unpressed, LLAVA_REQUESTS) if imgs and g != u]  # it pressed
+
+
+def test_llava_tensor_parallel_2_same_tokens(llava):
+    """tensor_parallel_size=2 on the CPU build: two ranks (gloo on loopback), one core each."""
+    import os
+
+    folder, _ = llava
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("two ranks need two CPUs")
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # vLLM's automatic binding wants a NUMA node per rank
+    try:
+        llm = engine(folder, LLAVA_SPEC, tensor_parallel_size=2)
+        got = vllm_tokens(llm, LLAVA_REQUESTS)
+        del llm
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+    same(got, transformers_tokens(folder, LLAVA_SPEC, LLAVA_REQUESTS, llava_expand))
 
 
 def test_llava_prompt_holds_the_budget(llava):
@@ -172,3 +268,67 @@ def test_llava_prompt_holds_the_budget(llava):
                        SamplingParams(max_tokens=1), use_tqdm=False)[0]
     assert len(out.prompt_token_ids) == len(ids) - 2 + 2 * 16
     assert out.prompt_token_ids.count(3) == 2 * 16
+
+
+# ---- Qwen2.5-VL end to end (M-RoPE: kept tokens keep their ids, text keeps the unpressed ids) ----
+QWEN_SPEC = "divprune:0.25"
+QWEN_START, QWEN_END = 5, 6
+
+
+def qwen_expand(ids, imgs, processor):
+    inputs = {}
+    sizes = []
+    if imgs:
+        pixels = processor.image_processor(images=imgs, return_tensors="pt")
+        inputs = {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+        sizes = [int(g.prod()) // 4 for g in pixels["image_grid_thw"]]
+    expanded, item = [], 0
+    for i in ids:
+        if i == 3:
+            expanded += [3] * sizes[item]
+            item += 1
+        else:
+            expanded.append(i)
+    return {"input_ids": torch.tensor([expanded]), **inputs}
+
+
+QWEN_REQUESTS = [
+    ([11, 12, QWEN_START, 3, QWEN_END, 20, 21, 22], [image(10, 32)]),
+    ([14, QWEN_START, 3, QWEN_END, 30, 31, 32, 33, 34], [image(11, 48)]),  # another grid: 6 x 6 tokens
+    ([40, 41, 42, 43, 44, 45], []),  # text only
+    ([15, QWEN_START, 3, QWEN_END, 17, QWEN_START, 3, QWEN_END, 50], [image(12, 32), image(13, 64)]),
+]
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from mmpress.vllm.testing import save_tiny
+
+    folder = save_tiny("qwen2_5_vl", tmp_path_factory.mktemp("qwen"))
+    llm = engine(folder, QWEN_SPEC)
+    yield folder, llm
+    del llm
+
+
+def test_qwen_batch1_same_tokens_as_transformers(qwen):
+    folder, llm = qwen
+    request = QWEN_REQUESTS[:1]
+    same(vllm_tokens(llm, request), transformers_tokens(folder, QWEN_SPEC, request, qwen_expand), QWEN_ATOL)
+
+
+def test_qwen_concurrent_and_text_only_same_tokens_as_transformers(qwen):
+    folder, llm = qwen
+    got = vllm_tokens(llm, QWEN_REQUESTS)
+    same(got, transformers_tokens(folder, QWEN_SPEC, QWEN_REQUESTS, qwen_expand), QWEN_ATOL)
+    unpressed = transformers_tokens(folder, None, QWEN_REQUESTS, qwen_expand)
+    assert [g for g, u, (_, imgs) in zip(got, unpressed, QWEN_REQUESTS) if imgs and g != u]  # it pressed
+
+
+def test_qwen_prompt_holds_the_budget(qwen):
+    from vllm import SamplingParams
+
+    _, llm = qwen
+    ids, imgs = QWEN_REQUESTS[3]
+    out = llm.generate([{"prompt_token_ids": ids, "multi_modal_data": {"image": imgs}}],
+                       SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    assert out.prompt_token_ids.count(3) == 4 + 16  # a quarter of 16 and of 64 tokens

@@ -24,6 +24,7 @@ SUPPORTED = ">=0.32,<0.35"
 #: architecture -> "module:Class" of its pressed wrapper
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "mmpress.vllm.llava:PressedLlava",
+    "Qwen2_5_VLForConditionalGeneration": "mmpress.vllm.qwen_vl:PressedQwen2_5_VL",
 }
 
 
