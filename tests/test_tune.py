@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,12 +18,17 @@ from typer.testing import CliRunner
 import mmpress
 import mmpress.cli
 import mmpress.eval.tune as tune_module
+import mmpress.presses.spec
 from mmpress.cli import app
 from mmpress.eval.tune import Probe, Search, TuneError, Tuning, bisect, decided, interval, tune
 from mmpress.presses.compose import AtLayerPress
+from mmpress.presses.spec import load_settings
 from conftest import samples, tiny_llava, tiny_processor
 
 runner = CliRunner()
+#: the closing record of the README's run (mmpress tune --press divprune --target-agreement 0.95 --data easy-vqa
+#: --limit 40 on the demo)
+TUNED_DEMO = Path(__file__).parents[1] / "benchmarks" / "results" / "tune-divprune-demo.json"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -174,6 +180,11 @@ def test_tune_on_a_model_finds_the_budget_and_stops_failing_probes_early(tiny, m
     assert chosen["press"] == "divprune:23" and chosen["interval"] == [1.0, 1.0] and 0 < chosen["flops_ratio"] < 1
 
 
+def test_positions_reach_the_adapter(tiny):
+    with pytest.raises(ValueError, match="positions"):  # the adapter, not tune, refuses it: it was passed on
+        tune(*tiny, "divprune", samples(2), 0.5, positions="shift", batch_size=2, max_new_tokens=1)
+
+
 def test_in_llm_budgets_are_searched_per_layer(monkeypatch):
     from transformers import LlavaForConditionalGeneration
 
@@ -237,9 +248,17 @@ def test_interrupted_tune_keeps_the_partial_record(files, tmp_path, monkeypatch)
         return synthetic(model, processor, inputs, press, max_new_tokens)
 
     monkeypatch.setattr(tune_module, "_answer", interrupt_third_probe)
+    written, save = [], mmpress.presses.spec.save_press
+
+    def recording(path, press, **extra):
+        written.append(len(extra["tune"]["searches"]["None"]["probes"]))
+        return save(path, press, **extra)
+
+    monkeypatch.setattr(mmpress.presses.spec, "save_press", recording)
     out = tmp_path / "tuned.json"
     result = _tune(files, out, "--target-agreement", "0.8")
     assert result.exit_code == 130, result.output
+    assert written == [0, 1, 2, 2]  # after the reference, after each probe (a killed run keeps them), at the end
     assert "Traceback" not in result.output and "partial" in result.stderr
     saved = json.loads(out.read_text())
     probes = saved["tune"]["searches"]["None"]["probes"]
@@ -247,6 +266,36 @@ def test_interrupted_tune_keeps_the_partial_record(files, tmp_path, monkeypatch)
     assert [(p["keep"], p["passed"]) for p in probes] == [(32, True), (16, True)]  # what was measured, kept
     assert saved["press"] == "divprune:16" and mmpress.load_press(out) == mmpress.get_press("divprune", keep=16)
     assert saved["tune"]["results"][0]["bracket"] == [0, 16] and not saved["tune"]["results"][0]["done"]
+
+
+def test_tune_writes_positions_and_the_file_loads(files, tmp_path):
+    out = tmp_path / "tuned.json"
+    result = _tune(files, out, "--positions", "keep", "--tolerance", "32", "--target-agreement", "0.5")
+    assert result.exit_code == 0, result.output
+    settings = load_settings(out)
+    chosen = settings["tune"]["chosen"]
+    assert settings["positions"] == "keep" and settings["partial"] is False and settings["press"] == chosen["press"]
+    assert mmpress.load_press(out) == mmpress.get_press("divprune", keep=chosen["keep"])
+    assert f"press={chosen['press']},positions=keep" in result.stdout
+    assert [p["keep"] for p in settings["tune"]["searches"]["None"]["probes"]] == [32]
+
+
+def test_tune_table_fits_80_columns():
+    import io
+
+    from rich.console import Console
+
+    record = json.loads(TUNED_DEMO.read_text())["tune"]
+    record["results"].append(dict(record["results"][0], press="divprune:250@12", layer=12, done=False,
+                                  bracket=[0, 250], flops_ratio=0.99))
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(mmpress.cli._tune_table(record))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80
+    text = " ".join(" ".join(lines).split())  # the caption may wrap
+    for cell in ("divprune:250 ", "250/256", "[1.000, 1.000]", "0.98", "95% one-sided", "1000 resamples",
+                 "chosen: divprune:250 (fewest", "bracket (0, 250] open", "40 questions"):
+        assert cell in text, cell
 
 
 def test_interrupted_before_the_reference_writes_nothing(files, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Command line: ``mmpress list | run | bench | bench-cost``.
+"""Command line: ``mmpress list | run | bench | bench-cost | tune``.
 
 A user's mistake (an unknown press, a bad budget, a missing file, a malformed dataset) is one red
 line on stderr and exit code 2, found before any model loads; ``mmpress --debug ...`` shows the
@@ -470,19 +470,24 @@ def _layers(text: Optional[str]) -> list[int] | None:
 
 
 def _tune_table(record: dict) -> Table:
-    metric, test = record["target"]["metric"], record["test"]
-    table = Table(title=f"mmpress tune: smallest budget with {metric} lower bound >= {record['target']['value']} "
-                        f"({test['level']:.0%} one-sided, {test['resamples']} resamples)"
-                        + (" [partial: interrupted]" if record["partial"] else ""))
-    for col in ("setting", "keep", metric, "interval", "FLOPs", "probes", ""):
+    """One row per layer searched (one for a pre-LLM press), in 80 columns; the caption says the
+    test, which row was chosen, and any bracket an interruption left open."""
+    metric, test, chosen = record["target"]["metric"], record["test"], record["chosen"] or {}
+    notes = [f"{test['level']:.0%} one-sided bootstrap lower bound, {test['resamples']} resamples, "
+             f"{record['n']} questions"]
+    if len(record["results"]) > 1:
+        notes.append(f"chosen: {chosen.get('press')} (fewest prefill FLOPs)")
+    notes += [f"{row['press']}: interrupted, bracket ({row['bracket'][0]}, {row['bracket'][1]}] open"
+              for row in record["results"] if not row["done"]]
+    table = Table(title=f"smallest budget with {metric} lower bound >= {record['target']['value']}"
+                        + (" (partial)" if record["partial"] else ""), caption="; ".join(notes))
+    for col in ("setting", "keep", metric, "interval", "FLOPs", "probes"):
         table.add_column(col, overflow="fold")
-    chosen = record["chosen"] or {}
     for row in record["results"]:
         low, high = row["interval"]
         table.add_row(row["press"], f"{row['keep']}/{record['visual_tokens']}", f"{row['value']:.3f}",
                       f"[{low:.3f}, {high:.3f}]", "-" if row["flops_ratio"] is None else f"{row['flops_ratio']:.2f}",
-                      str(row["probes"]), ("chosen" if row["press"] == chosen.get("press") else "")
-                      + ("" if row["done"] else f" bracket ({row['bracket'][0]}, {row['bracket'][1]}]"))
+                      str(row["probes"]), style="bold" if row["press"] == chosen.get("press") else None)
     return table
 
 
@@ -568,18 +573,24 @@ def tune(
 
     vlm, processor = _load(model)
     state = Tuning(press, metric, target, layers or [None])
+
+    def write(tuning: Tuning) -> dict:  # after every probe too: a killed run leaves what it measured
+        record = tuning.as_record()
+        if record["chosen"] is not None:
+            save_press(out, record["chosen"]["press"], positions=positions, partial=record["partial"], tune=record)
+        return record
+
     try:
         run_tune(vlm, processor, press, samples, target, metric=metric, layers=layers, tolerance=tolerance,
                  batch_size=batch_size, max_new_tokens=max_new_tokens, positions=positions, resamples=resamples,
-                 level=level, seed=seed, console=console, state=state)
+                 level=level, seed=seed, console=console, state=state, on_update=write)
     except KeyboardInterrupt:
         if not state.searches:
             err_console.print("interrupted before the unpressed answers finished: nothing written", style="yellow")
             raise typer.Exit(130) from None
-    record = state.as_record()
+    record = write(state)
     chosen = record["chosen"]
     console.print(_tune_table(record))
-    save_press(out, chosen["press"], positions=positions, partial=record["partial"], tune=record)
     low, high = chosen["interval"]
     console.print(f"budget {'so far' if record['partial'] else 'found'}: {chosen['press']} ({chosen['keep']} of "
                   f"{record['visual_tokens']} visual tokens per image); {metric} {chosen['value']:.3f}, interval "

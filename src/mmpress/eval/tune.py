@@ -10,7 +10,8 @@ set, with a statistical guarantee rather than a point estimate:
   ``resamples`` seeded resamples of the questions (:func:`interval`; 95% one-sided, 1000
   resamples by default). A budget whose point estimate clears the target by luck of which
   questions were drawn does not pass.
-* **The search.** Budgets are the integers 1..N (N: the visual tokens an image has). Keeping all
+* **The search.** Budgets are the integers 1..N (N: the visual tokens an image has; where images
+  differ, the most per image the adapter counted in one batch of the unpressed pass). Keeping all
   N is the unpressed model (a press whose budget is not below the count leaves the forward
   untouched), so N passes an agreement target by construction, and an accuracy target exactly
   when the unpressed model's accuracy passes it. The search bisects the bracket (lo, hi], lo the
@@ -301,6 +302,7 @@ def tune(model, processor, press: str, data: list[dict], target: float, metric: 
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     Search(1, tolerance)  # checks the tolerance
+    interval([True], resamples, level, seed)  # checks the level and resamples
     if metric == "accuracy":
         if not any(is_labelled(s) for s in data):
             raise ValueError("--target-accuracy needs labelled data (an 'answer' per question); this data has none: "
