@@ -137,6 +137,17 @@ def test_a_failing_budget_is_decided_before_its_last_question():
     assert decided([True] * 20, 20, 0.95) is True
 
 
+def test_a_search_with_no_pass_yet_stands_at_the_unpressed_model():
+    state = Tuning("divprune", "agreement", 0.9, [None], visual_tokens=64, searches={None: Search(64)})
+    row = state.as_record()["chosen"]
+    assert (row["press"], row["value"], row["interval"], row["flops_ratio"]) == ("divprune:64", 1.0, [1.0, 1.0], 1.0)
+    state.searches[None].add(Probe(32, False, 0.5, 0.3, 0.7, 4, 8, flops_ratio=0.6))
+    assert state.as_record()["chosen"]["bracket"] == [32, 64]
+    state = Tuning("divprune", "accuracy", 0.5, [None], visual_tokens=64, searches={None: Search(64)},
+                   reference_value=0.8, reference_interval=(0.7, 0.9))
+    assert state.as_record()["chosen"]["interval"] == [0.7, 0.9]
+
+
 # ---- the search on a model: synthetic agreement through the real generation ----------------------
 def _synthetic(monkeypatch, smallest: dict, log: list):
     """Answers: the real model's (so every press runs), then replaced: a pressed answer agrees

@@ -229,20 +229,21 @@ class Tuning:
         return press_spec(press_at(self.press, keep, layer))
 
     def results(self) -> list[dict]:
-        """Per layer searched: the budget found (so far), its spec and figures, the bracket."""
+        """Per layer searched: the budget found (so far), its spec and figures, the bracket. A search
+        with no passing probe stands at N, the unpressed model: its figures are the reference's."""
         rows = []
         for layer, search in self.searches.items():
             best = search.best()
-            rows.append({
-                "layer": layer, "keep": search.hi, "press": self.spec(layer, search.hi), "bracket": [search.lo, search.hi],
-                "done": search.done, "probes": len(search.probes),
-                "value": 1.0 if best is None and self.metric == "agreement" else
-                (self.reference_value if best is None else best.value),
-                "interval": ([1.0, 1.0] if self.metric == "agreement" else self.reference_interval) if best is None
-                else [best.lower, best.upper],
-                "kept_tokens": None if best is None else best.kept_tokens,
-                "flops_ratio": 1.0 if best is None else best.flops_ratio,
-            })
+            if best is not None:
+                value, bounds, kept, flops = best.value, [best.lower, best.upper], best.kept_tokens, best.flops_ratio
+            elif self.metric == "agreement":
+                value, bounds, kept, flops = 1.0, [1.0, 1.0], self.visual_tokens, 1.0
+            else:
+                value, bounds = self.reference_value, list(self.reference_interval)
+                kept, flops = self.visual_tokens, 1.0
+            rows.append({"layer": layer, "keep": search.hi, "press": self.spec(layer, search.hi),
+                         "bracket": [search.lo, search.hi], "done": search.done, "probes": len(search.probes),
+                         "value": value, "interval": bounds, "kept_tokens": kept, "flops_ratio": flops})
         return rows
 
     def chosen(self) -> dict | None:
