@@ -108,9 +108,12 @@ def test_press_of_reads_spec_and_fields():
 
 
 def test_check_press_refuses_what_vllm_cannot_run():
-    signals = frozenset({"grid"})
-    for spec in ("divprune:8", "tome:8", "random:8", "uniform:8", "pool:0.25"):
+    from mmpress.vllm.core import BASE_SIGNALS as signals
+
+    for spec in ("divprune:8", "tome:8", "random:8", "uniform:8", "pool:0.25", "dart:8", "cdpruner:8"):
         check_press(parse_press(spec), "LLaVA", signals)
+    with pytest.raises(ValueError, match="vision_features"):
+        check_press(parse_press("mmtok:8"), "LLaVA", signals)
     with pytest.raises(ValueError, match="in_llm press"):
         check_press(parse_press("fastv:8@2"), "LLaVA", signals)
     with pytest.raises(ValueError, match="kv press"):
@@ -193,7 +196,7 @@ def test_qwen_positions_match_transformers():
 
 
 # ---- LLaVA-1.5 end to end ------------------------------------------------------------------------
-LLAVA_SPEC = "divprune:16"
+LLAVA_SPEC = "dart:16"  # text-guided: the prompt's text and the tokens' sequence indices reach the press
 
 
 def llava_expand(ids, imgs, processor):
@@ -219,7 +222,7 @@ def llava(tmp_path_factory):
     from mmpress.vllm.testing import save_tiny
 
     folder = save_tiny("llava", tmp_path_factory.mktemp("llava"))
-    llm = engine(folder, LLAVA_SPEC)
+    llm = engine(folder, LLAVA_SPEC, mm_processor_cache_gb=0)
     yield folder, llm
     del llm
 
@@ -248,7 +251,7 @@ def test_llava_tensor_parallel_2_same_tokens(llava):
     old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # vLLM's automatic binding wants a NUMA node per rank
     try:
-        llm = engine(folder, LLAVA_SPEC, tensor_parallel_size=2)
+        llm = engine(folder, LLAVA_SPEC, tensor_parallel_size=2, mm_processor_cache_gb=0)
         got = vllm_tokens(llm, LLAVA_REQUESTS)
         del llm
     finally:
@@ -257,6 +260,25 @@ def test_llava_tensor_parallel_2_same_tokens(llava):
         else:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
     same(got, transformers_tokens(folder, LLAVA_SPEC, LLAVA_REQUESTS, llava_expand))
+
+
+def test_refused_at_startup(llava):
+    """A press the plugin cannot run raises the ValueError itself when the engine is built."""
+    folder, _ = llava
+    with pytest.raises(ValueError, match="in_llm press"):
+        engine(folder, "fastv:8@2")
+    with pytest.raises(ValueError, match="mm_processor_cache_gb=0"):
+        engine(folder, "cdpruner:8")
+
+
+def test_llava_same_image_other_prompt_is_pressed_again(llava):
+    """A text-guided press's selection depends on the prompt: vLLM's encoder cache, keyed by the
+    image, must not serve one prompt's pressing to another (the plugin salts the item's hash)."""
+    folder, llm = llava
+    img = image(0, 32)
+    requests = [([11, 12, 13, 3, 20, 21, 22], [img]), ([11, 3, 40, 41, 42, 43, 44, 45, 46], [img])]
+    got = [vllm_tokens(llm, [r])[0] for r in requests]  # one after the other: the second may hit the cache
+    same(got, transformers_tokens(folder, LLAVA_SPEC, requests, llava_expand))
 
 
 def test_llava_prompt_holds_the_budget(llava):

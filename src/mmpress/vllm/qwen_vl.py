@@ -27,22 +27,30 @@ from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder,
                                                    Qwen2_5_VLMultiModalProcessor, Qwen2_5_VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from mmpress.vllm.core import BASE_SIGNALS, ItemShape, check_press, press_items, press_of, pressed_updates
+from mmpress.vllm.core import (BASE_SIGNALS, ItemShape, PressedProcessor, attach_text, check_press, check_text_cache,
+                               press_items, press_of, text_of)
 
 #: channels appended to a pressed image's embeddings: the kept token's (t, h, w) offsets
 _OFFSETS = 3
 
 
-class PressedQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
+class PressedQwen2_5_VLProcessor(PressedProcessor, Qwen2_5_VLMultiModalProcessor):
     """vLLM's Qwen2.5-VL processor writing each image's pressed placeholder count."""
 
+    family = "Qwen2.5-VL"
+
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        press = press_of(self.info.get_hf_config())
-        if press is not None and mm_items.get_count("video", strict=False):
+        if press_of(self.info.get_hf_config()) is not None and mm_items.get_count("video", strict=False):
             raise ValueError("mmpress/vLLM presses Qwen2.5-VL's images, not its videos yet: send images, or serve "
                              "this model without the 'mmpress' hf_override for video requests")
-        return [u for u in pressed_updates(updates, press)]
+        return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+
+    def apply(self, inputs, timing_ctx):
+        out = super().apply(inputs, timing_ctx)
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        counts = {"image": [int(item["image_grid_thw"].data.prod()) // merge**2
+                            for item in out["mm_kwargs"].get("image", ()) if item is not None]}
+        return attach_text(out, press_of(self.info.get_hf_config()), counts)
 
 
 def with_offsets(x: torch.Tensor, index: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -68,6 +76,7 @@ class PressedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         self.mmpress = press_of(self.config)
         if self.mmpress is not None:
             check_press(self.mmpress, "Qwen2.5-VL", self.signals)
+            check_text_cache(self.mmpress, vllm_config.model_config)
             if self.is_multimodal_pruning_enabled:
                 raise ValueError("mmpress/vLLM: a press and vLLM's own video pruning (video_pruning_rate) cannot "
                                  "run together; drop one")
@@ -84,7 +93,8 @@ class PressedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         merge = self.config.vision_config.spatial_merge_size
         grids = [(t, h // merge, w // merge) for t, h, w in kwargs["image_grid_thw"].tolist()]
         shapes = [ItemShape(t * h * w, (t, h, w)) for t, h, w in grids]
-        kept, indices = press_items(self.mmpress, embeddings, shapes)
+        text = text_of(kwargs, self.language_model.embed_input_ids, len(embeddings))
+        kept, indices = press_items(self.mmpress, embeddings, shapes, text)
         return tuple(with_offsets(x, index, grid) for x, index, grid in zip(kept, indices, grids))
 
     # ---- positions --------------------------------------------------------------------------------
