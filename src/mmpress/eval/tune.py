@@ -315,7 +315,7 @@ def tune(model, processor, press: str, data: list[dict], target: float, metric: 
 
     start = time.perf_counter()
     state = state or Tuning(press, metric, float(target), layers)
-    state.n = len(data)
+    state.press, state.metric, state.target, state.layers, state.n = press, metric, float(target), layers, len(data)
     state.settings = dict(tolerance=tolerance, batch_size=batch_size, max_new_tokens=max_new_tokens,
                           positions=positions, resamples=resamples, level=level, seed=seed, hint=hint)
     torch.manual_seed(seed)
@@ -369,8 +369,7 @@ def tune(model, processor, press: str, data: list[dict], target: float, metric: 
         update()
 
         def measure(layer, keep: int) -> Probe:
-            label = f"{state.spec(layer, keep)}"
-            progress.update(task, description=f"probing {label}", completed=0, total=len(batches))
+            progress.update(task, description=f"probing {state.spec(layer, keep)}", completed=0, total=len(batches))
             begun, marks, kept, images, used, base = time.perf_counter(), [], 0, 0, 0.0, 0.0
             pressor = adapt(press_at(press, keep, layer))
             verdict = None
