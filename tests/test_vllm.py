@@ -138,7 +138,8 @@ class _nothing:
         return False
 
 
-def test_qwen_positions_match_transformers():
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen2_vl"])
+def test_qwen_positions_match_transformers(model_type):
     """The ids vLLM gives a pressed Qwen2.5-VL prompt (request time, then after the encoder, in one
     step and in chunks that split an image) are the transformers path's: the unpressed prompt's
     M-RoPE ids (transformers' get_rope_index) at the kept columns, and decoding continuing after
@@ -146,9 +147,9 @@ def test_qwen_positions_match_transformers():
     from types import SimpleNamespace
 
     from mmpress.registry import FAMILIES
-    from mmpress.vllm.qwen_vl import PressedQwen2_5_VL, with_offsets
+    from mmpress.vllm.qwen_vl import PressedQwen2_5_VL, PressedQwen2_VL, with_offsets
 
-    model = FAMILIES["qwen_vl"].build("tiny")
+    model = FAMILIES["qwen_vl"].build("tiny", model_type=model_type)
     config = model.config
     grids = [(1, 8, 8), (1, 12, 16)]  # patches; tokens: 4 x 4 and 6 x 8
     keep = [5, 11]
@@ -171,7 +172,8 @@ def test_qwen_positions_match_transformers():
     want = want[:, 0, keep_cols]
     want_delta = int(want.max()) + 1 - len(pressed)
 
-    vllm_model = PressedQwen2_5_VL.__new__(PressedQwen2_5_VL)  # its position methods only: no weights
+    cls = PressedQwen2_5_VL if model_type == "qwen2_5_vl" else PressedQwen2_VL
+    vllm_model = cls.__new__(cls)  # its position methods only: no weights
     for name, value in (("config", config), ("mmpress", parse_press("divprune:4"))):
         object.__setattr__(vllm_model, name, value)
     offsets, features, at = [], [], 0
@@ -322,11 +324,11 @@ QWEN_REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def qwen(request, tmp_path_factory):
     from mmpress.vllm.testing import save_tiny
 
-    folder = save_tiny("qwen2_5_vl", tmp_path_factory.mktemp("qwen"))
+    folder = save_tiny(request.param, tmp_path_factory.mktemp(request.param))
     llm = engine(folder, QWEN_SPEC)
     yield folder, llm
     del llm

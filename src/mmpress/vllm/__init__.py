@@ -26,6 +26,7 @@ SUPPORTED = ">=0.32,<0.35"
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "mmpress.vllm.llava:PressedLlava",
     "Qwen2_5_VLForConditionalGeneration": "mmpress.vllm.qwen_vl:PressedQwen2_5_VL",
+    "Qwen2VLForConditionalGeneration": "mmpress.vllm.qwen_vl:PressedQwen2_VL",
 }
 
 

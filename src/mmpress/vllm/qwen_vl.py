@@ -1,4 +1,5 @@
-"""Qwen2.5-VL (vLLM's ``Qwen2_5_VLForConditionalGeneration``) pressed by mmpress.
+"""Qwen2.5-VL and Qwen2-VL (vLLM's ``Qwen2_5_VLForConditionalGeneration``,
+``Qwen2VLForConditionalGeneration``) pressed by mmpress.
 
 Each image's merged tokens (raster order over its (t, h, w) grid after the 2x2 merge) are pressed
 by the press, as mmpress's transformers Qwen-VL adapter presses them. The processor writes
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder, Qwen2_5_VLForConditionalGeneration,
                                                    Qwen2_5_VLMultiModalProcessor, Qwen2_5_VLProcessingInfo)
+from vllm.model_executor.models.qwen2_vl import (Qwen2VLDummyInputsBuilder, Qwen2VLForConditionalGeneration,
+                                                 Qwen2VLMultiModalProcessor, Qwen2VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from mmpress.vllm.core import (BASE_SIGNALS, ItemShape, PressedProcessor, attach_text, check_press, check_text_cache,
@@ -34,14 +37,12 @@ from mmpress.vllm.core import (BASE_SIGNALS, ItemShape, PressedProcessor, attach
 _OFFSETS = 3
 
 
-class PressedQwen2_5_VLProcessor(PressedProcessor, Qwen2_5_VLMultiModalProcessor):
-    """vLLM's Qwen2.5-VL processor writing each image's pressed placeholder count."""
-
-    family = "Qwen2.5-VL"
+class _QwenProcessor(PressedProcessor):
+    """A Qwen-VL processor writing each image's pressed placeholder count."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         if press_of(self.info.get_hf_config()) is not None and mm_items.get_count("video", strict=False):
-            raise ValueError("mmpress/vLLM presses Qwen2.5-VL's images, not its videos yet: send images, or serve "
+            raise ValueError(f"mmpress/vLLM presses {self.family}'s images, not its videos yet: send images, or serve "
                              "this model without the 'mmpress' hf_override for video requests")
         return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
 
@@ -63,21 +64,20 @@ def with_offsets(x: torch.Tensor, index: torch.Tensor, grid: tuple[int, int, int
     return torch.cat([x, offsets.to(x.dtype)], dim=1)
 
 
-@MULTIMODAL_REGISTRY.register_processor(PressedQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo,
-                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
-class PressedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
-    """vLLM's Qwen2.5-VL with ``hf_overrides={"mmpress": ...}`` pressing every image's
+class _PressedQwen:
+    """A vLLM Qwen-VL model with ``hf_overrides={"mmpress": ...}`` pressing every image's
     embeddings; vLLM's own model when the key is absent."""
 
     signals = BASE_SIGNALS
+    family = ""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.mmpress = press_of(self.config)
         if self.mmpress is not None:
-            check_press(self.mmpress, "Qwen2.5-VL", self.signals)
+            check_press(self.mmpress, self.family, self.signals)
             check_text_cache(self.mmpress, vllm_config.model_config)
-            if self.is_multimodal_pruning_enabled:
+            if getattr(self, "is_multimodal_pruning_enabled", False):
                 raise ValueError("mmpress/vLLM: a press and vLLM's own video pruning (video_pruning_rate) cannot "
                                  "run together; drop one")
         # the runner calls recompute_mrope_positions only when this is set (core.enable_position_recompute)
@@ -89,7 +89,7 @@ class PressedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         if self.mmpress is None or len(embeddings) == 0:
             return embeddings
         if kwargs.get("pixel_values_videos") is not None or kwargs.get("video_embeds") is not None:
-            raise ValueError("mmpress/vLLM presses Qwen2.5-VL's images, not its videos")
+            raise ValueError(f"mmpress/vLLM presses {self.family}'s images, not its videos")
         merge = self.config.vision_config.spatial_merge_size
         grids = [(t, h // merge, w // merge) for t, h, w in kwargs["image_grid_thw"].tolist()]
         shapes = [ItemShape(t * h * w, (t, h, w)) for t, h, w in grids]
@@ -148,3 +148,23 @@ class PressedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         offsets = torch.cat([x[:, -_OFFSETS:] for x in multimodal_embeddings]).round().long().T
         positions[:, targets] = (base + offsets.to(positions.device)).to(positions.dtype)
         return stripped, positions, delta
+
+
+class PressedQwen2_5_VLProcessor(_QwenProcessor, Qwen2_5_VLMultiModalProcessor):
+    family = "Qwen2.5-VL"
+
+
+@MULTIMODAL_REGISTRY.register_processor(PressedQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo,
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class PressedQwen2_5_VL(_PressedQwen, Qwen2_5_VLForConditionalGeneration):
+    family = "Qwen2.5-VL"
+
+
+class PressedQwen2VLProcessor(_QwenProcessor, Qwen2VLMultiModalProcessor):
+    family = "Qwen2-VL"
+
+
+@MULTIMODAL_REGISTRY.register_processor(PressedQwen2VLProcessor, info=Qwen2VLProcessingInfo,
+                                        dummy_inputs=Qwen2VLDummyInputsBuilder)
+class PressedQwen2_VL(_PressedQwen, Qwen2VLForConditionalGeneration):
+    family = "Qwen2-VL"

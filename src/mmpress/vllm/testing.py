@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 #: the tiny models' special tokens, at the ids the families' random configs use
-_SPECIAL = {"llava": {"<image>": 3}, "qwen2_5_vl": {"<|image_pad|>": 3, "<|video_pad|>": 4,
-                                                   "<|vision_start|>": 5, "<|vision_end|>": 6}}
+_QWEN = {"<|image_pad|>": 3, "<|video_pad|>": 4, "<|vision_start|>": 5, "<|vision_end|>": 6}
+_SPECIAL = {"llava": {"<image>": 3}, "qwen2_5_vl": _QWEN, "qwen2_vl": _QWEN}
 
 
 def tokenizer(vocab: int, special: dict[str, int]):
@@ -39,7 +39,10 @@ def save_tiny(family: str, folder: str | Path, seed: int = 0, size: str = "tiny"
     folder = Path(folder)
     if size == "tiny":  # vLLM's CPU attention kernels take head sizes of 32 and up (the tiny LM's is 12)
         overrides = {"lm_hidden": 64, "lm_heads": 2, "lm_kv_heads": 1, "lm_intermediate": 128, **overrides}
-    model = FAMILIES["qwen_vl" if family == "qwen2_5_vl" else family].build(size, seed=seed, **overrides).to(torch.float32)
+    if family in ("qwen2_5_vl", "qwen2_vl"):
+        overrides = {"model_type": family, **overrides}
+    model = FAMILIES["qwen_vl" if family in ("qwen2_5_vl", "qwen2_vl") else family].build(
+        size, seed=seed, **overrides).to(torch.float32)
     config = model.config
     vocab = config.text_config.vocab_size
     tok = tokenizer(vocab, _SPECIAL[family])
@@ -52,8 +55,8 @@ def save_tiny(family: str, folder: str | Path, seed: int = 0, size: str = "tiny"
         processor = LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=vision.patch_size,
                                    vision_feature_select_strategy=config.vision_feature_select_strategy,
                                    image_token="<image>", num_additional_image_tokens=1)
-    elif family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    elif family in ("qwen2_5_vl", "qwen2_vl"):
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
         vision = config.vision_config
         unit = vision.patch_size * vision.spatial_merge_size
@@ -62,9 +65,10 @@ def save_tiny(family: str, folder: str | Path, seed: int = 0, size: str = "tiny"
                                       min_pixels=unit * unit, max_pixels=unit * unit * 4096)
         video = Qwen2VLVideoProcessor(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                                       temporal_patch_size=vision.temporal_patch_size)
-        processor = Qwen2_5_VLProcessor(image_processor=image, tokenizer=tok, video_processor=video)
+        kind = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor
+        processor = kind(image_processor=image, tokenizer=tok, video_processor=video)
     else:
-        raise ValueError(f"no tiny vLLM checkpoint for {family!r}: choose 'llava' or 'qwen2_5_vl'")
+        raise ValueError(f"no tiny vLLM checkpoint for {family!r}: choose 'llava', 'qwen2_5_vl' or 'qwen2_vl'")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     if family == "llava":
