@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -97,3 +99,16 @@ def samples(n: int = 6) -> list[dict]:
         kind = ("exist", "color")[i % 2]
         out.append(dict(image=Image.fromarray(pixels), question=question, answer=answer, kind=kind))
     return out
+
+
+def save_tiny_set(root, n: int) -> list[dict]:
+    """The tiny model and processor saved to ``root/tiny``, and ``n`` samples as ``root/set.jsonl``
+    beside their images (``{i}.png``); returns the JSONL records."""
+    tiny_llava().save_pretrained(root / "tiny")
+    tiny_processor().save_pretrained(root / "tiny")
+    records = []
+    for i, sample in enumerate(samples(n)):
+        sample["image"].save(root / f"{i}.png")
+        records.append({"image": f"{i}.png", "question": sample["question"], "answer": sample["answer"]})
+    (root / "set.jsonl").write_text("\n".join(map(json.dumps, records)))
+    return records

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mmpress.eval.bench import _Cell, merge_parts, pool_timings, shard
-from conftest import samples, tiny_llava, tiny_processor
+from conftest import save_tiny_set
 
 
 @pytest.mark.parametrize("n,world", [(7, 2), (8, 2), (5, 3), (1, 2), (0, 2), (9, 4)])
@@ -93,13 +93,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("shard")
-    tiny_llava().save_pretrained(root / "tiny")
-    tiny_processor().save_pretrained(root / "tiny")
-    records = []
-    for i, sample in enumerate(samples(5)):
-        sample["image"].save(root / f"{i}.png")
-        records.append({"image": f"{i}.png", "question": sample["question"], "answer": sample["answer"]})
-    (root / "set.jsonl").write_text("\n".join(map(json.dumps, records)))
+    save_tiny_set(root, 5)
     return root
 
 

@@ -19,7 +19,7 @@ import mmpress.eval.bench
 from mmpress.cli import BENCH_GRIDS, COST_GRIDS, app
 from mmpress.eval.report import prefill_table, print_table
 from mmpress.presses.base import PRESSES
-from conftest import samples, tiny_llava, tiny_processor
+from conftest import save_tiny_set
 
 runner = CliRunner()  # click >= 8.2 keeps stderr (weight-loading bars) out of result.stdout
 
@@ -31,13 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 def files(tmp_path_factory):
     """The tiny model saved to a folder, an image, and a 4-sample JSONL data set beside its images."""
     root = tmp_path_factory.mktemp("cli")
-    tiny_llava().save_pretrained(root / "tiny")
-    tiny_processor().save_pretrained(root / "tiny")
-    records = []
-    for i, sample in enumerate(samples(4)):
-        sample["image"].save(root / f"{i}.png")
-        records.append({"image": f"{i}.png", "question": sample["question"], "answer": sample["answer"]})
-    (root / "set.jsonl").write_text("\n".join(map(json.dumps, records)))
+    save_tiny_set(root, 4)
     (root / "not-an-image.png").write_text("plain text")
     return root
 

@@ -23,7 +23,7 @@ from mmpress.cli import app
 from mmpress.eval.tune import Probe, Search, TuneError, Tuning, bisect, decided, interval, tune
 from mmpress.presses.compose import AtLayerPress
 from mmpress.presses.spec import load_settings
-from conftest import samples, tiny_llava, tiny_processor
+from conftest import samples, save_tiny_set, tiny_llava, tiny_processor
 
 runner = CliRunner()
 #: the closing record of the README's run (mmpress tune --press divprune --target-agreement 0.95 --data easy-vqa
@@ -230,13 +230,7 @@ def test_accuracy_target_uses_the_labels(tiny):
 def files(tmp_path_factory):
     """The tiny model in a folder and a 6-question JSONL set beside its images."""
     root = tmp_path_factory.mktemp("tune")
-    tiny_llava().save_pretrained(root / "tiny")
-    tiny_processor().save_pretrained(root / "tiny")
-    records = []
-    for i, sample in enumerate(samples(6)):
-        sample["image"].save(root / f"{i}.png")
-        records.append({"image": f"{i}.png", "question": sample["question"], "answer": sample["answer"]})
-    (root / "set.jsonl").write_text("\n".join(map(json.dumps, records)))
+    records = save_tiny_set(root, 6)
     (root / "unlabelled.jsonl").write_text("\n".join(json.dumps({**r, "answer": ""}) for r in records))
     return root
 
