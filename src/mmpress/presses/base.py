@@ -32,7 +32,7 @@ from mmpress.registry import get_adapter
 
 #: signals a press may declare in ``needs``; adapters compute only the declared ones
 SIGNALS = ("grid", "cls_attn", "vision_keys", "cls_attn_concat", "vision_keys_concat", "vision_features", "text",
-           "llm_attn", "llm_keys", "llm_normed", "visual_inputs")
+           "llm_attn", "llm_keys", "llm_normed", "visual_inputs", "audio_features", "audio_energy")
 #: where a press acts, in the order a forward meets them (a composition follows this order)
 STAGES = ("pre_llm", "in_llm", "kv")
 
@@ -89,6 +89,11 @@ class VisualContext:
                   language model's final norm (DART's duplication space); ``llm_text_normed`` the text's.
     visual_inputs: (M, N0, D) in-LLM: the input embeddings of every visual token of the image as
                   it entered the language model (before any in-LLM stage dropped some).
+
+    Audio signals (``kind == "audio"``; N tokens in time order, the audio encoder's output frames):
+    audio_features: (M, N, d_audio) the audio encoder's output per token, as the projector receives it.
+    audio_energy: (M, N) the mean log-mel energy of the input frames each token covers (silence is
+                  low), from the feature extractor's input features.
     """
 
     grid: tuple[int, int] | None = None
@@ -114,6 +119,8 @@ class VisualContext:
     llm_normed: Tensor | None = None
     llm_text_normed: Tensor | None = None
     visual_inputs: Tensor | None = None
+    audio_features: Tensor | None = None
+    audio_energy: Tensor | None = None
 
     def require(self, name: str) -> Tensor | tuple[int, int]:
         value = getattr(self, name)
