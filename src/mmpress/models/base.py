@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from mmpress.flops import PrefillFlops
 from mmpress.models.protocol import CACHE_NAMES, cache_length, protocol
 from mmpress.models.layout import input_layout
-from mmpress.models.stages import KVStage, LayerStage, Prefill, PreStage, Stats, _Prefill
+from mmpress.models.stages import KeepSelected, KVStage, LayerStage, Prefill, PreStage, Stats, VisionStage, _Prefill
 from mmpress.presses.base import STAGES, Press, VisualContext
 from mmpress.registry import family  # noqa: F401  (family files: ``from mmpress.models.base import family``)
 
@@ -59,7 +59,7 @@ STALE = ("this KV cache was pressed by mmpress: it holds only the kept tokens, s
          "`with press(model):` block that made it (without that press's hooks the model reads it as the whole "
          "prompt and answers wrongly). Re-enter the same press on the same model with the cache "
          "(`with press(model): model.generate(..., past_key_values=cache)`), or re-run the conversation without it")
-STAGE_CLASSES = {"pre_llm": PreStage, "in_llm": LayerStage, "kv": KVStage}  # stage -> its class, in order
+STAGE_CLASSES = {"in_vision": VisionStage, "pre_llm": PreStage, "in_llm": LayerStage, "kv": KVStage}  # in order
 _PRESSED_MODELS: weakref.WeakSet = weakref.WeakSet()  # models a press is applied to right now
 # Pressed KV caches outlive the `with` block that made them (generate returns them). Each is
 # recorded here with what continuing it needs, weakly (a cache dropped by the user is forgotten);
@@ -245,6 +245,8 @@ class Adapter:
     #: the VLM's attribute holding its language model (SmolVLM / Idefics3: "text_model")
     language_model_attr: ClassVar[str] = "language_model"
     position_modes: ClassVar[tuple[str, ...]] = ("keep", "reindex")
+    #: how its vision tower runs an in-vision press (``VisionPress.mode``: "merge", "drop", "resize")
+    vision_modes: ClassVar[frozenset] = frozenset()
     #: generate(whole conversation, past_key_values=pressed cache) continues it (see _continue_generate)
     continues_generate: ClassVar[bool] = True
     #: how a later turn continues a pressed cache (error messages)
@@ -297,6 +299,12 @@ class Adapter:
     def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
         """Put the vision signals of ``items`` (one group of equal shape) into ``ctx``."""
 
+    def vision_hooks(self, press: Press, stage) -> list:
+        """Hooks running the in-vision ``press`` in the tower, reporting to ``stage``
+        (:class:`~mmpress.models.stages.VisionStage`): its ``new_call()`` per tower call, ``record``
+        per encoded item, ``count_blocks``. The features must still fill every placeholder."""
+        raise ValueError(f"the {self.family} adapter runs no press inside its vision tower: pick a pre_llm press")
+
     def press_extras(self, kwargs: dict, keep: Tensor, visual: Tensor, src: Tensor, new_mask: Tensor,
                      kept_visual: int) -> dict:
         """Press what else the language model receives per visual token (e.g. Qwen3-VL's DeepStack
@@ -309,7 +317,10 @@ class Adapter:
 
     @classmethod
     def runs(cls, press: type[Press] | Press) -> bool:
-        """Whether this family provides every signal ``press`` needs (``mmpress list``)."""
+        """Whether this family provides every signal ``press`` needs (``mmpress list``) and, for an
+        in-vision press, runs its mode."""
+        if press.stage == "in_vision" and press.mode not in cls.vision_modes:
+            return False
         return set(press.needs) <= cls.signals
 
     def attention_layers(self) -> list[int]:
@@ -387,7 +398,7 @@ class Adapter:
         self.check_stages(stages)
         self.outer, self.stages, self._uncached, self._warned = press, stages, None, False
         lm = self.lm
-        self.stage_objs = [cls(self, stages[name]) for name, cls in STAGE_CLASSES.items() if name in stages]
+        self.stage_objs = self._stage_objects(stages)
         self.positions = self.resolve_positions(stages)
         if set(stages) - {"pre_llm"} and self.positions != "keep":
             raise ValueError("in-LLM and KV presses start from the original position ids (the layers before them "
@@ -412,6 +423,20 @@ class Adapter:
             self.stage_objs = []
             if len(_OWNED.get(self.vlm, ())) and self.vlm not in _GUARDS:  # its pressed caches outlive the block
                 _GUARDS[self.vlm] = self.vlm.register_forward_pre_hook(_guard, with_kwargs=True, prepend=True)
+
+    def _stage_objects(self, stages: dict[str, Press]) -> list:
+        """One stage object per stage, in order; an in-vision press hands its selection to the
+        pre-LLM stage (a pre-LLM press composed after it, or one keeping every selected token)."""
+        out, vision = [], None
+        for name, cls in STAGE_CLASSES.items():
+            if name == "in_vision" and name in stages:
+                vision = VisionStage(self, stages[name])
+                out.append(vision)
+            elif name == "pre_llm" and (name in stages or vision is not None):
+                out.append(PreStage(self, stages.get(name) or KeepSelected(), vision))
+            elif name in stages:
+                out.append(cls(self, stages[name]))
+        return out
 
     def resolve_positions(self, stages: dict[str, Press]) -> str:
         """The numbering of this application: the one asked for, else the pre-LLM press's official

@@ -168,7 +168,7 @@ class Gemma3Adapter(Adapter):
             raise ValueError("pressing a Gemma 3 model needs its inputs as keywords (input_ids=..., pixel_values=..., "
                              "attention_mask=...), as generate and the ForConditionalGeneration class pass them")
         if isinstance(mask, dict):  # built beforehand (generate with a static, compilable cache)
-            if self.state.rows or self._continues_pressed(kwargs) or set(self.stages) - {"pre_llm"}:
+            if self.state.rows or self._continues_pressed(kwargs) or set(self.stages) - {"pre_llm", "in_vision"}:
                 raise ValueError("this Gemma 3 call brings its attention masks already built (a dict per layer type, "
                                  "as generate does for a static cache): they cannot follow the pressed sequence. "
                                  "Pass the 2-D attention mask and use the default dynamic cache")
@@ -186,7 +186,7 @@ class Gemma3Adapter(Adapter):
         """Before the core's hook: the stand-in dict becomes the call's 2-D mask again."""
         mask = kwargs.get("attention_mask")
         if not isinstance(mask, _Deferred):
-            if isinstance(mask, dict) and (self.state.rows or set(self.stages) - {"pre_llm"}):
+            if isinstance(mask, dict) and (self.state.rows or set(self.stages) - {"pre_llm", "in_vision"}):
                 raise ValueError("the Gemma 3 language model got its masks already built (a dict per layer type): "
                                  "call the whole model (Gemma3ForConditionalGeneration) with a 2-D attention mask")
             return None

@@ -6,6 +6,12 @@ the language model ran, adding to its :class:`Stats` and to what decoding needs.
 (the language model is reached through ``models/lm.py``, the tower through the family's hooks);
 the adapter core runs them in stage order and maps decoding onto the pressed cache.
 
+``in_vision`` (:class:`VisionStage`): the family's hooks run the press inside or before the vision
+tower (``Adapter.vision_hooks``) and report, per encoded item, which of its placeholder tokens the
+features stand for (:class:`Selected`); the features still fill every placeholder (the others
+with anything), and the pre-LLM stage drops the unselected placeholders before the language
+model, with the pre-LLM press (if one is composed) choosing among the selected tokens only.
+
 ``pre_llm`` (:class:`PreStage`): presses each item's tokens in the language model's input
 embeddings (its signals: the family's tower hooks) and compacts the rows.
 
@@ -41,7 +47,7 @@ from mmpress.models.layout import TEXT, Layout, context, press_items
 from mmpress.models.lm import cut_mask, decode_cut, decoder_layers, final_norm, queries_keys, rotary_embedding
 from mmpress.ops.attention import attention_rows, received_attention
 from mmpress.ops.sequence import gather_rows
-from mmpress.presses.base import KVPress, LayerPress
+from mmpress.presses.base import KVPress, LayerPress, Press
 
 
 def needs_attention(press) -> bool:
@@ -72,6 +78,7 @@ class Stats:
     layer_seq_len: list = field(default_factory=list)
     layer_avg_visual_tokens: float | None = None
     kv_len: int | None = None
+    vision_block_tokens: list | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -104,12 +111,85 @@ class Prefill:
     next: tuple | None = None  # (next position id per row, M-RoPE?)
 
 
-class PreStage:
-    """``pre_llm``: presses the items in the language model's input embeddings (items of one shape
-    together) and compacts the rows; the press's signals come from the family's tower hooks."""
+@dataclass(frozen=True)
+class Selected:
+    """What an in-vision press left of one item: ``index`` (k,) ascending, the item's pressable
+    tokens (placeholder order) its k features stand for; ``grid`` (t, h, w) when they still form
+    a raster (downsampling), else None."""
+
+    index: Tensor
+    grid: tuple[int, int, int] | None = None
+
+
+class KeepSelected(Press):
+    """The pre-LLM stage of an in-vision press applied alone: keeps every token it selected."""
+
+    needs_budget = False
+
+    def __init__(self):
+        super().__post_init__()
+
+
+class VisionStage:
+    """``in_vision``: the family runs the press in its tower (``Adapter.vision_hooks``) and reports
+    to this stage: ``new_call()`` when the tower starts encoding a batch, ``record(kind, source,
+    Selected)`` per item it encoded (``source``: the item's index among the encoded items of its
+    kind, as ``Item.source``), ``count_blocks(kind, tokens)`` the tokens entering each block of
+    that call. The pre-LLM stage reads ``selected`` (encoded before the language model runs, by
+    the forward itself or by ``generate``'s encoding step)."""
 
     def __init__(self, adapter, press):
+        modes = getattr(adapter, "vision_modes", frozenset())
+        if press.mode not in modes:
+            have = ", ".join(sorted(modes)) or "none"
+            raise ValueError(f"{type(press).__name__} acts {press.mode!r} in the vision tower, which the {adapter.family} "
+                             f"adapter does not support (its in-vision modes: {have}): pick a pre_llm press")
         self.adapter, self.press = adapter, press
+        self.selected: dict[tuple[str, int], Selected] = {}
+        self.blocks: dict[str, list[int]] = {}
+
+    def hooks(self) -> list:
+        return self.adapter.vision_hooks(self.press, self)
+
+    def new_call(self) -> None:
+        self.selected, self.blocks = {}, {}
+
+    def record(self, kind: str, source: int, selected: Selected) -> None:
+        self.selected[(kind, source)] = selected
+
+    def count_blocks(self, kind: str, tokens: list[int]) -> None:
+        old = self.blocks.get(kind)
+        self.blocks[kind] = list(tokens) if old is None else [a + b for a, b in zip(old, tokens)]
+
+    def begin_call(self) -> None:
+        pass
+
+    def start(self, run: Prefill) -> None:
+        missing = [(item.kind, item.source) for item in run.items if (item.kind, item.source) not in self.selected]
+        if missing:
+            raise ValueError(f"{type(self.press).__name__} acts in the vision tower, but {len(missing)} of this prompt's "
+                             "media were encoded without it: encode them inside the `with press(model):` block")
+        for item in run.items:
+            if self.selected[(item.kind, item.source)].index.shape[0] > item.length - len(item.fixed):
+                raise ValueError(f"the vision tower reported more tokens than the {item.kind}'s {item.length} placeholders")
+        blocks = [t for counts in self.blocks.values() for t in counts]
+        if self.blocks:
+            width = max(len(c) for c in self.blocks.values())
+            blocks = [sum(c[i] for c in self.blocks.values() if i < len(c)) for i in range(width)]
+            run.stats.vision_block_tokens = blocks
+
+    def finish(self, run: Prefill) -> None:
+        pass
+
+
+class PreStage:
+    """``pre_llm``: presses the items in the language model's input embeddings (items of one shape
+    together) and compacts the rows; the press's signals come from the family's tower hooks. After
+    an in-vision stage (``vision``), each item holds only the tokens it selected: the press chooses
+    among those (its budget counts them), and the others are dropped."""
+
+    def __init__(self, adapter, press, vision: VisionStage | None = None):
+        self.adapter, self.press, self.vision = adapter, press, vision
 
     def hooks(self) -> list:
         return self.adapter.signal_hooks(self.press)
@@ -138,15 +218,26 @@ class PreStage:
                 cached["columns"] = dict(token_index=index.view(-1))
             return cached["columns"], cached["rows"]
 
+        selected = [None] * len(items)
+        if self.vision is not None:  # the in-vision press's choice: the press picks among those tokens
+            selected = [self.vision.selected[(item.kind, item.source)] for item in items]
+            items = [replace(item, length=len(s.index), grid=s.grid, parts=(), fixed=())
+                     for item, s in zip(items, selected)]
+
         def press_group(members, flat, tokens):
+            chosen = None
+            if selected[members[0]] is not None:
+                chosen = torch.stack([selected[i].index.to(flat.device) for i in members])  # (G, k)
+                flat, tokens = flat.gather(1, chosen), tokens.gather(1, chosen[..., None].expand(-1, -1, tokens.shape[-1]))
             group = [items[i] for i in members]
             columns, rows = text_signals() if "text" in needs else ({}, {})
             ctx = context(flat, length, group[0], columns=columns, rows=rows)
             if vision:
                 adapter.fill_signals(press, ctx, group)
-            return press.press(tokens, ctx)
+            out, index = press.press(tokens, ctx)
+            return (out, index) if chosen is None else (out, chosen.gather(1, index))
 
-        groups = layout.groups([(item.grid, item.fixed, item.parts) for item in items])
+        groups = layout.groups([(item.grid, item.fixed, item.parts, item.length) for item in items])
         out, kept_lengths = press_items(embeds, layout, groups, press_group)
         run.stats.kept_visual_tokens = sum(kept_lengths)
         if out is None:  # keep-all: leave the call untouched, bit-identical to the unpressed model

@@ -9,7 +9,8 @@ visual tokens and a :class:`VisualContext` holding only the signals it declared 
     with press(model):            # hooks registered ...
         model.generate(**inputs)  # ... and always removed on exit, exception or not
 
-Stages: ``pre_llm`` presses the visual tokens before the language model; ``in_llm``
+Stages: ``in_vision`` (:class:`VisionPress`) removes or merges tokens before or inside the vision
+tower, so the tower itself runs on fewer; ``pre_llm`` presses the visual tokens before the language model; ``in_llm``
 (:class:`LayerPress`) drops visual hidden states entering a decoder layer; ``kv``
 (:class:`KVPress`) evicts visual KV-cache entries after prefill; ``mmpress.compose`` chains a
 pre-LLM press with a later one. Later turns: a conversation continued on a pressed cache keeps
@@ -34,7 +35,7 @@ from mmpress.registry import get_adapter
 SIGNALS = ("grid", "cls_attn", "vision_keys", "cls_attn_concat", "vision_keys_concat", "vision_features", "text",
            "llm_attn", "llm_keys", "llm_normed", "visual_inputs", "audio_features", "audio_energy")
 #: where a press acts, in the order a forward meets them (a composition follows this order)
-STAGES = ("pre_llm", "in_llm", "kv")
+STAGES = ("in_vision", "pre_llm", "in_llm", "kv")
 
 
 @dataclass
@@ -241,6 +242,26 @@ class SelectorPress(Press):
     def compress(self, tokens, ctx, k):
         index = self.select(tokens, ctx, k)
         return gather_tokens(tokens, index), index
+
+
+@dataclass
+class VisionPress(Press):
+    """An ``in_vision`` press: fewer tokens before or inside the vision tower, so the tower, the
+    projector and the language model all run on fewer. How it acts on a tower is its ``mode``:
+    "merge" (merges tokens inside the tower's blocks: ToMe), "drop" (removes patches before the
+    tower: duplicate video patches) or "resize" (a smaller input: downsampling). The family's
+    adapter runs it (``Adapter.vision_modes`` says which modes it supports, ``vision_hooks`` does
+    it) and reports, per item, which of its placeholder tokens the features the language model
+    receives stand for (a merged token takes the position of its representative); the core then
+    drops the other placeholders before the language model, keeping the kept tokens' original
+    position ids. A later pre-LLM press (``compose``) sees only the kept tokens.
+
+    The press says WHAT: ``merge_plan`` / ``drop_plan`` / ``target_size``, as its mode needs; the
+    family says WHERE (its blocks, its patch layout)."""
+
+    stage = "in_vision"
+    mode: ClassVar[str] = "merge"
+    official_positions = "keep"
 
 
 @dataclass
