@@ -15,6 +15,9 @@ back in position order after each round instead (a spatially interleaved split e
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -69,3 +72,120 @@ def merge_to(tokens: Tensor, k: int, reorder: bool = False) -> tuple[Tensor, Ten
         x, size, pos = bipartite_merge(x, size, pos, min(x.shape[1] - k, x.shape[1] // 2), reorder)
     order = pos.argsort(dim=-1)
     return _rows(x, order).to(tokens.dtype), size.gather(1, order), pos.gather(1, order)
+
+
+# ---- ToMe inside a ViT: one matching per block (the official ``tome/merge.py``) ---------------
+class Matching(NamedTuple):
+    """One block's bipartite soft matching (ToMe Sec. 3, steps 1-3), as indices into the two sets
+    of the current sequence: A = tokens 0, 2, 4, ... and B = tokens 1, 3, 5, ... (the CURRENT order,
+    whatever earlier merges left). ``unm`` (M, |A| - r): the A tokens kept, in their output order;
+    ``src`` (M, r): the A tokens merged away; ``dst`` (M, r): the B token each of them joins."""
+
+    unm: Tensor
+    src: Tensor
+    dst: Tensor
+
+    @property
+    def r(self) -> int:
+        return self.src.shape[1]
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 0) -> Matching:
+    """ToMe's bipartite soft matching (Bolya et al., ICLR 2023, Sec. 3; official ``tome/merge.py``).
+
+    metric (M, N, d): the block's attention keys averaged over heads (ToMe's similarity, Sec. 3
+    "Token similarity"). Step 1: split the CURRENT sequence alternately into A (even) and B (odd).
+    Step 2: every A token draws an edge to its most similar B token, s_ab = cos(k_a, k_b). Step 3:
+    the r strongest edges are kept, so r tokens fewer after ``merge_wavg``. ``protected`` leading
+    tokens ([CLS]: 1; ToMe's class + distillation tokens: 2) are never merged: a protected A token
+    draws no edge and a protected B token receives none (the official ``-inf`` rows / columns).
+    r is capped at half the unprotected tokens, ``(N - protected) // 2`` (official); r <= 0 gives
+    an empty matching (merging is then the identity on values and sizes).
+
+    Order: the kept A tokens come out by descending edge score, as the official ``argsort`` leaves
+    them, and sorted back to their A order when a token is protected (the official ``class_token``
+    branch: "ensure the class token is at the start"). Ties: the official ``argsort`` is unstable,
+    ours is stable (the lower A index first), so equal edges have one defined outcome.
+    A pure function: no gradient (``torch.no_grad`` as the official code), any float dtype."""
+    m, n, _ = metric.shape
+    if not isinstance(protected, int) or isinstance(protected, bool) or not 0 <= protected <= n:
+        raise ValueError(f"protected must be an int in [0, {n}] (leading tokens never merged), got {protected!r}")
+    r = min(int(r), (n - protected) // 2)
+    na = (n + 1) // 2
+    if r <= 0:
+        index = torch.arange(na, device=metric.device).expand(m, na)
+        empty = index[:, :0]
+        return Matching(index, empty, empty)
+    with torch.no_grad():
+        unit = metric / metric.norm(dim=-1, keepdim=True)
+        scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)  # (M, |A|, |B|) cosine, step 2
+        scores[:, : (protected + 1) // 2] = -math.inf  # protected A tokens (even indices < protected)
+        scores[:, :, : protected // 2] = -math.inf  # protected B tokens (odd indices < protected)
+        best, partner = scores.max(dim=-1)
+        edges = best.argsort(dim=-1, descending=True, stable=True)  # step 3
+        unm, src = edges[:, r:], edges[:, :r]
+        if protected:
+            unm = unm.sort(dim=-1).values
+        return Matching(unm, src, partner.gather(1, src))
+
+
+def merge(x: Tensor, matching: Matching, mode: str = "sum") -> Tensor:
+    """Step 4-5 of bipartite soft matching: reduce each merged A token into its B partner
+    (``scatter_reduce`` with ``mode``: "sum", "mean", "amax", ...) and concatenate the kept A
+    tokens then B (``torch.cat([unm, dst])``, official). x (M, N) or (M, N, C) -> N - r tokens."""
+    flat = x.dim() == 2
+    if flat:
+        x = x.unsqueeze(-1)
+    a, b = x[:, ::2], x[:, 1::2]
+    if matching.r:
+        b = b.scatter_reduce(1, _expand(matching.dst, b), _rows(a, matching.src), reduce=mode)
+    out = torch.cat([_rows(a, matching.unm), b], dim=1)
+    return out.squeeze(-1) if flat else out
+
+
+def merge_wavg(x: Tensor, matching: Matching, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Merge by SIZE-weighted average (official ``merge_wavg``): x_merged = sum_i s_i x_i / sum_i s_i
+    and sizes add, s_merged = sum_i s_i, so a token standing for several patches counts for all of
+    them. x (M, N, C), size (M, N) patches per token (None: all ones) -> (M, N - r, C), (M, N - r).
+    Computed in x's dtype (the official code's): pass float64 for an exact reference."""
+    if size is None:
+        size = x.new_ones(x.shape[:2])
+    total = merge(x * size.unsqueeze(-1).to(x.dtype), matching, "sum")
+    size = merge(size, matching, "sum")
+    return total / size.unsqueeze(-1).to(x.dtype), size
+
+
+def merge_representatives(index: Tensor, matching: Matching) -> Tensor:
+    """Each output token's representative: the B token (its destination) for a merged group, the
+    token itself otherwise. index (M, N): any per-token label, e.g. the original patch index
+    tracked through the blocks; -> (M, N - r) in the output order of ``merge``. A merged token
+    takes its representative's position."""
+    a, b = index[:, ::2], index[:, 1::2]
+    return torch.cat([a.gather(1, matching.unm), b], dim=1)
+
+
+def _expand(index: Tensor, like: Tensor) -> Tensor:
+    return index.unsqueeze(-1).expand(-1, -1, like.shape[-1])
+
+
+def parse_r(num_layers: int, r) -> list[int]:
+    """ToMe's r schedule (official ``tome/utils.py`` ``parse_r``): an int is r in every block; a
+    tuple (r, inflect) goes linearly from int(r (1 - inflect)) to 2r - that over the blocks (inflect
+    -1: the paper's "decreasing schedule", 0: constant); a list gives each block's r (zeros pad it)."""
+    if isinstance(r, list):
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in r):
+            raise ValueError(f"an r schedule must be non-negative ints, one per block; got {r!r}")
+        return r + [0] * (num_layers - len(r)) if len(r) < num_layers else list(r)
+    inflect = 0.0
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise ValueError(f"r as a tuple is (r, inflect), e.g. (16, -1.0); got {r!r}")
+        r, inflect = r
+        if not isinstance(inflect, (int, float)) or isinstance(inflect, bool) or not -1 <= inflect <= 1:
+            raise ValueError(f"inflect must be a number in [-1, 1], got {inflect!r}")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        raise ValueError(f"r must be a non-negative int (tokens merged per block), got {r!r}")
+    lo = int(r * (1.0 - inflect))
+    hi = 2 * r - lo
+    step = (hi - lo) / (num_layers - 1) if num_layers > 1 else 0.0
+    return [int(lo + step * i) for i in range(num_layers)]
