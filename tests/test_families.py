@@ -22,7 +22,12 @@ STEPS = 2
 # presses that refuse a family's layout by design, with the reason they give (not a gap in signals)
 REFUSES = {("globalcom2", "internvl"): "crop", ("globalcom2", "smolvlm"): "crop",
            # OneVision: a tiled image has no single grid (videos do: test_llava_onevision.py runs them)
-           **{(n, "llava_onevision"): "grid" for n in ("evs", "fastvid", "pool", "temporal_merge", "uniform")}}
+           **{(n, "llava_onevision"): "grid" for n in ("evs", "fastvid", "pool", "temporal_merge", "uniform")},
+           # an audio clip is a 1-D sequence of frames: no patch grid
+           **{(n, "qwen2_audio"): "grid" for n, cls in mmpress.PRESSES.items() if "grid" in cls.needs}}
+# a medium's size says its kind (``Adapter.example_rows``): (seconds,) an audio clip, (h, w) px an
+# image, (frames, h, w) a video
+KINDS = {1: "audio", 2: "image", 3: "video"}
 # draws depend on the batch layout, so a row alone draws other tokens
 RANDOM = {"random"}
 # a DPP's greedy MAP picks by residual noise once k exceeds the kernel's rank (the tiny LM's width):
@@ -47,12 +52,20 @@ def family(request):
     return cls, cls.build("tiny")
 
 
+def kind_of(rows: list) -> str:
+    """The kind of the media of ``rows`` when they are of one kind, else "image" (the default
+    ``prompts`` kind; a family with mixed media lays out each medium by its size)."""
+    kinds = {KINDS[len(medium)] for row in rows for medium in row}
+    return kinds.pop() if len(kinds) == 1 else "image"
+
+
 def batch_of(cls, model, rows: str, first_row: int = 0):
-    return cls.prompts(model, cls.example_rows[rows], first_row=first_row)
+    batch = cls.example_rows[rows]
+    return cls.prompts(model, batch, kind=kind_of(batch), first_row=first_row)
 
 
 def row_alone(cls, model, rows: str, i: int):
-    return cls.prompts(model, [cls.example_rows[rows][i]], first_row=i)
+    return cls.prompts(model, [cls.example_rows[rows][i]], kind=kind_of(cls.example_rows[rows]), first_row=i)
 
 
 def fastv_at_first_layer_allowed(model):
@@ -164,7 +177,8 @@ def test_bench_at_real_size_reports_speedup_against_the_flops_limit(family):
     layer of tower and four of the LM to stay fast): a pressed prefill's FLOPs limit is above 1."""
     cls, _ = family
     arch = cls.model_types[0]
-    model, inputs = shaped(arch, lm_layers=4, vision_layers=1)  # 4: a hybrid LM's first softmax layer
+    kind = "image" if "image" in cls.bench_media else next(iter(cls.bench_media))  # audio: a 30 s clip
+    model, inputs = shaped(arch, kind=kind, lm_layers=4, vision_layers=1)  # 4: a hybrid LM's first softmax layer
     record = run_prefill(model, inputs, ["random"], [64], repeats=1, split=False)
     base, pressed = record["rows"]
     assert base["keep"] > 64 and pressed["limit"] > 1 and pressed["speedup"] > 0

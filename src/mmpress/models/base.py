@@ -238,7 +238,8 @@ class Adapter:
     signals: ClassVar[frozenset] = LLM_SIGNALS
     #: what its signals are, where not what their name says (``mmpress list``)
     notes: ClassVar[str] = ""
-    #: media sizes per prompt row (pixels) of the tests' batches: {"single": [[(h, w)]], "ragged": ...}
+    #: media sizes per prompt row of the tests' batches: {"single": [[(h, w)]], "ragged": ...}; a medium is
+    #: (h, w) px (an image), (frames, h, w) (a video) or (seconds,) (an audio clip): its tuple's length says its kind
     example_rows: ClassVar[dict] = {}
     #: the medium of each kind a "real" bench prompt holds: {"image": (336, 336), "video": (16, 448, 448)}
     bench_media: ClassVar[dict] = {}
