@@ -65,7 +65,11 @@ class Stats:
     pressed_seq_len: the language model's input width, unpressed / after a pre-LLM press (the
     longest row, padding included); in-LLM: layer_kept [(layer, kept)], layer_seq_len [(layer,
     width)] and layer_avg_visual_tokens (averaged over the decoder layers); KV: kv_len, the width
-    of the pressed cache."""
+    of the pressed cache. In-vision: vision_block_tokens, the tokens entering each vision block
+    (summed over the encoded items), vision_block_attention, each block's attention work: the sum
+    over its attention sequences (an image, a frame, a window) of length squared (None where the
+    family reports none: read as one sequence per item of equal length), and vision_kept_tokens,
+    the pressable tokens the tower handed on (over the prompt's items, before a pre-LLM press)."""
 
     items: int
     visual_tokens: int
@@ -79,6 +83,8 @@ class Stats:
     layer_avg_visual_tokens: float | None = None
     kv_len: int | None = None
     vision_block_tokens: list | None = None
+    vision_block_attention: list | None = None
+    vision_kept_tokens: int | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -134,9 +140,11 @@ class VisionStage:
     """``in_vision``: the family runs the press in its tower (``Adapter.vision_hooks``) and reports
     to this stage: ``new_call()`` when the tower starts encoding a batch, ``record(kind, source,
     Selected)`` per item it encoded (``source``: the item's index among the encoded items of its
-    kind, as ``Item.source``), ``count_blocks(kind, tokens)`` the tokens entering each block of
-    that call. The pre-LLM stage reads ``selected`` (encoded before the language model runs, by
-    the forward itself or by ``generate``'s encoding step)."""
+    kind, as ``Item.source``), ``count_blocks(kind, tokens, attention)`` the tokens entering each
+    block of that call and (optional) each block's sum over its attention sequences of length
+    squared (the quadratic term of its FLOPs: ``eval.cost.pressed_flops``). The pre-LLM stage
+    reads ``selected`` (encoded before the language model runs, by the forward itself or by
+    ``generate``'s encoding step)."""
 
     def __init__(self, adapter, press):
         modes = getattr(adapter, "vision_modes", frozenset())
@@ -147,19 +155,23 @@ class VisionStage:
         self.adapter, self.press = adapter, press
         self.selected: dict[tuple[str, int], Selected] = {}
         self.blocks: dict[str, list[int]] = {}
+        self.attention: dict[str, list[float]] = {}
 
     def hooks(self) -> list:
         return self.adapter.vision_hooks(self.press, self)
 
     def new_call(self) -> None:
-        self.selected, self.blocks = {}, {}
+        self.selected, self.blocks, self.attention = {}, {}, {}
 
     def record(self, kind: str, source: int, selected: Selected) -> None:
         self.selected[(kind, source)] = selected
 
-    def count_blocks(self, kind: str, tokens: list[int]) -> None:
+    def count_blocks(self, kind: str, tokens: list[int], attention: list[float] | None = None) -> None:
         old = self.blocks.get(kind)
         self.blocks[kind] = list(tokens) if old is None else [a + b for a, b in zip(old, tokens)]
+        if attention is not None:
+            old = self.attention.get(kind)
+            self.attention[kind] = list(attention) if old is None else [a + b for a, b in zip(old, attention)]
 
     def begin_call(self) -> None:
         pass
@@ -177,6 +189,10 @@ class VisionStage:
             width = max(len(c) for c in self.blocks.values())
             blocks = [sum(c[i] for c in self.blocks.values() if i < len(c)) for i in range(width)]
             run.stats.vision_block_tokens = blocks
+            if self.attention.keys() == self.blocks.keys():  # every kind reported its attention
+                run.stats.vision_block_attention = [sum(c[i] for c in self.attention.values() if i < len(c))
+                                                    for i in range(width)]
+        run.stats.vision_kept_tokens = sum(self.selected[(item.kind, item.source)].index.shape[0] for item in run.items)
 
     def finish(self, run: Prefill) -> None:
         pass
