@@ -40,6 +40,8 @@ def make_inputs(m=M, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed + 2)
     ctx.cls_attn_concat = torch.randn(m, N, generator=g).mul(2).softmax(dim=-1)
     ctx.vision_keys_concat = torch.randn(m, N, 16, generator=g)
+    g = torch.Generator().manual_seed(seed + 3)  # the audio signals (audio presses), own draws
+    ctx.audio_features, ctx.audio_energy = torch.randn(m, N, 6, generator=g), torch.randn(m, N, generator=g)
     return tokens.to(dtype), ctx
 
 
@@ -297,6 +299,7 @@ def test_any_batch_grid_and_budget(name, m, h, w, data):
                         text_mask=mask, vision_features=torch.randn(m, n, 5, generator=torch.Generator().manual_seed(k)))
     own = torch.Generator().manual_seed(k + 1)
     ctx.cls_attn_concat, ctx.vision_keys_concat = torch.rand(m, n, generator=own).softmax(-1), torch.randn(m, n, 6, generator=own)
+    ctx.audio_features, ctx.audio_energy = torch.randn(m, n, 3, generator=own), torch.randn(m, n, generator=own)
     out, index = make(name, keep=k).press(torch.randn(m, n, D, generator=g), ctx)
     assert out.shape == (m, k, D) and torch.isfinite(out).all()
     assert ((index >= 0) & (index < n)).all() and (index.diff(dim=1) > 0).all()
