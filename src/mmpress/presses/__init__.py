@@ -6,7 +6,6 @@ from mmpress.presses import (  # noqa: F401
 )
 from mmpress.presses import globalcom2, hiprune, scope  # noqa: F401  (AnyRes-aware presses)
 from mmpress.presses import audio_merge, fastadasp, silence  # noqa: F401  (audio presses)
-from mmpress.presses import audio_merge, fastadasp, silence  # noqa: F401  (audio presses)
 from mmpress.presses.base import (
     PRESSES,
     KVPress,
