@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mmpress
+from mmpress.models.llava import LlavaAdapter
 from mmpress.presses.base import ScorerPress
 from conftest import IMAGE_TOKEN, make_batch, tiny_llava
 
@@ -41,7 +42,7 @@ def generate(model, inputs, steps=4):
     return out.sequences[:, -steps:], torch.stack(out.logits, dim=1)
 
 
-@pytest.mark.parametrize("name", mmpress.list_presses("pre_llm"))  # later stages: test_stages.py
+@pytest.mark.parametrize("name", [p for p in mmpress.list_presses("pre_llm") if LlavaAdapter.runs(mmpress.PRESSES[p])])  # later stages: test_stages.py
 @pytest.mark.parametrize("batch_shape", ["single", "ragged"])
 def test_press_forward_and_generate(model, name, batch_shape):
     """Every press runs at batch 1 and batch 3 (ragged prompts, 1-2 images per row) through
@@ -309,7 +310,7 @@ def count_syncs(fn) -> dict[str, int]:
     return dict(mode.seen)
 
 
-@pytest.mark.parametrize("name", [p for p in mmpress.list_presses("pre_llm") if p != "none"])
+@pytest.mark.parametrize("name", [p for p in [p for p in mmpress.list_presses("pre_llm") if LlavaAdapter.runs(mmpress.PRESSES[p])] if p != "none"])
 def test_pressed_forward_adds_no_host_syncs(name):
     """The pressed prefill and decoding sync no more than the unpressed model (transformers' own
     checks); the prompt check's one read of per-row counts (``tolist``) is the only addition."""

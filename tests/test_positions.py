@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import mmpress
+from mmpress.models.llava import LlavaAdapter
 from mmpress.presses.base import PRESSES
 from conftest import make_batch
 from test_llava import RAGGED
 
-PRE_LLM = [name for name in mmpress.list_presses("pre_llm") if name != "none"]
+PRE_LLM = [name for name in mmpress.list_presses("pre_llm") if name != "none" and LlavaAdapter.runs(PRESSES[name])]
 
 
 def logits(model, press, batch, **options):

@@ -114,7 +114,8 @@ def check_keep_all(model, batch):
     assert torch.equal(tokens, ref_tokens) and torch.equal(scores, ref_scores)
 
 
-@pytest.mark.parametrize("name", [p for p in mmpress.list_presses("pre_llm") if p != "none"])
+@pytest.mark.parametrize("name", [p for p in mmpress.list_presses("pre_llm")
+                                  if p != "none" and mmpress.models.QwenVLAdapter.runs(mmpress.PRESSES[p])])
 @pytest.mark.parametrize("rows", [SINGLE, RAGGED, VIDEO_ROWS], ids=["single", "ragged", "video"])
 def test_every_press_forward_and_generate(model, name, rows):
     """Every press runs on images of different sizes in one batch, and on video; presses needing
