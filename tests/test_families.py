@@ -24,7 +24,10 @@ REFUSES = {("globalcom2", "internvl"): "crop", ("globalcom2", "smolvlm"): "crop"
            # OneVision: a tiled image has no single grid (videos do: test_llava_onevision.py runs them)
            **{(n, "llava_onevision"): "grid" for n in ("evs", "fastvid", "pool", "temporal_merge", "uniform")},
            # an audio clip is a 1-D sequence of frames: no patch grid
-           **{(n, "qwen2_audio"): "grid" for n, cls in mmpress.PRESSES.items() if "grid" in cls.needs}}
+           **{(n, "qwen2_audio"): "grid" for n, cls in mmpress.PRESSES.items() if "grid" in cls.needs},
+           # Qwen2.5-Omni's rows here are images (test_qwen2_5_omni.py runs its audio): audio presses refuse them
+           **{(n, "qwen2_5_omni"): "audio signals" for n, cls in mmpress.PRESSES.items()
+              if {"audio_features", "audio_energy"} & set(cls.needs)}}
 # a medium's size says its kind (``Adapter.example_rows``): (seconds,) an audio clip, (h, w) px an
 # image, (frames, h, w) a video
 KINDS = {1: "audio", 2: "image", 3: "video"}

@@ -13,6 +13,7 @@ from mmpress.models import gemma3  # noqa: F401
 from mmpress.models import internvl  # noqa: F401
 from mmpress.models import mistral3  # noqa: F401
 from mmpress.models import qwen3_5  # noqa: F401
+from mmpress.models import qwen2_5_omni  # noqa: F401
 from mmpress.models import qwen2_audio  # noqa: F401
 from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS
 from mmpress.models.llava import LlavaAdapter

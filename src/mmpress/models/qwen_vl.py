@@ -240,7 +240,7 @@ class QwenVLAdapter(Adapter):
                 raise ValueError(f"{type(module).__name__} got no cu_seqlens / position_embeddings: this transformers "
                                  "version calls the Qwen-VL vision attention differently; mmpress cannot score tokens")
             s = hidden.shape[0]
-            q, k, _ = module.qkv(hidden).reshape(s, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = self._queries_keys(module, hidden)
             q, k = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision(q, k, *rotary)
             # host boundaries: the module's own SDPA path reads cu_seqlens to the host right after
             bounds, unit = cu_seqlens.tolist(), self.merge**2
@@ -261,6 +261,13 @@ class QwenVLAdapter(Adapter):
                 record(("concat", block), received_attention(qc, kc, bounds, kc.shape[-1] ** -0.5), kc[:, 0])
 
         return hook
+
+    @staticmethod
+    def _queries_keys(module, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """(S, heads, d) unrotated queries and keys of a vision attention module, as its forward
+        makes them (Qwen-VL: one fused ``qkv``; Qwen2.5-Omni's file: separate ``q`` / ``k``)."""
+        q, k, _ = module.qkv(hidden).reshape(hidden.shape[0], 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        return q, k
 
     def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
         signals, needs = self._signals.get(items[0].token_id), set(press.needs)
