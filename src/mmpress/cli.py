@@ -158,7 +158,7 @@ def run(
     import torch
 
     from mmpress.api import ask, encode
-    from mmpress.eval.cost import prefill_flops, stats_lengths, time_call
+    from mmpress.eval.cost import prefill_flops, pressed_flops, time_call
     from mmpress.eval.data import read_image
 
     if not question.strip():
@@ -179,8 +179,7 @@ def run(
     with pressor(vlm) as pressed:
         seconds = time_call(prefill, repeats=3)
     stats = pressed.stats.as_dict()
-    seq_len, cuts = stats_lengths(stats)  # in-LLM presses: each layer at its own length
-    flops = prefill_flops(vlm.config, inputs, seq_len, layer_seq_len=cuts).total
+    flops = pressed_flops(vlm.config, inputs, stats).total  # each LM layer, and an in-vision press's tower, pressed
     base_flops = prefill_flops(vlm.config, inputs, stats["seq_len"]).total
     record = {
         "answer": answer,
@@ -420,6 +419,8 @@ def bench_cost(
     setting = f"batch {batch}, {rows[0]['keep']} {what}, {torch.get_num_threads()} threads"
     console.print(prefill_table(rows, title=f"prefill, {setting}"))
     console.print(_split_line(record), highlight=False, soft_wrap=True)
+    if any(PRESSES[r["press"]].stage == "in_vision" for r in rows[1:]):  # the tower shrinks: its split per row
+        console.print(_flops_table(rows, title=f"FLOPs split, {setting}"))
     if decode_steps:
         console.print(decode_table(rows, title=f"KV cache and decode ({decode_steps} steps), {setting}"))
     console.print(f"machine: {machine_text(record['machine'])}", style="dim", highlight=False)
@@ -436,10 +437,33 @@ def _split_line(record: dict) -> str:
     acting after the tower."""
     base = record["rows"][0]["seconds"]
     vision, share = record["vision_seconds"], record["vision_share"]
-    flops_share = record["flops"]["vision"] / (record["flops"]["vision"] + record["flops"]["language"])
+    flops = record["rows"][0]["flops"]
+    tower, projector = flops["vision"] / flops["total"], flops["projector"] / flops["total"]
     return (f"unpressed split: vision tower + projector {vision * 1e3:.1f} ms ({share:.0%}), language model "
-            f"{(base - vision) * 1e3:.1f} ms ({1 - share:.0%}); vision FLOPs {flops_share:.0%}. A press after the "
-            f"tower is bounded by {1 / max(share, 1e-9):.2f}x.")
+            f"{(base - vision) * 1e3:.1f} ms ({1 - share:.0%}); FLOPs: tower {tower:.0%}, projector {projector:.0%}, "
+            f"language model {1 - tower - projector:.0%}. A press after the tower is bounded by "
+            f"{1 / max(share, 1e-9):.2f}x; an in_vision press shrinks the tower too.")
+
+
+def _flops_table(rows: list[dict], title: str):
+    """Each row's prefill FLOPs split between vision tower, projector and language model (an
+    in-vision press's tower at its pressed lengths), and the tower's own FLOPs limit."""
+    from rich.table import Table
+
+    from mmpress.eval.report import keep_text
+
+    table = Table(title=title, caption="GFLOPs of the prefill (all rows): in_vision presses count the tower block by "
+                  "block at the tokens each block took; tower limit: unpressed / pressed tower FLOPs.",
+                  caption_justify="left", pad_edge=False)
+    for header in ("press", "keep", "tower\nGFLOPs", "projector\nGFLOPs", "LM\nGFLOPs", "tower\nlimit",
+                   "FLOPs\nlimit"):
+        table.add_column(header, justify="left" if header == "press" else "right", overflow="fold")
+    for r in rows:
+        f = r["flops"]
+        table.add_row(r["press"], keep_text(r), *(f"{f[k] / 1e9:.3g}" for k in ("vision", "projector", "language")),
+                      "-" if r["vision_limit"] is None else f"{r['vision_limit']:.2f}x",
+                      f"{r['limit']:.2f}x")
+    return table
 
 
 # ---- tune: the smallest budget that keeps the answers ---------------------------------------------

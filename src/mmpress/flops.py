@@ -70,3 +70,41 @@ class PrefillFlops:
     @property
     def total(self) -> float:
         return self.vision + self.projector + self.language
+
+
+
+def vision_block_costs(vision_cfg) -> tuple[float, float, float, float]:
+    """(per_token, per_mlp_token, per_attention, per_patch): a vision block's FLOPs per token
+    entering its attention (q, k, v, o projections), per token entering its MLP, per unit of its
+    attention work (a sequence of S tokens: S^2 query-key pairs, scores and values), and the patch
+    embedding's per patch entering the tower where the family counts it (Qwen-VL's 3-D patch
+    embedding; 0 for the ViT towers, whose count leaves it out). As the families count their
+    towers: ``transformer_flops`` for CLIP / SigLIP / DINOv2 (plain MLP),
+    ``models/qwen_vl.vision_flops`` for Qwen2-VL (``embed_dim``, MLP of ``mlp_ratio``) and
+    Qwen2.5-VL (gated MLP); DINOv2's SwiGLU option as a gated MLP."""
+    width = _get(vision_cfg, "embed_dim", "hidden_size")  # Qwen2-VL: hidden_size is the LM's width
+    inter = _get(vision_cfg, "intermediate_size", default=None) or int(width * _get(vision_cfg, "mlp_ratio", default=4))
+    gated = hasattr(vision_cfg, "fullatt_block_indexes") or bool(getattr(vision_cfg, "use_swiglu_ffn", False))
+    temporal = getattr(vision_cfg, "temporal_patch_size", None)
+    per_patch = 2.0 * vision_cfg.in_channels * temporal * vision_cfg.patch_size**2 * width if temporal else 0.0
+    return 8.0 * width**2, 2.0 * (3 if gated else 2) * width * inter, 4.0 * width, per_patch
+
+
+def tower_flops(vision_cfg, block_tokens, block_attention) -> float:
+    """FLOPs of a vision tower whose block i takes ``block_tokens[i]`` tokens (summed over the
+    items) with attention work ``block_attention[i]`` (the sum over its attention sequences, an
+    image, a frame or a window, of their length squared): an in-vision press's tower, block by
+    block (``Stats.vision_block_tokens`` / ``vision_block_attention``). A block's MLP runs on the
+    tokens leaving it, the next block's (ToMe merges between a block's attention and its MLP); the
+    last block's on ``block_tokens[depth]`` where given (one entry more than the blocks), else on
+    those entering it. The patch embedding counts the tokens entering the first block."""
+    depth = len(block_attention)
+    if len(block_tokens) not in (depth, depth + 1):
+        raise ValueError(f"one attention count per block: {len(block_attention)} counts for {len(block_tokens)} "
+                         "token counts (the blocks', and optionally the tokens leaving the last)")
+    if not depth:
+        return 0.0
+    per_token, per_mlp, per_attention, per_patch = vision_block_costs(vision_cfg)
+    leaving = list(block_tokens[1:]) + ([] if len(block_tokens) > depth else [block_tokens[-1]])
+    return per_patch * block_tokens[0] + sum(per_token * n + per_mlp * m + per_attention * q
+                                             for n, m, q in zip(block_tokens, leaving, block_attention))

@@ -12,6 +12,13 @@ length L and runs layers >= k on W tokens (queries and keys: the earlier layers'
 read again), given as ``layer_seq_len = [(k, W), ...]`` (``run.stats`` of ``with press(model) as run``); a ``kv``
 press runs the prefill unpressed and shortens only the cache decoding reads (``kv_len`` at every
 layer). :func:`stats_lengths` reads both from a press's stats.
+
+An ``in_vision`` press shrinks the tower itself: :func:`pressed_flops` counts it block by block at
+the tokens each block took (``Stats.vision_block_tokens``), its attention at the recorded
+quadratic work (``vision_block_attention``: per image, frame or window), the projector over the
+tokens the tower handed on (``vision_kept_tokens``), and the language model as above. Its limit
+is then ``flops(unpressed) / flops(pressed)`` over the whole prefill, and ``vision_limit`` that of
+the tower alone.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from mmpress.flops import PrefillFlops, _get, language_flops, layer_lengths, transformer_flops  # noqa: F401
+from mmpress.flops import (PrefillFlops, _get, language_flops, layer_lengths, tower_flops,  # noqa: F401
+                           transformer_flops)
 from mmpress.registry import family_of
 
 
@@ -40,6 +48,40 @@ def prefill_flops(config, inputs: dict, seq_len: int, layer_seq_len=None) -> Pre
     tokens per row (``layer_seq_len``: :func:`~mmpress.flops.language_flops`), as the model's
     family counts them (``Adapter.prefill_flops``)."""
     return family_of(config).prefill_flops(config, inputs, seq_len, layer_seq_len)
+
+
+def pressed_flops(config, inputs: dict, stats: dict | None) -> PrefillFlops:
+    """FLOPs of the prefill of ``inputs`` under a press whose ``stats`` (``run.stats.as_dict()``;
+    None: unpressed) say what each stage left: the language model at its pressed lengths
+    (:func:`stats_lengths`) and, after an in-vision press, the vision tower block by block at the
+    tokens each block took (:func:`~mmpress.flops.tower_flops`) and the projector over the tokens
+    the tower handed on (its unpressed count scaled by kept / all: a projector works per token).
+
+    Attention work per block: ``vision_block_attention`` as the family recorded it (the sum over
+    its attention sequences of length squared), else each encoded item read as one attention
+    sequence of equal length (block tokens^2 / items: exact for a ToMe merge of equal images on a
+    ViT tower; a family whose tower attends per frame or window must record it)."""
+    if not stats:
+        return prefill_flops(config, inputs, inputs["input_ids"].shape[1])
+    flops = prefill_flops(config, inputs, *stats_lengths(stats))
+    blocks = stats.get("vision_block_tokens")
+    if not blocks:
+        return flops
+    attention = stats.get("vision_block_attention")
+    if attention is None:
+        items = max(1, stats.get("items", 1))
+        depth = _get(config.vision_config, "num_hidden_layers", "depth", default=len(blocks))
+        attention = [n * n / items for n in blocks[:depth]]
+    vision = tower_flops(config.vision_config, blocks, attention)
+    pressable = stats["visual_tokens"] - stats.get("fixed_tokens", 0)
+    kept = stats.get("vision_kept_tokens", pressable)
+    projector = flops.projector * kept / pressable if pressable else flops.projector
+    return PrefillFlops(vision, projector, flops.language)
+
+
+def flops_split(flops: PrefillFlops) -> dict:
+    """``{"vision", "projector", "language", "total"}`` of a prefill's FLOPs (a JSON row)."""
+    return dict(vision=flops.vision, projector=flops.projector, language=flops.language, total=flops.total)
 
 
 def kv_cache_bytes(text_cfg, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.float32,

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from mmpress.eval.cost import (decode_seconds, machine_done, machine_state, prefill_flops, prompt_cache_bytes,
-                               round_robin, speedup_spread, stats_lengths, time_call)
+from mmpress.eval.cost import (decode_seconds, flops_split, machine_done, machine_state, prefill_flops, pressed_flops,
+                               prompt_cache_bytes, round_robin, speedup_spread, time_call)
 from mmpress.presses.base import PRESSES, get_press
 from mmpress.registry import ADAPTERS, family_of, get_adapter
 
@@ -78,7 +78,9 @@ def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repea
     speedup is not to be trusted), ``limit``, ``efficiency``, ``overhead``; ``kept_tokens``
     (visual tokens per image after the last stage), ``avg_tokens`` (per image, averaged over the
     decoder layers), ``layer_kept`` (in_llm: ``[layer, kept per image]``), ``kv_bytes`` /
-    ``kv_ratio`` (the prompt's KV cache after the prefill, each layer at its own length); with
+    ``kv_ratio`` (the prompt's KV cache after the prefill, each layer at its own length), ``flops``
+    (vision tower / projector / language model / total: an in-vision press's tower at its pressed
+    lengths, ``eval.cost.pressed_flops``) and ``vision_limit`` (the tower's FLOPs ratio); with
     ``decode_steps``: ``decode_s`` (per step), ``decode_tok_s`` (all rows) and ``decode_speedup``.
 
     Returns ``{"rows", "skipped", "vision_seconds", "vision_share", "flops", "machine", "rounds"}``:
@@ -159,14 +161,15 @@ def run_prefill(model, inputs: dict, presses: list[str], keeps: list[int], repea
     for cell in cells:
         seconds = statistics.median(cell["times"])
         press, stats = cell["obj"], cell["stats"]
-        flops = base_flops if press is None else prefill_flops(config, inputs, *stats_lengths(stats))
+        flops = base_flops if press is None else pressed_flops(config, inputs, stats)  # in-vision: the tower pressed
         kv = base_kv if press is None else prompt_cache_bytes(model, stats, batch)
         limit = base_flops.total / flops.total
         timing = speedup_spread(base_times, cell["times"], limit)
         overhead = 0.0 if press is None else statistics.median(cell["spent"]) / base
         row = dict(press=cell["press"], keep=cell["keep"], stage="none" if press is None else press.stage,
                    seconds=seconds, seconds_range=[min(cell["times"]), max(cell["times"])], **timing, limit=limit,
-                   efficiency=timing["speedup"] / limit, overhead=overhead,
+                   efficiency=timing["speedup"] / limit, overhead=overhead, flops=flops_split(flops),
+                   vision_limit=base_flops.vision / flops.vision if flops.vision else None,
                    **_tokens(cell["keep"], stats), kv_bytes=kv, kv_ratio=kv / base_kv)
         if decode_steps:
             step = statistics.median(cell["decode"])

@@ -66,7 +66,8 @@ class Stats:
     longest row, padding included); in-LLM: layer_kept [(layer, kept)], layer_seq_len [(layer,
     width)] and layer_avg_visual_tokens (averaged over the decoder layers); KV: kv_len, the width
     of the pressed cache. In-vision: vision_block_tokens, the tokens entering each vision block
-    (summed over the encoded items), vision_block_attention, each block's attention work: the sum
+    (summed over the encoded items; one entry more, where a block merges between its attention and
+    its MLP as ToMe does: the tokens leaving the last block), vision_block_attention, each block's attention work: the sum
     over its attention sequences (an image, a frame, a window) of length squared (None where the
     family reports none: read as one sequence per item of equal length), and vision_kept_tokens,
     the pressable tokens the tower handed on (over the prompt's items, before a pre-LLM press)."""
