@@ -436,3 +436,101 @@ def test_fastadasp_in_a_decoder_stack_merges_what_the_official_code_merges():
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
     text_after = seen["hidden"][0, start + len(pos):]
     torch.testing.assert_close(text_after, out.hidden_states[p + 1][0, int(span[-1]) + 1:], atol=1e-5, rtol=1e-5)
+
+
+# ---- presses that need only the tokens or the text, on audio items (kind "audio", no grid) -------
+@pytest.mark.parametrize("name", ["random", "divprune", "tome", "mmtok", "cdpruner"])
+def test_token_and_text_presses_run_on_audio_items(name):
+    """No grid, no [CLS]: what an audio adapter gives (``vision_features``: the audio encoder's
+    output, the tower features MMTok reads)."""
+    x, ctx = clips(dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    ctx.text, ctx.text_mask = torch.randn(M, 4, D, generator=g), torch.arange(4) < torch.tensor([[4], [1], [0]])
+    ctx.vision_features = ctx.audio_features.float()
+    assert ctx.grid is None and ctx.grid_thw is None
+    out, index = get_press(name, keep=7).press(x, ctx)
+    assert out.shape == (M, 7, D) and torch.isfinite(out).all() and (index.diff(dim=1) > 0).all()
+
+
+# ---- end to end: the Qwen2-Audio family (tiny random model) ------------------------------------
+def qwen2_audio(layers: int = 4):
+    from mmpress.registry import FAMILIES
+
+    if "qwen2_audio" not in FAMILIES:
+        pytest.skip("the Qwen2-Audio adapter is not registered")
+    cls = FAMILIES["qwen2_audio"]
+    torch.manual_seed(0)
+    return cls, cls.build("tiny", lm_layers=layers)
+
+
+def audio_presses(ratio: float) -> list:
+    return [get_press("audio_merge", keep_ratio=ratio), get_press("audio_merge", keep_ratio=ratio, metric="features"),
+            get_press("silence", keep_ratio=ratio), get_press("fastadasp", keep_ratio=ratio, layer=1),
+            get_press("fastadasp", keep_ratio=ratio, layer=1, schedule="constant", last_layer=3)]
+
+
+def greedy(model, batch, steps=3):
+    out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[:, -steps:], torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("rows", ["single", "ragged"])
+def test_qwen2_audio_keep_all_is_the_unpressed_model(rows):
+    cls, model = qwen2_audio()
+    batch = cls.prompts(model, cls.example_rows[rows])
+    with torch.no_grad():
+        reference, (ref_tokens, ref_scores) = model(**batch).logits, greedy(model, batch)
+        for press in audio_presses(1.0):
+            with press(model) as run:
+                assert torch.equal(model(**batch).logits, reference), press
+                tokens, scores = greedy(model, batch)
+            assert torch.equal(tokens, ref_tokens) and torch.equal(scores, ref_scores), press
+            assert run.stats.kept_visual_tokens == run.stats.visual_tokens > 0
+
+
+@pytest.mark.parametrize("press", audio_presses(0.5), ids=lambda p: f"{p.name}-{getattr(p, 'schedule', '')}")
+def test_qwen2_audio_ragged_batch_is_each_row_alone(press):
+    cls, model = qwen2_audio()
+    rows = cls.example_rows["ragged"]
+    batch = cls.prompts(model, rows)
+    with torch.no_grad(), press(model) as run:
+        logits = model(**batch).logits
+        tokens, scores = greedy(model, batch)
+    assert run.stats.kept_visual_tokens < run.stats.visual_tokens and torch.isfinite(scores).all()
+    for i in range(len(rows)):
+        alone_batch = cls.prompts(model, [rows[i]], first_row=i)
+        with torch.no_grad(), press(model):
+            row_logits = model(**alone_batch).logits
+            row_tokens, row_scores = greedy(model, alone_batch)
+        torch.testing.assert_close(logits[i, -1], row_logits[0, -1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(scores[i], row_scores[0], atol=1e-4, rtol=1e-4)
+        assert torch.equal(tokens[i], row_tokens[0]), (press, i)
+
+
+def test_qwen2_audio_silence_drops_the_silent_frames_first():
+    """A clip whose second half is silent (log-mel at a floor below every real frame): silence at
+    half the tokens keeps exactly the first half's tokens (their original position ids, under
+    positions="keep", reach the language model)."""
+    cls, model = qwen2_audio()
+    batch = cls.prompts(model, cls.example_rows["single"])
+    audio = (batch["input_ids"][0] == model.config.audio_token_id).nonzero()[:, 0]
+    n = int(audio.numel())
+    feats = batch["input_features"]
+    silent = torch.arange(feats.shape[-1]) >= 4 * (n // 2)  # the frames of the second half's tokens
+    batch["input_features"] = torch.where(silent, feats.amin() - 1.0, feats)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["positions"] = kwargs["position_ids"].clone()
+
+    lm = mmpress.registry.get_adapter(model).lm
+    with torch.no_grad(), get_press("silence", keep=n // 2)(model, positions="keep") as run:
+        handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            model(**batch)
+        finally:
+            handle.remove()
+    assert run.stats.kept_visual_tokens == n // 2
+    positions = set(seen["positions"].reshape(-1).tolist())
+    assert set(audio[: n // 2].tolist()) <= positions and not set(audio[n // 2 :].tolist()) & positions
