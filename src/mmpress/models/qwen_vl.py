@@ -56,19 +56,22 @@ order.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from dataclasses import replace
 
 import torch
 from torch import Tensor
-from transformers.vision_utils import get_vision_window_index
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from mmpress.flops import PrefillFlops, language_flops
 from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Adapter, Item, family
+from mmpress.models.stages import Selected
 from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, text_around, text_config
 from mmpress.models.vision import CONCAT, HEADS, concat_layer, hook_forms, layer_index, press_layers, received_attention
-from mmpress.presses.base import Press, VisualContext
+from mmpress.presses.base import Press, VisualContext, VisionPress
 
 # vision block -> per item (scores (n,), keys (n, d)); ("concat", block) -> per item the heads-concatenated
 # (scores (n,), keys (n, C)); "features" -> per item merger input (n, merge**2 * C)
@@ -134,6 +137,7 @@ class QwenVLAdapter(Adapter):
                      "conversation under the press without past_key_values, or feed only the new turn's tokens with "
                      "their M-RoPE ids: model(input_ids=new_ids, attention_mask=full_mask, past_key_values=cache, "
                      "position_ids=mmpress.continue_positions(model, cache, full_mask, new_ids))")
+    vision_modes = frozenset({"drop"})  # in-vision presses: the tower on the kept merge units (vision_hooks)
     deepstack = False  # Qwen3-VL's file (qwen3_vl.py) presses DeepStack features too
 
     def __init__(self, model, positions: str | None = None):
@@ -296,6 +300,125 @@ class QwenVLAdapter(Adapter):
         if layers:
             ctx.cls_attn_layers = torch.stack([stack(signals[b][0]) for b in blocks[1:]], dim=1)
 
+    # ---- in-vision presses: the tower on a subset of merge units ---------------------------------
+    def vision_hooks(self, press: VisionPress, stage) -> list:
+        """Installs, for the `with` block, our own forward of the vision tower (``_tower_forward``)
+        and wrappers of the VLM's ``get_image_features`` / ``get_video_features`` that tell it the
+        kind and plan each item on the processor's pixel values (before the cast to the tower's
+        dtype). Restored on exit (``_Installed.remove``)."""
+        visual, state = self.vlm.visual, {"kind": None, "plan": None, "last": None}
+        stock = visual.forward
+
+        def features(kind, original):
+            signature = inspect.signature(original)  # generate picks the kwargs it passes by these names
+            pixels_name, grid_name = list(signature.parameters)[:2]
+
+            @functools.wraps(original)
+            def wrapped(*args, **kwargs):
+                given = signature.bind(*args, **kwargs).arguments
+                if given.get(grid_name) is None:
+                    raise ValueError(f"an in-vision press on a Qwen-VL {kind} needs its {grid_name}")
+                state["kind"], state["plan"] = kind, self._plan(press, given[pixels_name], given[grid_name], kind)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    state["kind"] = state["plan"] = None
+            return wrapped
+
+        def forward(hidden_states, grid_thw=None, **kwargs):
+            kind, plan = state["kind"], state["plan"]
+            if kind is None:
+                raise ValueError(f"{type(press).__name__} runs in the Qwen-VL vision tower through get_image_features / "
+                                 "get_video_features (model(...) and generate call them); the tower was called directly")
+            # transformers encodes a call's images, then its videos: a video right after images
+            # continues that encoding pass, anything else starts a new one
+            if kind == "image" or state["last"] != "image":
+                stage.new_call()
+            state["last"] = kind if kind == "image" else None
+            return self._tower_forward(stock, stage, kind, plan, hidden_states, grid_thw, kwargs)
+
+        return [_Installed(visual, "forward", forward),
+                _Installed(self.vlm, "get_image_features", features("image", self.vlm.get_image_features)),
+                _Installed(self.vlm, "get_video_features", features("video", self.vlm.get_video_features))]
+
+    def check_stages(self, stages: dict[str, Press]) -> None:
+        super().check_stages(stages)
+        later = stages.get("pre_llm")
+        if "in_vision" in stages and later is not None and (HEADS | CONCAT | {"vision_features"}) & set(later.needs):
+            raise ValueError(f"{type(later).__name__} reads the vision tower's attention / features, which a Qwen-VL tower "
+                             f"running {type(stages['in_vision']).__name__} computes on the kept patches only: compose "
+                             "the in-vision press with a press that reads the tokens (e.g. divprune)")
+
+    def _plan(self, press: VisionPress, pixels: Tensor, grid_thw: Tensor, kind: str) -> Tensor:
+        """(U,) bool over the call's merge units (each item's units in raster order over (t, h, w),
+        items in order, as the processor lays out the patches): True where the unit is kept."""
+        if press.mode != "drop":
+            raise ValueError(f"the Qwen-VL adapter runs in-vision mode {press.mode!r} not yet; use a 'drop' press")
+        grids = grid_thw.tolist()
+        sizes = [t * (h // self.merge) * (w // self.merge) for t, h, w in grids]
+        units = pixels.reshape(sum(sizes), -1)  # a unit's merge**2 patches are consecutive rows
+        keep = []
+        for item, (t, h, w) in zip(units.split(sizes), grids):
+            plan = press.drop_plan(item.reshape(t, h // self.merge, w // self.merge, -1), kind)
+            if plan.shape != (t, h // self.merge, w // self.merge) or plan.dtype != torch.bool:
+                raise RuntimeError(f"{type(press).__name__}.drop_plan returned {tuple(plan.shape)} {plan.dtype}, "
+                                   f"expected a bool ({t}, {h // self.merge}, {w // self.merge})")
+            keep.append(plan.flatten())
+        return torch.cat(keep)
+
+    def _tower_forward(self, stock, stage, kind: str, keep: Tensor, pixels: Tensor, grid_thw: Tensor,
+                       kwargs: dict) -> BaseModelOutputWithPooling:
+        """The vision tower on the kept merge units only. Every kept unit keeps its 4 patches
+        together, their ORIGINAL rotary (h, w) positions, attention within its own frame
+        (``cu_seqlens`` counts the kept patches of each temporal step of each item) and, in
+        Qwen2.5-VL's windowed blocks, within its original window (the window partition of the full
+        grid, restricted to the kept units, windows left empty removed). The merger gives one
+        token per kept unit; the output fills every placeholder (the kept tokens at their own
+        rows, zeros elsewhere: the stage core drops those before the language model). With every
+        unit kept the stock forward runs, bit for bit the unpressed tower."""
+        visual, unit = self.vlm.visual, self.merge**2
+        grids = grid_thw.tolist()
+        sizes = [t * (h // self.merge) * (w // self.merge) for t, h, w in grids]
+        keep = keep.to(pixels.device)
+        kept = keep.nonzero()[:, 0]  # ascending: raster order within each item
+        per_item = [k.nonzero()[:, 0] for k in keep.split(sizes)]
+        for source, index in enumerate(per_item):
+            stage.record(kind, source, Selected(index))
+        depth = len(visual.blocks)
+        if kept.shape[0] == keep.shape[0]:  # nothing dropped: the stock tower
+            stage.count_blocks(kind, [pixels.shape[0]] * depth)
+            return stock(pixels, grid_thw=grid_thw, **kwargs)
+        windowed = hasattr(visual, "fullatt_block_indexes")
+        if windowed:  # the kept units in window order, and the windows' kept lengths
+            window_index, cu_window = get_vision_window_index(grid_thw.cpu(), self.merge, visual.window_size,
+                                                              visual.patch_size)
+            window_index = window_index.to(keep.device)
+            kept_in_order = keep[window_index]
+            order = window_index[kept_in_order]
+            ends = (cu_window[1:] // unit).to(keep.device)
+            window_of = torch.bucketize(kept_in_order.nonzero()[:, 0], ends, right=True)
+            cu_window = _cu_lengths(window_of, len(ends), unit)
+        else:
+            order = kept
+        frames = torch.tensor([h * w // unit for t, h, w in grids for _ in range(t)], device=keep.device)
+        frame_of = torch.repeat_interleave(torch.arange(len(frames), device=keep.device), frames)
+        cu_frames = _cu_lengths(frame_of[order], len(frames), unit)
+        rows = (order[:, None] * unit + torch.arange(unit, device=order.device)).flatten()
+        hidden = visual.patch_embed(pixels[rows])
+        positions = get_vision_position_ids(grid_thw, self.merge).to(rows.device)[rows]
+        rotary = visual.rotary_pos_emb(hidden, positions)
+        full = set(getattr(visual, "fullatt_block_indexes", range(depth)))
+        for i, block in enumerate(visual.blocks):
+            bounds = cu_frames if i in full else cu_window
+            hidden = block(hidden, cu_seqlens=bounds, max_seqlen=None, position_embeddings=rotary)
+        merged = visual.merger(hidden)
+        if windowed:  # window order -> raster order, as the tower does
+            merged = merged[order.argsort()]
+        out = merged.new_zeros(keep.shape[0], merged.shape[-1])
+        out[kept] = merged
+        stage.count_blocks(kind, [rows.shape[0]] * depth)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=out)
+
     def numbers_from_cache(self, kwargs: dict) -> bool:
         # without a mask or positions, Qwen numbers new tokens from the (pressed) cache length
         return kwargs.get("position_ids") is None and kwargs.get("attention_mask") is None
@@ -448,3 +571,28 @@ class QwenVLAdapter(Adapter):
             model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         if inputs.get("pixel_values_videos") is not None:
             model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+
+
+def _cu_lengths(segment: Tensor, count: int, unit: int) -> Tensor:
+    """Cumulative lengths (int32, from 0) of ``count`` attention segments holding the units whose
+    segment ids (ascending) are ``segment``, ``unit`` patches each; empty segments removed."""
+    lengths = torch.bincount(segment, minlength=count) * unit
+    cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return torch.unique_consecutive(cu)
+
+
+class _Installed:
+    """An instance attribute set for a `with` block (our tower forward, a wrapped method) and
+    removed on exit, like a hook handle; a value the instance held before (accelerate's wrapped
+    forward) comes back."""
+
+    def __init__(self, owner, name: str, value):
+        self.owner, self.name = owner, name
+        self.before = owner.__dict__.get(name, _Installed)
+        setattr(owner, name, value)
+
+    def remove(self) -> None:
+        if self.before is _Installed:
+            self.owner.__dict__.pop(self.name, None)
+        else:
+            setattr(self.owner, self.name, self.before)

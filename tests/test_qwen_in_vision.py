@@ -1,0 +1,232 @@
+"""The Qwen-VL vision tower on a subset of merge units (models/qwen_vl.py ``vision_hooks``): the
+pressed run equals an ORACLE written here without the adapter's code: the stock tower fed only
+the kept patches with their rotary positions, frame and window boundaries passed in by hand
+(transformers' precomputed ``position_ids`` / ``cu_seqlens`` / ``window_index`` /
+``cu_window_seqlens`` kwargs), and the language model fed only the text and the kept visual
+embeddings, each row alone, with the M-RoPE ids the unpressed model gives them."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import mmpress
+from mmpress.models.qwen_vl import QwenVLAdapter as Q
+from mmpress.presses.base import VisionPress
+
+TYPES = ["qwen2_5_vl", "qwen2_vl"]
+
+
+@dataclass
+class EveryThird(VisionPress):
+    """Test press: drops every unit whose raster index over (t, h, w) is 1 mod 3; images keep all."""
+
+    name = "test-qwen-every-third"
+    mode = "drop"
+    needs_budget = False
+
+    def drop_plan(self, units, kind):
+        n = units.shape[0] * units.shape[1] * units.shape[2]
+        keep = torch.arange(n) % 3 != 1 if kind == "video" else torch.ones(n, dtype=torch.bool)
+        return keep.view(units.shape[:3])
+
+
+@dataclass
+class KeepAll(EveryThird):
+    name = "test-qwen-keep-all"
+
+    def drop_plan(self, units, kind):
+        return torch.ones(units.shape[:3], dtype=torch.bool)
+
+
+# ---- the oracle -----------------------------------------------------------------------------
+def _units(model, grid):
+    """[(frame, i, j)] of one item's merge units, in the processor's order."""
+    merge = model.config.vision_config.spatial_merge_size
+    t, h, w = grid
+    return [(f, i, j) for f in range(t) for i in range(h // merge) for j in range(w // merge)]
+
+
+def oracle_tower(model, pixels, grids, keeps):
+    """The stock tower on the kept units (``keeps``: per item, a list of bools per unit), every
+    boundary built here by hand. Returns per item the (k, D) features of its kept units."""
+    visual, vision = model.model.visual, model.config.vision_config
+    merge, unit = vision.spatial_merge_size, vision.spatial_merge_size**2
+    rows, positions, kept_units = [], [], []  # kept_units: (item, frame, i, j)
+    offset = 0
+    for item, (grid, keep) in enumerate(zip(grids, keeps)):
+        for u, ((f, i, j), k) in enumerate(zip(_units(model, grid), keep)):
+            if k:
+                kept_units.append((item, f, i, j))
+                for a in range(merge):
+                    for b in range(merge):
+                        rows.append((offset + u) * unit + a * merge + b)
+                        positions.append((merge * i + a, merge * j + b))
+        offset += len(keep)
+    kwargs = {"position_ids": torch.tensor(positions)}
+
+    def cumulative(keys):
+        counts = {}
+        for key in keys:
+            counts[key] = counts.get(key, 0) + unit
+        cu = [0]
+        for key in sorted(counts):
+            cu.append(cu[-1] + counts[key])
+        return torch.tensor(cu, dtype=torch.int32)
+
+    kwargs["cu_seqlens"] = cumulative([(item, f) for item, f, _, _ in kept_units])
+    if hasattr(visual, "fullatt_block_indexes"):
+        side = vision.window_size // merge // vision.patch_size
+        window = [(item, f, i // side, j // side) for item, f, i, j in kept_units]
+        order = sorted(range(len(kept_units)), key=lambda n: (window[n], kept_units[n]))
+        kwargs["window_index"] = torch.tensor(order)
+        kwargs["cu_window_seqlens"] = cumulative(window)
+    with torch.no_grad():
+        out = visual(pixels[torch.tensor(rows)], grid_thw=torch.tensor(grids), **kwargs).pooler_output
+    return list(out.split([sum(k) for k in keeps]))
+
+
+def _lm_inputs(model, inputs):
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.update(kwargs)
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen
+
+
+def oracle_logits(model, inputs, keep_image, keep_video):
+    """Last-token logits of each row: the language model fed only the text and the kept visual
+    tokens (in the prompt's order) with their unpressed M-RoPE ids, row by row (no padding).
+    ``keep_*``: per item of that kind, a list of bools per unit (None: no such items)."""
+    config = model.config
+    position_ids = _lm_inputs(model, inputs)["position_ids"]
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach().clone()
+    keep_column = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+    for kind, token, keeps in (("image", config.image_token_id, keep_image), ("video", config.video_token_id,
+                                                                               keep_video)):
+        if keeps is None:
+            continue
+        pixels = inputs["pixel_values" if kind == "image" else "pixel_values_videos"]
+        grids = inputs[f"{kind}_grid_thw"].tolist()
+        features = torch.cat(oracle_tower(model, pixels, grids, keeps))
+        flags = torch.tensor([k for keep in keeps for k in keep])
+        where = (inputs["input_ids"] == token).nonzero()  # placeholders in row-major order = item order
+        kept_where = where[flags]
+        embeds[kept_where[:, 0], kept_where[:, 1]] = features.to(embeds.dtype)
+        keep_column[where[~flags][:, 0], where[~flags][:, 1]] = False
+    mask = inputs["attention_mask"].bool() & keep_column
+    out = []
+    with torch.no_grad():
+        for row in range(embeds.shape[0]):
+            cols = mask[row].nonzero()[:, 0]
+            hidden = model.model.language_model(inputs_embeds=embeds[row:row + 1, cols],
+                                                position_ids=position_ids[..., row:row + 1, cols],
+                                                attention_mask=torch.ones(1, len(cols), dtype=torch.long))
+            out.append(model.lm_head(hidden.last_hidden_state[:, -1]))
+    return torch.cat(out)
+
+
+def pressed_logits(model, inputs, press):
+    with torch.no_grad(), press(model) as run:
+        return model(**inputs).logits[:, -1], run.stats
+
+
+def every_third(inputs, kind):
+    grids = inputs.get(f"{kind}_grid_thw")
+    if grids is None:
+        return None
+    out = []
+    for t, h, w in grids.tolist():
+        n = t * h * w // 4
+        out.append([u % 3 != 1 if kind == "video" else True for u in range(n)])
+    return out
+
+
+ROWS = {"single": [[(8, 32, 32)]], "ragged": [[(8, 32, 32)], [(4, 32, 48), (32, 32)], []]}
+
+
+# ---- tests ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("rows", sorted(ROWS))
+def test_the_tower_on_kept_units_equals_the_oracle(model_type, rows):
+    model = Q.build("tiny", model_type=model_type)
+    inputs = Q.prompts(model, ROWS[rows])
+    got, stats = pressed_logits(model, inputs, EveryThird())
+    want = oracle_logits(model, inputs, every_third(inputs, "image"), every_third(inputs, "video"))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    videos = every_third(inputs, "video")
+    kept = sum(map(sum, videos)) + sum(map(len, every_third(inputs, "image") or []))
+    assert stats.kept_visual_tokens == kept
+    assert stats.vision_block_tokens == [4 * kept] * len(model.model.visual.blocks)
+    with torch.no_grad():  # not a tautology: the dropped tokens change the answer
+        assert not torch.allclose(got, model(**inputs).logits[:, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_keep_all_is_the_unpressed_model_bit_for_bit(model_type):
+    model = Q.build("tiny", model_type=model_type)
+    inputs = Q.prompts(model, ROWS["ragged"])
+    with torch.no_grad():
+        want = model(**inputs).logits
+        with KeepAll()(model) as run:
+            got = model(**inputs).logits
+    assert torch.equal(got, want)
+    assert run.stats.kept_visual_tokens == run.stats.visual_tokens
+
+
+def test_the_stock_tower_comes_back_after_the_block():
+    model = Q.build("tiny")
+    visual, vlm = model.model.visual, model.model
+    inputs = Q.prompts(model, ROWS["single"])
+    with pytest.raises(RuntimeError, match="boom"):
+        with EveryThird()(model):
+            assert "forward" in visual.__dict__
+            raise RuntimeError("boom")
+    assert "forward" not in visual.__dict__ and "get_video_features" not in vlm.__dict__
+    with torch.no_grad():
+        out = visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"]).pooler_output
+    assert out.shape[0] == inputs["video_grid_thw"].prod(-1).sum() // 4
+
+
+def test_sdpa_is_kept_in_the_tower(monkeypatch):
+    model = Q.build("tiny")
+    module = sys.modules[type(model.model.visual.blocks[0].attn).__module__]
+
+    def eager(*args, **kwargs):
+        raise AssertionError("eager attention ran")
+
+    monkeypatch.setattr(module, "eager_attention_forward", eager)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    inputs = Q.prompts(model, ROWS["single"])
+    pressed_logits(model, inputs, EveryThird())
+    assert calls
+
+
+def test_generate_ragged_decodes_like_each_row_alone():
+    model = Q.build("tiny")
+    rows = ROWS["ragged"]
+    inputs = Q.prompts(model, rows)
+    with torch.no_grad(), EveryThird()(model):
+        batched = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, -3:]
+        for i, row in enumerate(rows):
+            alone = model.generate(**Q.prompts(model, [row], first_row=i), max_new_tokens=3, do_sample=False)
+            assert torch.equal(batched[i], alone[0, -3:])
+
+
+def test_a_pre_llm_press_reading_tower_signals_is_refused():
+    model = Q.build("tiny")
+    with pytest.raises(ValueError, match="kept patches only"):
+        with mmpress.compose(EveryThird(), mmpress.get_press("visionzip", keep=8))(model):
+            pass
