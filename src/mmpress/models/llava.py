@@ -13,6 +13,13 @@ press lists in ``layers``), from a forward pre-hook on that layer's attention mo
 layer (``cls_attn_concat``, ``vision_keys_concat``: official PruMerge's); ``vision_features``, what the projector
 receives (the feature layer's hidden states, [CLS] dropped with the "default" strategy), from a
 forward pre-hook on the projector.
+
+In the vision tower (``vision_hooks``, in-vision presses): "merge" (``tome_vit``) runs ToMe in the
+tower's blocks (``models/towers.py``); "resize" (``downsample``) shrinks the pixels and runs the
+tower with interpolated position embeddings. LLaVA reads ``hidden_states[vision_feature_layer]``
+(the [CLS] row dropped with strategy "default") and projects it: the projector's k rows per image
+are sorted by the position they stand for and scattered over the image's N placeholders, so the
+core can drop the others before the language model.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, qwen2_text
 
 from mmpress.flops import PrefillFlops, language_flops, transformer_flops
 from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Adapter, Item, family
+from mmpress.models.stages import Selected
+from mmpress.models.towers import TowerState, install, map_signals
 from mmpress.models.vision import (fill_cls_signals, attention_module, cls_signals, concat_layer, encoder_layers,
                                    hook_forms, layer_index, press_layers)
 from mmpress.presses.base import Press, VisualContext
@@ -45,6 +54,7 @@ class LlavaAdapter(Adapter):
              "*_concat: the same from one softmax over the heads-concatenated q / k")
     example_rows = {"single": [[(32, 32)]], "ragged": [[(32, 32)], [(32, 32), (32, 32)], [(32, 32)]]}
     bench_media = {"image": (336, 336)}
+    vision_modes = frozenset({"merge", "resize"})
 
     def __init__(self, model, positions: str | None = None):
         super().__init__(model, positions)
@@ -128,6 +138,149 @@ class LlavaAdapter(Adapter):
         def hook(module, args, kwargs):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             self.vision[block] = cls_signals(module, hidden, heads="heads" in forms, concat="concat" in forms)
+
+        return hook
+
+    # ---- in-vision presses: ToMe in the tower's blocks, downsampling ---------------------------
+    def vision_hooks(self, press: Press, stage) -> list:
+        if self.family != "llava":
+            raise ValueError(f"{type(press).__name__} runs in LLaVA-1.5's single-crop tower; {self.family}'s AnyRes "
+                             "crops are not supported: pick a pre_llm press")
+        tower = self.vlm.vision_tower
+        hooks = [tower.register_forward_pre_hook(self._resize_pixels(press, stage) if press.mode == "resize"
+                                                 else lambda module, args, kwargs: stage.new_call(), with_kwargs=True)]
+        if press.mode == "resize":
+            return hooks + [self.vlm.multi_modal_projector.register_forward_hook(self._scatter_resized(stage))]
+        if press.mode != "merge":
+            raise ValueError(f"the LLaVA tower runs in-vision presses that merge or resize, not {press.mode!r}")
+        layers = encoder_layers(tower)
+        cls = self._has_cls(tower)
+        if not cls and self.config.vision_feature_select_strategy == "default":
+            raise ValueError("this LLaVA tower has no [CLS] token, and strategy 'default' drops token 0, which "
+                             "merging would move: use vision_feature_select_strategy='full' or a pre_llm press")
+        state = TowerState(press.schedule(len(layers)), protected=int(cls), prop_attn=press.prop_attn)
+        try:
+            hooks += install(layers, state) if any(state.schedule) else []
+            projector = self.vlm.multi_modal_projector
+            hooks += [projector.register_forward_pre_hook(self._sort_merged(state)),
+                      projector.register_forward_hook(self._scatter_merged(stage, state))]
+        except Exception:
+            for hook in hooks:
+                hook.remove()
+            raise
+        return hooks
+
+    @staticmethod
+    def _has_cls(tower) -> bool:
+        """CLIP (``class_embedding``) and DINOv2 (``cls_token``) towers lead with [CLS]; SigLIP does not."""
+        embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+        return any(hasattr(embeddings, name) for name in ("class_embedding", "cls_token"))
+
+    def _placeholders(self, index: Tensor) -> Tensor:
+        """Tower token indices -> placeholder indices (strategy "default": [CLS], token 0, is dropped)."""
+        return index[:, 1:] - 1 if self.config.vision_feature_select_strategy == "default" else index
+
+    def _sort_merged(self, state: TowerState):
+        """Projector pre-hook: the feature layer's merged tokens, in the tower's (official) order,
+        sorted by the position they stand for; the [CLS] signals a composed press reads, recorded
+        at that block's attention input, mapped through its merge and sorted the same way."""
+        if not any(state.schedule):
+            return lambda module, args: None
+        block = self._block(self._feature_layer())
+
+        def hook(module, args):
+            index = state.after[block]  # (M, N') tower order, [CLS] first
+            order = index.argsort(dim=1)
+            for b, forms in self.vision.items():
+                if b != block and (b in state.matchings or any(m < b for m in state.matchings)):
+                    raise ValueError("tome_vit changes the tokens between vision layers: a composed press may read "
+                                     "[CLS] signals of the feature layer only, not of other layers")
+                if b == block:
+                    match, size = state.matchings.get(block, (None, None))
+                    for form, (scores, keys) in forms.items():
+                        scores, keys = map_signals(match, size, scores, keys)
+                        forms[form] = (scores.gather(1, order), keys.gather(1, order[..., None].expand_as(keys)))
+            features = args[0]
+            feature_order = self._placeholders(index).argsort(dim=1)
+            sorted_features = features.gather(1, feature_order[..., None].expand_as(features))
+            return (sorted_features, *args[1:])
+
+        return hook
+
+    def _scatter_merged(self, stage, state: TowerState):
+        """Projector forward hook: each image's k rows (sorted) over its N placeholders, recorded."""
+        block = self._block(self._feature_layer()) if any(state.schedule) else None
+
+        def hook(module, args, out):
+            m, k, d = out.shape
+            if block is None:  # r = 0: the tower ran untouched; every placeholder is kept
+                index = torch.arange(k, device=out.device).expand(m, k)
+                n, blocks = k, [m * (k + (self.config.vision_feature_select_strategy == "default"))] \
+                    * len(encoder_layers(self.vlm.vision_tower))
+            else:
+                index = self._placeholders(state.after[block]).sort(dim=1).values
+                n = state.entering[0] - (self.config.vision_feature_select_strategy == "default")
+                blocks = [m * t for t in state.entering]
+            for source in range(m):
+                stage.record("image", source, Selected(index[source]))
+            stage.count_blocks("image", blocks)
+            if block is None:
+                return None
+            full = out.new_zeros(m, n, d)
+            return full.scatter(1, index[..., None].expand(-1, -1, d), out)
+
+        return hook
+
+    def _resize_pixels(self, press, stage):
+        """Tower pre-hook ("resize"): the pixels resized to the press's patch grid (``grid_for``),
+        the position embeddings interpolated (CLIP / SigLIP: ``interpolate_pos_encoding=True``;
+        DINOv2 always interpolates)."""
+        patch = self.config.vision_config.patch_size
+        tower = self.vlm.vision_tower
+        import inspect
+
+        takes_flag = "interpolate_pos_encoding" in inspect.signature(tower.forward).parameters
+
+        def hook(module, args, kwargs):
+            stage.new_call()
+            pixels = kwargs.get("pixel_values", args[0] if args else None)
+            h, w = (s // patch for s in pixels.shape[-2:])
+            h2, w2 = press.grid_for(h, w)
+            self._resized = (h, w, h2, w2, len(encoder_layers(tower)))
+            if (h2, w2) == (h, w):
+                return None
+            small = press.resize(pixels, (h2 * patch, w2 * patch))
+            if "pixel_values" in kwargs:
+                kwargs = {**kwargs, "pixel_values": small}
+            else:
+                args = (small, *args[1:])
+            if takes_flag:
+                kwargs = {**kwargs, "interpolate_pos_encoding": True}
+            return args, kwargs
+
+        return hook
+
+    def _scatter_resized(self, stage):
+        """Projector forward hook ("resize"): each new token takes the place of the original patch
+        at its centre (raster order is kept, so the indices ascend); scattered over the N placeholders."""
+        full_strategy = self.config.vision_feature_select_strategy == "full"
+
+        def hook(module, args, out):
+            h, w, h2, w2, depth = self._resized
+            m, k, d = out.shape
+            rows = ((2 * torch.arange(h2) + 1) * h) // (2 * h2)
+            cols = ((2 * torch.arange(w2) + 1) * w) // (2 * w2)
+            index = (rows[:, None] * w + cols[None, :]).reshape(-1).to(out.device)
+            if full_strategy:  # [CLS] is token 0 of both
+                index = torch.cat([index.new_zeros(1), index + 1])
+            grid = None if full_strategy else (1, h2, w2)
+            for source in range(m):
+                stage.record("image", source, Selected(index, grid))
+            stage.count_blocks("image", [m * (h2 * w2 + self._has_cls(self.vlm.vision_tower))] * depth)
+            if (h2, w2) == (h, w):
+                return None
+            full = out.new_zeros(m, h * w + full_strategy, d)
+            return full.index_copy(1, index, out)
 
         return hook
 

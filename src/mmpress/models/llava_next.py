@@ -198,6 +198,7 @@ class LlavaNextAdapter(LlavaAdapter):
     example_rows = {"single": [[(40, 72)]], "ragged": [[(64, 64)], [(72, 40), (32, 32)], [(40, 72)]]}
     bench_media = {"image": (672, 672)}  # 2 x 2 tiles + base: 2928 tokens, as LLaVA-NeXT-7B
     has_cls = True  # CLIP: token 0 of a crop is [CLS] (dropped with the "default" strategy)
+    vision_modes = frozenset()  # in-vision presses (tome_vit, downsample) run on LLaVA-1.5's single crop only
 
     def __init__(self, model, positions: str | None = None):
         super().__init__(model, positions)

@@ -2,7 +2,7 @@
 
 from mmpress.presses import (  # noqa: F401
     baselines, cdpruner, dart, divprune, downsample, evs, fastv, fastvid, holov, lookm, mmtok, pdrop, prumerge, snapkv, sparsevlm,
-    static_patches, temporal_merge, tome, visionzip, vispruner, vtc_cls, vtw,
+    static_patches, temporal_merge, tome, tome_vit, visionzip, vispruner, vtc_cls, vtw,
 )
 from mmpress.presses import globalcom2, hiprune, scope  # noqa: F401  (AnyRes-aware presses)
 from mmpress.presses import audio_merge, fastadasp, silence  # noqa: F401  (audio presses)
