@@ -16,8 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mmpress
 from mmpress.models.layout import input_layout
-from mmpress.models.qwen2_5_omni import (AUDIO_TOKEN, VIDEO_TOKEN, QwenOmniAdapter, audio_flops, audio_tokens,
-                                         token_energy)
+from mmpress.models.qwen2_5_omni import AUDIO_TOKEN, VIDEO_TOKEN, QwenOmniAdapter, audio_flops, clip_energy
+from mmpress.models.qwen2_audio import audio_tokens
 from mmpress.presses.base import ScorerPress
 from mmpress.registry import get_adapter
 
@@ -126,15 +126,19 @@ def test_keep_all_reproduces_the_unpressed_model(model, rows):
             assert run.stats.kept_visual_tokens == run.stats.visual_tokens > 0
 
 
-@pytest.mark.parametrize("name", ["divprune", "test-norm", "tome", "mmtok", "cdpruner", "fastv", "snapkv"])
-@pytest.mark.parametrize("rows", ROWS)
+PRESSES = {"test-norm": lambda: NormPress(keep_ratio=0.5), "cdpruner": lambda: mmpress.get_press("cdpruner", keep=4),
+           "fastv": lambda: mmpress.get_press("fastv", keep_ratio=0.5, layer=1),
+           "fastadasp": lambda: mmpress.get_press("fastadasp", keep_ratio=0.5, layer=1),
+           "snapkv": lambda: mmpress.get_press("snapkv", keep_ratio=0.5, window=4)}
+ANY_KIND = ["divprune", "test-norm", "tome", "mmtok", "cdpruner", "audio_merge", "fastv", "fastadasp", "snapkv"]
+
+
+@pytest.mark.parametrize("rows, name", [(rows, name) for rows in ROWS for name in ANY_KIND] + [("audio", "silence")])
 def test_ragged_batch_decodes_like_each_row_alone(model, rows, name):
     """Forward and generate under a press on clips of different lengths (with images, videos and
-    a video's interleaved audio), each row as it decodes alone."""
-    press = {"test-norm": NormPress(keep_ratio=0.5), "cdpruner": mmpress.get_press("cdpruner", keep=4),
-             "fastv": mmpress.get_press("fastv", keep_ratio=0.5, layer=1),
-             "snapkv": mmpress.get_press("snapkv", keep_ratio=0.5, window=4)}.get(name) \
-        or mmpress.get_press(name, keep_ratio=0.5)
+    a video's interleaved audio), each row as it decodes alone. Silence reads audio_energy: clips
+    only (test_bad_input_raises: with images it refuses)."""
+    press = PRESSES.get(name, lambda: mmpress.get_press(name, keep_ratio=0.5))()
     inputs = batch(model, rows)
     with torch.no_grad(), press(model) as run:
         logits = model(**inputs).logits
@@ -243,7 +247,7 @@ def test_audio_signals_are_the_encoder_output_and_the_frames_energy(model):
         model.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"])
     handle.remove()
     frames = inputs["feature_attention_mask"].sum(-1).tolist()
-    lengths = [int(audio_tokens(torch.tensor(f))) for f in frames]
+    lengths = [audio_tokens(f) for f in frames]
     per_clip = captured[0].split(lengths)
     seen = {ctx.audio_energy.shape[1]: ctx for ctx in press.seen}  # clips of different lengths: own groups
     assert sorted(seen) == sorted(lengths)
@@ -261,7 +265,7 @@ def test_token_energy_skips_padding_wherever_the_mask_holds_it():
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[0, 7:] = 0
     mask[1, :2] = 0  # frames are taken in order wherever the mask has them, as the encoder does
-    energy = token_energy(features, mask, 2)
+    energy = clip_energy(features, mask, 2)
     frame = features.mean(1)
     assert torch.allclose(energy[0], torch.stack([frame[0, :4].mean(), frame[0, 4:7].mean()]))
     assert torch.allclose(energy[1], torch.stack([frame[1, 2:6].mean(), frame[1, 6:10].mean()]))
@@ -279,8 +283,10 @@ def test_bad_input_raises(model):
         model(**no_mask)
     with mmpress.get_press("visionzip", keep_ratio=0.5)(model), pytest.raises(ValueError, match="audio clips do not"):
         model(**inputs)
-    with Recording(keep_ratio=0.5)(model), pytest.raises(ValueError, match="audio signals"):
+    with Recording(keep_ratio=0.5)(model), pytest.raises(ValueError, match="audio signals, which"):
         model(**inputs)
+    with mmpress.get_press("silence", keep_ratio=0.5)(model), pytest.raises(ValueError, match="audio signals, which"):
+        model(**batch(model, "video_audio"))
     with pytest.raises(ValueError, match="positions"):
         QwenOmniAdapter(model, positions="reindex")
     with pytest.raises(ValueError, match="one flag per call"):

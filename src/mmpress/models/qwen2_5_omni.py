@@ -29,8 +29,9 @@ block, its keys, the merger's input; see ``qwen_vl.py``): the Omni vision attent
 ``q`` / ``k`` separately instead of one fused ``qkv``, the only difference. Audio items get
 ``audio_features``, each token's encoder output as the projector receives it (the input of the
 audio tower's ``proj``, after the pool and ``ln_post``: the Omni tower holds its projector), and
-``audio_energy``, the mean log-mel value of the 4 input frames each token covers (over the mel
-bins; the feature extractor's log-mel, so silence is low), computed from ``input_features``;
+``audio_energy``, the mean log-mel energy of the 4 input frames (40 ms) each token stands for
+(Qwen2-Audio's ``token_energy``, whose docstring says which frames; silence is low), from
+``input_features``, each clip's real frames taken in order as the Omni encoder takes them;
 ``vision_features`` of an audio item is its ``audio_features`` (the encoder output the projector
 receives, as Qwen2-Audio's file gives it, so MMTok runs on audio). A press needing other vision
 signals on an audio item, or audio signals on an image or video, raises.
@@ -43,46 +44,33 @@ its text model under ``.model``. The adapter reads whichever the installed versi
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from mmpress.flops import PrefillFlops, language_flops
 from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Item, family
 from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, text_around, text_config
+from mmpress.models.qwen2_audio import audio_tokens, clip_frames, token_energy
 from mmpress.models.qwen_vl import QwenVLAdapter, vision_flops
 from mmpress.presses.base import Press, VisualContext
 
 AUDIO_SIGNALS = frozenset({"audio_features", "audio_energy"})
 #: vision-tower signals (an audio item has none of them)
 TOWER_SIGNALS = VISION_SIGNALS - {"grid", "text"}
-FRAMES_PER_TOKEN = 4  # the audio encoder's stride-2 convolution, then its stride-2 average pool
-SAMPLE_RATE, HOP = 16000, 160  # Whisper's feature extractor: 100 log-mel frames a second
 PADDED_FRAMES = 3000  # the processor pads every clip's features to 30 s
 # placeholder and marker ids of the random models below (text ids start at 10)
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END, AUDIO_TOKEN, AUDIO_START, AUDIO_END = 3, 4, 5, 6, 7, 8, 9
 
 
-def audio_tokens(frames: Tensor) -> Tensor:
-    """Tokens the Omni audio encoder makes of clips of ``frames`` mel frames (its
-    ``_get_feat_extract_output_lengths``: a stride-2 convolution, then a stride-2 pool)."""
-    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
-
-
-def token_energy(features: Tensor, mask: Tensor, tokens: int) -> Tensor:
-    """(C, tokens) the mean log-mel value of the ``FRAMES_PER_TOKEN`` valid frames each audio token
-    covers: ``features`` (C, mel, F) the feature extractor's log-mel, ``mask`` (C, F) its
-    ``feature_attention_mask``. Frames are taken in order wherever the mask holds them (as the
-    encoder does); a token past a clip's end gets 0. Batched: one scatter, no loop."""
-    c, _, f = features.shape
-    valid = mask.bool()
-    frame = features.float().mean(dim=1)  # (C, F): each frame's mean over the mel bins
-    slot = ((valid.long().cumsum(dim=1) - 1) // FRAMES_PER_TOKEN).clamp(max=tokens)
-    slot = slot.masked_fill(~valid, tokens)  # padding (and frames past the last token) to a spare slot
-    sums = frame.new_zeros(c, tokens + 1).scatter_add_(1, slot, frame.masked_fill(~valid, 0))
-    counts = frame.new_zeros(c, tokens + 1).scatter_add_(1, slot, valid.to(frame.dtype))
-    return (sums / counts.clamp(min=1))[:, :tokens].to(features.dtype)
+def clip_energy(features: Tensor, mask: Tensor, tokens: int) -> Tensor:
+    """(C, tokens) each audio token's mean log-mel energy (Qwen2-Audio's ``token_energy``: the
+    frames 4j .. 4j + 3 it stands for, averaged over the mel bins and the real frames).
+    ``features`` (C, mel, F), ``mask`` (C, F) the ``feature_attention_mask``. The Omni encoder
+    takes each clip's real frames in order wherever the mask holds them, so they are moved to the
+    front first (the processor's masks are prefixes already: then this changes nothing)."""
+    order = (mask == 0).long().argsort(dim=1, stable=True)  # real frames first, in order
+    front = features.gather(2, order[:, None].expand_as(features).to(features.device))
+    return token_energy(front, mask.gather(1, order))[:, :tokens]
 
 
 def audio_flops(audio_cfg, frames: list[int]) -> tuple[float, float]:
@@ -102,7 +90,7 @@ def audio_flops(audio_cfg, frames: list[int]) -> tuple[float, float]:
     convs = 2.0 * 3 * len(chunks) * (longest * mel * d + ((longest - 1) // 2 + 1) * d * d)
     per_frame = 4 * d * d + 2 * d * ffn  # q, k, v, out; a plain 2-matrix MLP
     layers = 2.0 * audio_cfg.encoder_layers * (sum(after) * per_frame + 2 * d * sum(a * a for a in after))
-    tokens = int(audio_tokens(torch.tensor(frames)).sum())
+    tokens = sum(map(audio_tokens, frames))
     return convs + layers, 2.0 * tokens * d * audio_cfg.output_dim
 
 
@@ -183,9 +171,9 @@ class QwenOmniAdapter(QwenVLAdapter):
         needs = set(press.needs)
         if items[0].kind != "audio":
             if needs & AUDIO_SIGNALS:
-                raise ValueError(f"{type(press).__name__} needs {sorted(needs & AUDIO_SIGNALS)}, audio signals, and this "
-                                 f"prompt holds {items[0].kind}s too: press the audio alone, or pick a press that "
-                                 "needs only the tokens (random, divprune, tome, ...)")
+                raise ValueError(f"{type(press).__name__} needs {sorted(needs & AUDIO_SIGNALS)}, audio signals, which this "
+                                 f"prompt's {items[0].kind}s do not have: for a prompt with images or videos, pick a "
+                                 "press that needs only the tokens (random, divprune, tome, audio_merge, ...)")
             if needs & TOWER_SIGNALS:
                 super().fill_signals(press, ctx, items)
             return
@@ -204,7 +192,7 @@ class QwenOmniAdapter(QwenVLAdapter):
             ctx.audio_features = ctx.vision_features = torch.stack([audio["encoded"][s] for s in sources])
         if "audio_energy" in needs:
             if audio.get("energy") is None:  # once per prefill, for every clip
-                audio["energy"] = token_energy(audio["features"], audio["mask"], max(audio["lengths"]))
+                audio["energy"] = clip_energy(audio["features"], audio["mask"], max(audio["lengths"]))
             energy = audio["energy"]
             ctx.audio_energy = energy[torch.tensor(sources, device=energy.device), :n]
 
@@ -335,8 +323,8 @@ class QwenOmniAdapter(QwenVLAdapter):
     @staticmethod
     def _clip(model, seconds: float, seed: int, row: int, index: int) -> tuple[Tensor, int]:
         """Random log-mel features (mel bins, frames) of a clip of ``seconds`` and its token count."""
-        frames = math.ceil(round(seconds * SAMPLE_RATE) / HOP)  # Whisper's feature extractor
-        n = int(audio_tokens(torch.tensor(frames)))
+        frames = clip_frames(seconds)
+        n = audio_tokens(frames)
         if n < 1:
             raise ValueError(f"an audio clip of {seconds} s ({frames} log-mel frames) gives no token: give at least "
                              "0.03 s")
@@ -371,4 +359,4 @@ class QwenOmniAdapter(QwenVLAdapter):
             model.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"])
 
 
-__all__ = ["AUDIO_SIGNALS", "QwenOmniAdapter", "audio_flops", "audio_tokens", "token_energy"]
+__all__ = ["AUDIO_SIGNALS", "QwenOmniAdapter", "audio_flops", "clip_energy"]
