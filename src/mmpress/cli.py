@@ -71,12 +71,16 @@ def _press_names(text: str, param_hint: str = "--presses") -> list[str]:
 
 
 def _budgets(text: str, param_hint: str = "--keep") -> list[int]:
-    """Comma-separated positive ints: ``128,64,32``."""
+    """Comma-separated positive ints: ``128,64,32``; or percentages of each item's tokens,
+    ``50%,25%`` (fractions 0.5, 0.25: audio clips differ in length)."""
     try:
-        keeps = [int(k) for k in text.split(",")]
+        keeps = [float(k[:-1]) / 100 if k.endswith("%") else int(k) for k in text.split(",")]
     except ValueError:
         keeps = []
-    if not keeps or min(keeps) < 1:
+    if any(isinstance(k, float) and not 0 < k < 1 for k in keeps):
+        raise typer.BadParameter(f"percentages must lie between 0% and 100% (exclusive), got {text!r}",
+                                 param_hint=param_hint)
+    if not keeps or min(keeps) <= 0:
         raise typer.BadParameter(f"expected comma-separated positive ints (visual tokens per image), e.g. 128,64,32; "
                                  f"got {text!r}", param_hint=param_hint)
     return keeps
@@ -145,8 +149,10 @@ def list_cmd():
 
 @app.command()
 def run(
-    question: str = typer.Argument(..., help="question about the image"),
-    image: Path = typer.Option(..., "--image", "-i", exists=True, dir_okay=False, help="image file"),
+    question: str = typer.Argument(..., help="question about the image (or the audio clip)"),
+    image: Optional[Path] = typer.Option(None, "--image", "-i", exists=True, dir_okay=False, help="image file"),
+    audio: Optional[Path] = typer.Option(None, "--audio", "-a", dir_okay=False,
+                                         help="WAV file (8-192 kHz, resampled to 16 kHz): ask the audio demo model"),
     model: str = typer.Option(DEMO, help="local path or cached hub id of a LLaVA model; 'demo' = embedded model"),
     press: str = typer.Option("none", help="press name (mmpress list)"),
     keep: Optional[int] = typer.Option(None, help="visual tokens kept per image"),
@@ -163,6 +169,10 @@ def run(
 
     if not question.strip():
         raise typer.BadParameter("the question is empty", param_hint="QUESTION")
+    if (image is None) == (audio is None):
+        raise typer.BadParameter("give one input: --image or --audio, not both", param_hint="--image / --audio")
+    if audio is not None:
+        return _run_audio(question, audio, model, press, keep, keep_ratio, max_new_tokens, as_json)
     pressor = get_press(press, **_budget(keep, keep_ratio))
     picture = read_image(image, "--image")  # not an image, or a decompression bomb: one line
     _check_model(model)
@@ -200,7 +210,68 @@ def run(
     )
 
 
+def _load_audio_model(model_id: str):
+    """The embedded audio demo, or a local / cached Qwen2-Audio model (no code from its folder)."""
+    if model_id == DEMO:
+        from mmpress.demo.audio import load_demo_audio
+
+        return load_demo_audio()
+    from transformers import AutoConfig, AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(model_id, trust_remote_code=False)
+    if config.model_type != "qwen2_audio":
+        raise typer.BadParameter(f"{model_id} is a {config.model_type} model; --audio runs Qwen2-Audio models "
+                                 "(or 'demo')", param_hint="--model")
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(model_id, trust_remote_code=False).eval()
+    return model, AutoProcessor.from_pretrained(model_id, trust_remote_code=False)
+
+
+def _run_audio(question: str, audio: Path, model: str, press: str, keep, keep_ratio, max_new_tokens: int,
+               as_json: bool) -> None:
+    """``mmpress run --audio``: the audio counterpart of ``run``, on a Qwen2-Audio model. The
+    clip is read and checked (a WAV, samples, a usable rate, within the demo's window) before any
+    model loads."""
+    import torch
+
+    from mmpress.demo.audio import CHUNK_SECONDS, ask_audio, encode_audio
+    from mmpress.eval.cost import prefill_flops, pressed_flops, time_call
+    from mmpress.eval.spoken import read_audio
+
+    pressor = get_press(press, **_budget(keep, keep_ratio))
+    clip = read_audio(audio, "--audio", max_seconds=CHUNK_SECONDS if model == DEMO else None)
+    _check_model(model)
+    alm, processor = _load_audio_model(model)
+    answer = ask_audio(alm, processor, [clip], [question], press=pressor, max_new_tokens=max_new_tokens)[0]
+    inputs = encode_audio(alm, processor, [clip], [question])
+
+    def prefill():
+        with torch.inference_mode():
+            alm(**inputs, logits_to_keep=1)
+
+    base_seconds = time_call(prefill, repeats=3)
+    with pressor(alm) as pressed:
+        seconds = time_call(prefill, repeats=3)
+    stats = pressed.stats.as_dict()
+    flops = pressed_flops(alm.config, inputs, stats).total  # each LM layer at its own length
+    base_flops = prefill_flops(alm.config, inputs, stats["seq_len"]).total
+    record = {"answer": answer, "press": press, "kept_tokens": stats["kept_visual_tokens"],
+              "total_tokens": stats["visual_tokens"], "seconds_of_audio": len(clip) / 16000,
+              "prefill_seconds": seconds, "unpressed_prefill_seconds": base_seconds,
+              "flops_saved": 1 - flops / base_flops}
+    if as_json:
+        print(json.dumps(record))
+        return
+    console.print(f"[bold]{answer}[/bold]")
+    console.print(
+        f"kept {record['kept_tokens']}/{record['total_tokens']} audio tokens ({record['seconds_of_audio']:.1f} s) "
+        f"· prefill {seconds * 1e3:.0f} ms (unpressed {base_seconds * 1e3:.0f} ms) · FLOPs saved "
+        f"{record['flops_saved']:.0%}", highlight=False)
+
+
 # The default grids finish in a few minutes on a 2-core CPU; --full runs the whole comparison.
+# --data spoken (the audio demo's spoken questions): these presses, at these fractions of each clip
+SPOKEN_PRESSES = ("random", "divprune", "audio_merge", "silence", "fastadasp")
+SPOKEN_KEEP = "50%,25%"
 QUICK_PRESSES = "divprune,visionzip,vispruner,random"
 BENCH_GRIDS = {  # option -> (default, with --full); an option given on the command line wins
     "presses": (QUICK_PRESSES, "all"),
@@ -233,7 +304,8 @@ def bench(
                                           show_default=False),
     keep: Optional[str] = typer.Option(None, help=_grid_help(BENCH_GRIDS, "keep", "comma-separated budgets "
                                                              "(visual tokens per image)"), show_default=False),
-    data: Optional[str] = typer.Option(None, help=_grid_help(BENCH_GRIDS, "data", "'scenes', 'easy-vqa', a .jsonl of "
+    data: Optional[str] = typer.Option(None, help=_grid_help(BENCH_GRIDS, "data", "'scenes', 'easy-vqa', 'spoken' "
+                                                             "(the audio demo, presses at 50%,25% of each clip), a .jsonl of "
                                                              "{image, question, answer}, or a saved datasets folder"),
                                        show_default=False),
     split: str = typer.Option("test"),
@@ -267,6 +339,9 @@ def bench(
         if presses is not None or keep is not None:
             raise typer.BadParameter("--config sets the press and budget: drop --presses and --keep", param_hint="--config")
         presses, keep = _config_cell(config)
+    if data == "spoken":  # the audio demo model on spoken questions; budgets as fractions of each clip
+        presses = presses or ",".join(name for name in SPOKEN_PRESSES if name in PRESSES)
+        keep = keep or SPOKEN_KEEP
     settings = grid(BENCH_GRIDS, full, presses=presses, keep=keep, data=data, limit=limit, timing_batch=timing_batch,
                     out=out)
     names, keeps = _press_names(settings["presses"]), _budgets(settings["keep"])
@@ -292,7 +367,7 @@ def bench(
             raise ValueError(f"{e}. {refusal}") from None
 
     processes = Processes.current()  # under `accelerate launch`: this process answers its share of the questions
-    vlm, processor = _load(model)
+    vlm, processor = (_load_audio_model if data == "spoken" else _load)(model)
     if processes.world > 1:
         from accelerate import PartialState
 

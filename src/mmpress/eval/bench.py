@@ -80,7 +80,11 @@ class _Cell:
             # keep_ratio=1 keeps every token: the adapter leaves the forward untouched (bit-identical
             # to the unpressed model) but still records the token counts the cost model needs
             return Press(keep_ratio=1.0)
-        return get_press(self.press) if self.keep is None else get_press(self.press, keep=self.keep)
+        if self.keep is None:
+            return get_press(self.press)
+        if isinstance(self.keep, float):  # a fraction of each item's tokens (audio clips differ in length)
+            return get_press(self.press, keep_ratio=self.keep)
+        return get_press(self.press, keep=self.keep)
 
     def add(self, answers: list[str], stats: dict, flops, kv: int, kl: torch.Tensor | None = None) -> None:
         self.answers += answers
@@ -156,16 +160,19 @@ def run_bench(
 
     if not data:
         raise ValueError("the dataset is empty: nothing to benchmark")
+    medium = "audio" if "audio" in data[0] else "image"  # spoken rows carry 16 kHz clips (eval.spoken)
     for i, sample in enumerate(data):
-        if "image" not in sample or "question" not in sample:
-            raise ValueError(f"sample {i} needs 'image' and 'question' keys, got {sorted(sample)}")
-    check_inputs([s["image"] for s in data], [s["question"] for s in data])
+        if medium not in sample or "question" not in sample:
+            raise ValueError(f"sample {i} needs {medium!r} and 'question' keys, got {sorted(sample)}")
+    check_inputs([s[medium] for s in data], [s["question"] for s in data])
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("repeats", repeats),
                         ("timing_batch", 1 if timing_batch is None else timing_batch)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in keeps):
-        raise ValueError(f"budgets must be positive ints (visual tokens per image), got {keeps!r}")
+    if any(isinstance(k, bool) or not (isinstance(k, int) and k >= 1 or isinstance(k, float) and 0 < k < 1)
+           for k in keeps):
+        raise ValueError(f"budgets must be positive ints (visual tokens per image) or fractions in (0, 1) (of "
+                         f"each item's tokens), got {keeps!r}")
     presses, keeps = list(dict.fromkeys(presses)), sorted(set(keeps), reverse=True)
     notes: list[str] = []
     if BASELINE in presses:
@@ -213,6 +220,10 @@ def run_bench(
     rows = resumable_rows(previous, record["fingerprint"])  # (press, keep) -> row
 
     def inputs_of(samples: list[dict]) -> dict:
+        if medium == "audio":
+            from mmpress.demo.audio import encode_audio
+
+            return encode_audio(model, processor, [s["audio"] for s in samples], [s["question"] for s in samples], hint)
         return encode(model, processor, [s["image"] for s in samples], [s["question"] for s in samples], hint)
 
     def update(pending: list[_Cell]) -> None:
@@ -442,7 +453,7 @@ def _data_hashes(data: list[dict]) -> dict[str, str]:
             per_image[id(image)] = _image_bytes(image)
         return per_image[id(image)]
 
-    images = (pixels(s["image"]) for s in data)
+    images = (pixels(s["image"]) if "image" in s else _image_bytes(np.asarray(s["audio"])) for s in data)
     return {"questions": _digest(s["question"] for s in data),
             "answers": _digest([s.get("answer"), s.get("choices")] for s in data),
             "kinds": _digest(s.get("kind") for s in data),
@@ -516,7 +527,7 @@ def _takes_budget(name: str) -> bool:
 
 
 def _plan(presses: list[str], keeps: list[int], n_visual: int, notes: list[str]) -> list[_Cell]:
-    usable = [k for k in keeps if k < n_visual]
+    usable = [k for k in keeps if k < n_visual]  # a fraction (float < 1) always is
     if any(map(_takes_budget, presses)):
         notes += [f"keep={k} skipped: not below the model's {n_visual} visual tokens per image"
                   for k in keeps if k >= n_visual]

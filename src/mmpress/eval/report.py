@@ -473,7 +473,7 @@ def to_markdown(record: dict, image: str | None = None) -> str:
     tied = record.get("tied_with_best") or {}
     if any(len(presses) > 1 for presses in tied.values()):
         lines += ["", "Not told apart from the best at this n (paired interval holds 0): " + "; ".join(
-            f"{keep}: {', '.join(p for p in presses if p != best.get(int(keep)))}"
+            f"{keep}: {', '.join(p for p in presses if p != best.get(float(keep)))}"
             for keep, presses in tied.items() if len(presses) > 1) + "."]
     noisy = [f"{r['press']} keep={keep_text(r)} ({r['noisy']})" for r in ordered_rows(record) if r.get("noisy")]
     if noisy:
