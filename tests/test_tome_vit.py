@@ -148,3 +148,208 @@ def test_parse_r_is_the_official_schedule():
 def test_protected_must_be_a_count():
     with pytest.raises(ValueError, match="protected"):
         bipartite_soft_matching(torch.randn(1, 4, 2), 1, protected=True)
+
+
+# ---- our block forward on CLIP / SigLIP / DINOv2 towers -------------------------------------------
+def tiny_tower(kind: str, layers: int = 3, seed: int = 0):
+    """A tiny float64 vision tower: 32 px, 4 px patches (64 patches, + [CLS] but for SigLIP)."""
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipVisionConfig,
+                              SiglipVisionModel)
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  image_size=32, patch_size=4, num_channels=3)
+    if kind == "clip":
+        model = CLIPVisionModel(CLIPVisionConfig(**common))
+    elif kind == "siglip":
+        model = SiglipVisionModel(SiglipVisionConfig(**common))
+    else:  # DINOv2 with non-trivial layer scales (and its SwiGLU MLP variant)
+        model = Dinov2Model(Dinov2Config(**common, mlp_ratio=2, layerscale_value=0.7,
+                                         use_swiglu_ffn=kind == "dinov2-swiglu"))
+    model.config._attn_implementation = "sdpa"
+    return model.double().eval()
+
+
+def _layers(tower):
+    from mmpress.models.vision import encoder_layers
+
+    return encoder_layers(tower)
+
+
+def _pixels(m=2, seed=1):
+    return torch.randn(m, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+TOWERS = ["clip", "siglip", "dinov2", "dinov2-swiglu"]
+
+
+@pytest.mark.parametrize("kind", TOWERS)
+def test_block_forward_without_merging_equals_the_stock_layer(kind):
+    """r = 0 in every block (sizes all 1, so log-size adds 0): our forward built from the layer's
+    submodules gives the stock layer's output (float64), for every hidden state of the tower."""
+    from mmpress.models.towers import TowerState, install
+
+    tower = tiny_tower(kind)
+    pixels = _pixels()
+    with torch.no_grad():
+        want = tower(pixels, output_hidden_states=True).hidden_states
+        handles = install(_layers(tower), TowerState([0, 0, 0], protected=int(kind != "siglip")))
+        assert all("forward" in layer.__dict__ for layer in _layers(tower))
+        try:
+            got = tower(pixels, output_hidden_states=True).hidden_states
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert all("forward" not in layer.__dict__ for layer in _layers(tower))  # restored
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def official_merge(x, rows, mode="sum"):
+    """The official ``merge`` closure (``torch.cat([unm, dst])`` after ``scatter_reduce``), with
+    the per-row (unm, src, dst) lists of ``reference_matching``."""
+    unm = torch.tensor([r[0] for r in rows])[..., None]
+    src = torch.tensor([r[1] for r in rows], dtype=torch.long).view(len(rows), -1)[..., None]
+    dst = torch.tensor([r[2] for r in rows], dtype=torch.long).view(len(rows), -1)[..., None]
+    a, b = x[..., ::2, :], x[..., 1::2, :]
+    n, t1, c = a.shape
+    kept = a.gather(dim=-2, index=unm.expand(n, unm.shape[1], c))
+    moved = a.gather(dim=-2, index=src.expand(n, src.shape[1], c))
+    b = b.scatter_reduce(-2, dst.expand(n, dst.shape[1], c), moved, reduce=mode)
+    return torch.cat([kept, b], dim=1)
+
+
+def reference_tower(tower, pixels, schedule, protected, prop_attn=True):
+    """ToMe's patched timm ViT (``ToMeBlock`` / ``ToMeAttention`` / ``merge_wavg``) re-written over
+    a transformers tower's weights, eager attention, float64: every hidden state and, per block,
+    each token's representative (original index of its destination, tracked through the merges)."""
+    body = getattr(tower, "vision_model", tower)
+    x = body.embeddings(pixels)
+    if hasattr(body, "pre_layrnorm"):  # CLIP's norm before the encoder
+        x = body.pre_layrnorm(x)
+    m, n, _ = x.shape
+    size = torch.ones(m, n, 1, dtype=x.dtype)
+    rep = torch.arange(n).expand(m, n)[..., None]
+    states, reps = [x], []
+    for i, layer in enumerate(_layers(tower)):
+        attn = getattr(layer, "self_attn", None) or layer.attention
+        norm1 = getattr(layer, "layer_norm1", None) or layer.norm1
+        norm2 = getattr(layer, "layer_norm2", None) or layer.norm2
+        out = getattr(attn, "out_proj", None) or attn.o_proj
+        h = norm1(x)
+        b, t, c = h.shape
+        heads = 4
+        q, k, v = (p(h).reshape(b, t, heads, c // heads).permute(0, 2, 1, 3) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        logits = (q @ k.transpose(-2, -1)) * (c // heads) ** -0.5
+        if prop_attn:
+            logits = logits + size.log()[:, None, None, :, 0]
+        a = out((logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, t, c))
+        if hasattr(layer, "layer_scale1"):
+            a = layer.layer_scale1(a)
+        x = x + a
+        metric = k.mean(1)
+        r = schedule[i]
+        if r > 0 and min(r, (t - protected) // 2) > 0:
+            rows = reference_matching(metric, r, bool(protected))
+            x = official_merge(x * size, rows) / official_merge(size, rows)
+            size = official_merge(size, rows)
+            # a merged group sits where its destination B token was: the kept A tokens keep theirs
+            unm = torch.tensor([u for u, _, _ in rows])[..., None]
+            rep = torch.cat([rep[:, ::2].gather(1, unm), rep[:, 1::2]], dim=1)
+        y = layer.mlp(norm2(x))
+        if hasattr(layer, "layer_scale2"):
+            y = layer.layer_scale2(y)
+        x = x + y
+        states.append(x)
+        reps.append(rep[..., 0])
+    return states, reps
+
+
+@pytest.mark.parametrize("kind", TOWERS)
+@pytest.mark.parametrize("r", [5, (6, -1.0), [20, 0, 3]])
+def test_merging_equals_the_official_tome_vit(kind, r):
+    """Our tower under ToMe (SDPA, our ops) equals the reference re-written from the official code
+    (eager attention, the official merge closure) in float64: every hidden state (shrinking, in the
+    official token order) and every token's representative after each block. r=20 in a block of
+    65 tokens: the cap at half the unprotected tokens (32)."""
+    from mmpress.models.towers import TowerState, install
+    from mmpress.presses.tome_vit import ToMeViTPress
+
+    tower = tiny_tower(kind)
+    pixels = _pixels(3)
+    protected = int(kind != "siglip")
+    schedule = ToMeViTPress(r=r).schedule(3)
+    state = TowerState(schedule, protected=protected)
+    with torch.no_grad():
+        want, reps = reference_tower(tower, pixels, schedule, protected)
+        handles = install(_layers(tower), state)
+        try:
+            got = tower(pixels, output_hidden_states=True).hidden_states
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert [t.shape[1] for t in got] == [t.shape[1] for t in want]
+    assert got[-1].shape[1] < got[0].shape[1]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    for block, rep in enumerate(reps):
+        assert torch.equal(state.after[block], rep)
+    if protected:
+        assert (state.after[2][:, 0] == 0).all()  # [CLS] untouched, first
+    torch.testing.assert_close(state.size.sum(1), torch.full((3,), float(got[0].shape[1])))
+
+
+def test_prop_attn_off_and_on_differ_and_each_matches_the_reference():
+    from mmpress.models.towers import TowerState, install
+
+    tower = tiny_tower("clip")
+    pixels = _pixels(1)
+    outs = {}
+    for prop in (True, False):
+        state = TowerState([8, 8, 8], protected=1, prop_attn=prop)
+        with torch.no_grad():
+            want, _ = reference_tower(tower, pixels, [8, 8, 8], 1, prop_attn=prop)
+            handles = install(_layers(tower), state)
+            try:
+                outs[prop] = tower(pixels, output_hidden_states=True).hidden_states[-1]
+            finally:
+                for handle in handles:
+                    handle.remove()
+        torch.testing.assert_close(outs[prop], want[-1], rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(outs[True], outs[False])
+
+
+def test_a_batch_merges_each_image_independently():
+    from mmpress.models.towers import TowerState, install
+
+    tower = tiny_tower("dinov2")
+    pixels = _pixels(3)
+    results = []
+    for batch in (pixels, *pixels.split(1)):
+        state = TowerState([7, 7, 7], protected=1)
+        with torch.no_grad():
+            handles = install(_layers(tower), state)
+            try:
+                results.append((tower(batch, output_hidden_states=True).hidden_states[-1], state.after[2]))
+            finally:
+                for handle in handles:
+                    handle.remove()
+    (whole, index), alone = results[0], results[1:]
+    for i, (row, row_index) in enumerate(alone):
+        torch.testing.assert_close(whole[i : i + 1], row, rtol=1e-10, atol=1e-10)
+        assert torch.equal(index[i : i + 1], row_index)
+
+
+def test_install_refuses_other_layers_and_restores_on_error():
+    from torch import nn
+
+    from mmpress.models.towers import TowerState, install
+
+    tower = tiny_tower("clip")
+    layers = list(_layers(tower)) + [nn.Linear(2, 2)]
+    with pytest.raises(ValueError, match="attention"):
+        install(layers, TowerState([1, 1, 1, 1]))
+    assert all("forward" not in layer.__dict__ for layer in _layers(tower))
+    for layer in _layers(tower):
+        assert "forward" not in layer.self_attn.__dict__

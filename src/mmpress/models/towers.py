@@ -103,7 +103,7 @@ def attention(parts: _Parts, hidden: Tensor, size: Tensor | None) -> tuple[Tenso
     b, n, _ = hidden.shape
     q, k, v = (proj(hidden).view(b, n, parts.heads, -1).transpose(1, 2)
                for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    mask = None if size is None else size.log().to(q.dtype)[:, None, None, :]
+    mask = None if size is None else size.to(q.dtype).log()[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=parts.scaling)
     return parts.out(out.transpose(1, 2).reshape(b, n, -1)), k.mean(dim=1)
 
