@@ -226,6 +226,37 @@ def test_beam_search_and_returned_sequences_under_a_press(model):
     assert run.stats.kept_visual_tokens == 2 * (8 + 7)
 
 
+@pytest.mark.parametrize("rows", [[[(0.48,), (0.36,)]], [[(0.48,), (0.36,)], [(0.64,)]]])
+@pytest.mark.parametrize("positions", ["keep", "reindex"])
+def test_later_turn_on_a_pressed_cache_equals_rerunning_the_conversation(model, positions, rows):
+    """A second turn fed onto the first turn's pressed cache, by ``model(new ids, full mask, cache)``
+    and by ``generate(whole conversation, past_key_values=cache)`` (its first call holds some of the
+    prompt's audio placeholders, without features: the cache stands for them; batch 1: without a
+    mask, generate drops an all-ones one; padded rows: a 2-D mask), gives the logits of the whole
+    conversation pressed afresh (DivPrune reads no text: both keep the same tokens)."""
+    batch = A.prompts(model, rows)
+    b = batch["input_ids"].shape[0]
+    new = torch.tensor([[11, 12, 13, 14]]).expand(b, -1)
+    ids = torch.cat([batch["input_ids"], new], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(new)], dim=1)
+    whole = {**batch, "input_ids": ids, "attention_mask": mask}
+    press = mmpress.get_press("divprune", keep=5)
+    own = lambda m: (m.cumsum(-1) - 1).masked_fill(m == 0, 1)  # noqa: E731  (each row from its first token, as generate)
+    with torch.no_grad(), press(model, positions=positions):
+        expected = model(**whole, position_ids=own(mask)).logits[:, -4:]
+        cache = model(**batch, position_ids=own(batch["attention_mask"]), use_cache=True).past_key_values
+        got = model(input_ids=new, attention_mask=mask, past_key_values=cache,
+                    position_ids=mmpress.continue_positions(model, cache, mask, new)).logits
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        cache = model(**batch, position_ids=own(batch["attention_mask"]), use_cache=True).past_key_values
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2,
+                             min_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        torch.testing.assert_close(out.logits[0], expected[:, -1], atol=1e-5, rtol=1e-5)
+        step, longer = torch.cat([ids, out.sequences[:, -2:-1]], dim=1), torch.cat([mask, mask[:, -1:]], dim=1)
+        after = model(**{**whole, "input_ids": step, "attention_mask": longer}, position_ids=own(longer)).logits
+    torch.testing.assert_close(out.logits[1], after[:, -1], atol=1e-5, rtol=1e-5)
+
+
 # ---- refused presses and bad input ------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(n for n, c in mmpress.PRESSES.items() if c.stage != "in_vision"
                                         and not A.runs(c)))

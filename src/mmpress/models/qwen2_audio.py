@@ -43,6 +43,7 @@ from torch import Tensor
 from mmpress.flops import PrefillFlops, language_flops, transformer_flops
 from mmpress.models.base import LLM_SIGNALS, Adapter, Item, family
 from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, qwen2_text, text_around
+from mmpress.models.protocol import Protocol, cache_length
 from mmpress.presses.base import Press, VisualContext
 
 AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = 3, 4, 5  # the placeholder ids of the random models below
@@ -76,6 +77,25 @@ def token_energy(features: Tensor, mask: Tensor) -> Tensor:
     return x.sum(dim=-1) / m.sum(dim=-1).clamp(min=1)
 
 
+class _Protocol(Protocol):
+    """transformers' protocol for a model whose generate encodes nothing beforehand (no
+    ``mm_encoder_outputs`` marks its first step): generate's first call on a KV cache is told by its
+    shapes instead. generate cuts the conversation at the cache's length and numbers the rest from
+    there: a 2-D mask as wide as the cache plus the new ids (a call feeding only new tokens onto a
+    pressed cache has a mask covering the whole prompt the cache stands for, which is longer than
+    the cache), or, with no mask (batch 1: generate dropped an all-ones one), position ids starting
+    at the cache's length (a host read, in that case only)."""
+
+    def starts_generate(self, kwargs: dict) -> bool:
+        ids, cache = kwargs.get("input_ids"), self.cache_of(kwargs)
+        if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[1] < 2 or cache is None:
+            return False  # a decoding step, or a fresh prefill
+        past, mask, pos = cache_length(cache), kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if isinstance(mask, Tensor):
+            return mask.ndim == 2 and mask.shape[1] == past + ids.shape[1]
+        return isinstance(pos, Tensor) and int(pos.reshape(-1)[0]) == past
+
+
 @family
 class Qwen2AudioAdapter(Adapter):
     """Applies presses to a Qwen2-Audio model (audio clips; positions "keep" or "reindex")."""
@@ -96,6 +116,7 @@ class Qwen2AudioAdapter(Adapter):
         if not hasattr(self.vlm, "audio_tower") or not hasattr(self.vlm, "multi_modal_projector"):
             raise ValueError(f"{type(model).__name__} does not look like a transformers Qwen2-Audio model")
         self.token_ids = (self.config.audio_token_id,)
+        self.protocol = _Protocol(self.protocol.cache, self.protocol.encoded_images)
         self.features: Tensor | None = None  # the projector's input of the last encoder call
         self._inputs: tuple[Tensor, Tensor] | None = None  # (input_features, feature_attention_mask) of this prefill
         self._energy: Tensor | None = None
@@ -107,9 +128,11 @@ class Qwen2AudioAdapter(Adapter):
         token = self.config.audio_token_id
         self.features, self._inputs, self._energy = None, None, None
         if features is None:
-            # transformers embeds placeholders without features as text, silently (a decoding
-            # step, one token wide, never holds one: generate drops the features after the prefill)
-            if isinstance(input_ids, Tensor) and input_ids.shape[-1] > 1 and bool((input_ids == token).any()):
+            # transformers embeds placeholders without features as text, silently; a call on a KV
+            # cache may hold some (generate continuing a pressed cache passes the conversation from
+            # the cache's length on, which is shorter than the prompt it stands for)
+            fresh = not cache_length(self.protocol.cache_of(kwargs), self.attention_layers()[0])
+            if fresh and isinstance(input_ids, Tensor) and bool((input_ids == token).any()):
                 raise ValueError("the prompt holds audio placeholder tokens but no audio was given: pass input_features "
                                  "and feature_attention_mask (Qwen2AudioProcessor(text=..., audio=...) returns them)")
             return []
