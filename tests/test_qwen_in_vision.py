@@ -230,3 +230,123 @@ def test_a_pre_llm_press_reading_tower_signals_is_refused():
     with pytest.raises(ValueError, match="kept patches only"):
         with mmpress.compose(EveryThird(), mmpress.get_press("visionzip", keep=8))(model):
             pass
+
+
+# ---- tome_vit on the Qwen-VL tower, in 2x2 merge units ---------------------------------------
+def reference_tome_tower(model, pixels, grid, r):
+    """ToMe in merge units, by plain loops over one image's windows: eager attention with log(size)
+    added to each key's logits, per-window bipartite matching (A = even, B = odd positions in the
+    window's current order; each A's most similar B by cosine of the units' mean rotated keys; the
+    r best edges, ties to the lower A; output order: unmerged A by edge score, then B), merged
+    units as size-weighted averages slot by slot, a merged unit at its B unit's positions. Returns
+    {original unit id of the representative: merger output}."""
+    visual, vision = model.model.visual, model.config.vision_config
+    merge, unit = vision.spatial_merge_size, vision.spatial_merge_size**2
+    t, h, w = grid
+    assert t == 1
+    hu, wu = h // merge, w // merge
+    side = vision.window_size // merge // vision.patch_size if hasattr(visual, "fullatt_block_indexes") else max(hu, wu)
+    full = set(getattr(visual, "fullatt_block_indexes", range(len(visual.blocks))))
+    wins = {}
+    for i in range(hu):
+        for j in range(wu):
+            wins.setdefault((i // side, j // side), []).append(i * wu + j)
+    with torch.no_grad():
+        embedded = visual.patch_embed(pixels).view(hu * wu, unit, -1)
+        windows = [[[embedded[u], 1.0, u] for u in wins[key]] for key in sorted(wins)]  # [x (4, C), size, rep]
+        pos = torch.tensor([(merge * (u // wu) + a, merge * (u % wu) + b) for u in range(hu * wu)
+                            for a in range(merge) for b in range(merge)])
+        cos_all, sin_all = visual.rotary_pos_emb(embedded.flatten(0, 1), pos)
+        rotate = sys.modules[type(visual.blocks[0].attn).__module__].apply_rotary_pos_emb_vision
+        for b, block in enumerate(visual.blocks):
+            segments = [windows] if b in full else [[win] for win in windows]
+            keys = {}
+            for segment in segments:
+                units = [u for win in segment for u in win]
+                x = torch.cat([u[0] for u in units])
+                reps = torch.tensor([u[2] for u in units])
+                rows = (reps[:, None] * unit + torch.arange(unit)).flatten()
+                attn = block.attn
+                q, k, v = attn.qkv(block.norm1(x)).view(len(rows), 3, attn.num_heads, -1).unbind(1)
+                q, k = rotate(q, k, cos_all[rows], sin_all[rows])
+                logits = torch.einsum("qhd,khd->hqk", q, k) * attn.scaling
+                logits = logits + torch.tensor([u[1] for u in units]).log().repeat_interleave(unit)
+                out = torch.einsum("hqk,khd->qhd", logits.softmax(-1), v).reshape(len(rows), -1)
+                x = x + attn.proj(out)
+                for n, u in enumerate(units):
+                    u[0] = x[n * unit:(n + 1) * unit]
+                    keys[u[2]] = k[n * unit:(n + 1) * unit].mean(dim=(0, 1))
+            if r:
+                merged_windows = []
+                for win in windows:
+                    a_units, b_units = win[0::2], win[1::2]
+                    rr = min(r, len(win) // 2)
+                    edges = []
+                    for ai, au in enumerate(a_units):
+                        sims = [torch.nn.functional.cosine_similarity(keys[au[2]], keys[bu[2]], dim=0) for bu in b_units]
+                        best = max(range(len(b_units)), key=lambda bi: (sims[bi].item(), -bi))
+                        edges.append((sims[best].item(), ai, best))
+                    edges = sorted(edges, key=lambda e: (-e[0], e[1]))
+                    merged = [[bu[0] * bu[1], bu[1], bu[2]] for bu in b_units]
+                    for _, ai, bi in edges[:rr]:
+                        merged[bi][0] = merged[bi][0] + a_units[ai][0] * a_units[ai][1]
+                        merged[bi][1] += a_units[ai][1]
+                    merged = [[x / s, s, rep] for x, s, rep in merged]
+                    merged_windows.append([a_units[ai] for _, ai, _ in edges[rr:]] + merged)
+                windows = merged_windows
+            for win in windows:
+                for u in win:
+                    u[0] = u[0] + block.mlp(block.norm2(u[0]))
+        units = [u for win in windows for u in win]
+        out = visual.merger(torch.cat([u[0] for u in units]))
+    return {u[2]: out[n] for n, u in enumerate(units)}
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_tome_in_units_equals_a_loop_reference(model_type):
+    model = Q.build("tiny", model_type=model_type)
+    inputs = Q.prompts(model, [[(32, 48)]])
+    want = reference_tome_tower(model, inputs["pixel_values"], inputs["image_grid_thw"][0].tolist(), 1)
+    with torch.no_grad(), mmpress.get_press("tome_vit", r=1)(model):
+        got = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+    rows = sorted(want)
+    assert rows == got.abs().sum(-1).nonzero()[:, 0].tolist()
+    torch.testing.assert_close(got[rows], torch.stack([want[u] for u in rows]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_tome_r0_is_the_unpressed_model_and_r_gives_fewer_tokens_in_later_blocks(model_type):
+    model = Q.build("tiny", model_type=model_type)
+    inputs = Q.prompts(model, ROWS["ragged"])
+    with torch.no_grad():
+        want = model(**inputs).logits
+        with mmpress.get_press("tome_vit", r=0)(model):
+            got = model(**inputs).logits
+    assert torch.equal(got, want)
+    seen = []
+    norm = model.model.visual.blocks[-1].norm1  # what the last block's attention reads
+    handle = norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        _, stats = pressed_logits(model, inputs, mmpress.get_press("tome_vit", r=1))
+    finally:
+        handle.remove()
+    first, *later = stats.vision_block_tokens
+    assert first == sum(inputs[k].shape[0] for k in ("pixel_values", "pixel_values_videos"))
+    assert all(n < first for n in later) and sum(seen) == later[0]
+    assert stats.kept_visual_tokens * 4 == later[-1] < stats.visual_tokens * 4
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_tome_ragged_batch_equals_each_row_alone(model_type):
+    model = Q.build("tiny", model_type=model_type)
+    rows = ROWS["ragged"]
+    press = mmpress.get_press("tome_vit", r=1)
+    got, _ = pressed_logits(model, Q.prompts(model, rows), press)
+    for i, row in enumerate(rows):
+        alone, _ = pressed_logits(model, Q.prompts(model, [row], first_row=i), press)
+        torch.testing.assert_close(got[i], alone[0], rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), press(model):
+        batched = model.generate(**Q.prompts(model, rows), max_new_tokens=3, do_sample=False)[:, -3:]
+        for i, row in enumerate(rows):
+            alone = model.generate(**Q.prompts(model, [row], first_row=i), max_new_tokens=3, do_sample=False)
+            assert torch.equal(batched[i], alone[0, -3:])

@@ -52,6 +52,22 @@ for a windowed Qwen2.5-VL block). ``vision_features`` (VisPruner's similarity): 
 (Qwen's projector) receives for each token, its ``spatial_merge_size**2`` patches of the last
 block concatenated (``view(-1, C * merge**2)``), from a forward pre-hook on the merger, in raster
 order.
+
+In-vision presses (``vision_hooks``; modes "drop" and "merge"): for the `with` block the tower's
+``forward`` is our own, built from its submodules (``patch_embed``, ``rotary_pos_emb``, the blocks,
+the merger; transformers' source untouched), and the VLM's ``get_image_features`` /
+``get_video_features`` are wrapped to tell it the kind and plan each item on the processor's pixel
+values; all three are restored on exit. The 4 patches of a 2x2 merge unit always travel together.
+"drop" (``static_patches``): the tower runs on the kept units only, with their ORIGINAL rotary
+positions, ``cu_seqlens`` per temporal step of each item (Qwen attends within a frame) and, in
+Qwen2.5-VL's windowed blocks, the full grid's window partition restricted to the kept units
+(empty windows removed); the merger gives one token per kept unit. "merge" (``tome_vit``): ToMe
+in units, merging only within a window (``_tome_forward``). Either way the output still fills
+every placeholder (kept tokens at their rows) and each item's kept units are recorded
+(``Selected``), so the stage core drops the others before the language model with their M-RoPE
+ids kept; with nothing dropped / merged (tolerance -1, r=0) the stock forward runs (bit-identical).
+A composed pre-LLM press reading the tower's attention or features is refused (they would cover the
+kept patches only).
 """
 
 from __future__ import annotations
@@ -69,6 +85,7 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 from mmpress.flops import PrefillFlops, language_flops
 from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Adapter, Item, family
 from mmpress.models.stages import Selected
+from mmpress.ops.merge import bipartite_soft_matching, merge_representatives, merge_wavg
 from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, text_around, text_config
 from mmpress.models.vision import CONCAT, HEADS, concat_layer, hook_forms, layer_index, press_layers, received_attention
 from mmpress.presses.base import Press, VisualContext, VisionPress
@@ -137,7 +154,7 @@ class QwenVLAdapter(Adapter):
                      "conversation under the press without past_key_values, or feed only the new turn's tokens with "
                      "their M-RoPE ids: model(input_ids=new_ids, attention_mask=full_mask, past_key_values=cache, "
                      "position_ids=mmpress.continue_positions(model, cache, full_mask, new_ids))")
-    vision_modes = frozenset({"drop"})  # in-vision presses: the tower on the kept merge units (vision_hooks)
+    vision_modes = frozenset({"drop", "merge"})  # in-vision presses: the tower on the kept merge units (vision_hooks)
     deepstack = False  # Qwen3-VL's file (qwen3_vl.py) presses DeepStack features too
 
     def __init__(self, model, positions: str | None = None):
@@ -335,6 +352,10 @@ class QwenVLAdapter(Adapter):
             if kind == "image" or state["last"] != "image":
                 stage.new_call()
             state["last"] = kind if kind == "image" else None
+            if press.mode == "merge":
+                if press.merges(len(visual.blocks)):
+                    return self._tome_forward(press, stage, kind, hidden_states, grid_thw)
+                plan = torch.ones(hidden_states.shape[0] // self.merge**2, dtype=torch.bool)  # r = 0: the stock tower
             return self._tower_forward(stock, stage, kind, plan, hidden_states, grid_thw, kwargs)
 
         return [_Installed(visual, "forward", forward),
@@ -352,8 +373,10 @@ class QwenVLAdapter(Adapter):
     def _plan(self, press: VisionPress, pixels: Tensor, grid_thw: Tensor, kind: str) -> Tensor:
         """(U,) bool over the call's merge units (each item's units in raster order over (t, h, w),
         items in order, as the processor lays out the patches): True where the unit is kept."""
+        if press.mode == "merge":
+            return None
         if press.mode != "drop":
-            raise ValueError(f"the Qwen-VL adapter runs in-vision mode {press.mode!r} not yet; use a 'drop' press")
+            raise ValueError(f"the Qwen-VL adapter runs in-vision mode {press.mode!r} not yet; use a 'drop' or 'merge' press")
         grids = grid_thw.tolist()
         sizes = [t * (h // self.merge) * (w // self.merge) for t, h, w in grids]
         units = pixels.reshape(sum(sizes), -1)  # a unit's merge**2 patches are consecutive rows
@@ -385,8 +408,14 @@ class QwenVLAdapter(Adapter):
         for source, index in enumerate(per_item):
             stage.record(kind, source, Selected(index))
         depth = len(visual.blocks)
+        full = set(getattr(visual, "fullatt_block_indexes", range(depth)))
         if kept.shape[0] == keep.shape[0]:  # nothing dropped: the stock tower
-            stage.count_blocks(kind, [pixels.shape[0]] * depth)
+            frames = [h * w for t, h, w in grids for _ in range(t)]
+            windows = frames
+            if hasattr(visual, "fullatt_block_indexes"):
+                _, cu = get_vision_window_index(grid_thw.cpu(), self.merge, visual.window_size, visual.patch_size)
+                windows = (cu[1:] - cu[:-1]).tolist()
+            stage.count_blocks(kind, [pixels.shape[0]] * depth, _attention_work(frames, windows, full, depth))
             return stock(pixels, grid_thw=grid_thw, **kwargs)
         windowed = hasattr(visual, "fullatt_block_indexes")
         if windowed:  # the kept units in window order, and the windows' kept lengths
@@ -407,7 +436,6 @@ class QwenVLAdapter(Adapter):
         hidden = visual.patch_embed(pixels[rows])
         positions = get_vision_position_ids(grid_thw, self.merge).to(rows.device)[rows]
         rotary = visual.rotary_pos_emb(hidden, positions)
-        full = set(getattr(visual, "fullatt_block_indexes", range(depth)))
         for i, block in enumerate(visual.blocks):
             bounds = cu_frames if i in full else cu_window
             hidden = block(hidden, cu_seqlens=bounds, max_seqlen=None, position_embeddings=rotary)
@@ -416,8 +444,103 @@ class QwenVLAdapter(Adapter):
             merged = merged[order.argsort()]
         out = merged.new_zeros(keep.shape[0], merged.shape[-1])
         out[kept] = merged
-        stage.count_blocks(kind, [rows.shape[0]] * depth)
+        frames = (cu_frames[1:] - cu_frames[:-1]).tolist()
+        windows = (cu_window[1:] - cu_window[:-1]).tolist() if windowed else frames
+        stage.count_blocks(kind, [rows.shape[0]] * depth, _attention_work(frames, windows, full, depth))
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=out)
+
+    def _tome_forward(self, press, stage, kind: str, pixels: Tensor, grid_thw: Tensor) -> BaseModelOutputWithPooling:
+        """ToMe (``tome_vit``) in the Qwen-VL tower, in units of the patch merger's 2x2 window.
+
+        Each block: x = x + attn(norm1(x)) with proportional attention (log of each patch's unit
+        size added to the logits, SDPA's additive mask); then bipartite soft matching
+        (``ops.merge.bipartite_soft_matching``) on the UNITS, a unit's metric being its 4 patches'
+        rotated attention keys averaged over heads and patches; r units merged (``merge_wavg``:
+        the size-weighted average of the units, patch slot by slot, so a merged unit is still 4
+        patches the merger reads); then x = x + mlp(norm2(x)). A merged unit takes its
+        representative's (the B unit's) rotary positions and, for the language model, its token.
+
+        Windows: merging happens only WITHIN an attention window (Qwen2.5-VL's ``window_size``
+        windows, a frame for Qwen2-VL, which attends over whole frames), so the window partition
+        stays valid for every later windowed block and a frame is still the union of its
+        windows for the full-attention blocks; r counts units per window per block (capped at
+        half of the window's units, as ToMe caps at half the tokens). Token order within a window
+        is ToMe's (unmerged A, then B); the features go out in raster order."""
+        visual, merge, unit = self.vlm.visual, self.merge, self.merge**2
+        grids = grid_thw.tolist()
+        device = pixels.device
+        total = pixels.shape[0] // unit
+        if hasattr(visual, "fullatt_block_indexes"):
+            window_index, cu_window = get_vision_window_index(grid_thw.cpu(), merge, visual.window_size, visual.patch_size)
+            windows = (cu_window[1:] - cu_window[:-1]).div(unit, rounding_mode="floor").tolist()
+            full_blocks = set(visual.fullatt_block_indexes)
+        else:
+            window_index, windows, full_blocks = torch.arange(total), [], set(range(len(visual.blocks)))
+        frames = [h * w // unit for t, h, w in grids for _ in range(t)]
+        if not windows:
+            windows = list(frames)
+        # the frame of each window (frames are runs of consecutive windows in window order)
+        frame_of, start, f = [], 0, 0
+        for n in windows:
+            if start >= sum(frames[: f + 1]):
+                f += 1
+            frame_of.append(f)
+            start += n
+        order = window_index.to(device)  # original unit ids in the current order
+        patches = (order[:, None] * unit + torch.arange(unit, device=device)).flatten()
+        hidden = visual.patch_embed(pixels[patches])
+        cos_all, sin_all = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid_thw, merge).to(device))
+        cos_all, sin_all = cos_all.view(total, unit, -1), sin_all.view(total, unit, -1)
+        cos, sin = cos_all[order].flatten(0, 1), sin_all[order].flatten(0, 1)
+        size = torch.ones(total, dtype=torch.float32, device=device)  # units each current unit stands for
+        schedule, entering, work = press.schedule(len(visual.blocks)), [], []
+        for i, block in enumerate(visual.blocks):
+            entering.append(hidden.shape[0])
+            segments = windows if i not in full_blocks else _sum_by(windows, frame_of)
+            work.append(float(sum((n * unit) ** 2 for n in segments)))
+            attn, keys = self._attention(block.attn, block.norm1(hidden), (cos, sin), segments, size, press.prop_attn)
+            hidden = hidden + attn
+            if schedule[i]:
+                metric = keys.mean(dim=1).view(-1, unit, keys.shape[-1]).mean(dim=1)  # (units, d)
+                hidden, size, order, windows = _merge_windows(hidden.view(-1, unit * hidden.shape[-1]), metric, size,
+                                                              order, windows, schedule[i])
+                hidden = hidden.view(-1, hidden.shape[-1] // unit)
+                cos, sin = cos_all[order].flatten(0, 1), sin_all[order].flatten(0, 1)
+            hidden = hidden + block.mlp(block.norm2(hidden))
+        merged = visual.merger(hidden)
+        raster = order.argsort()
+        kept, merged = order[raster], merged[raster]
+        out = merged.new_zeros(total, merged.shape[-1])
+        out[kept] = merged
+        sizes = [t * (h // merge) * (w // merge) for t, h, w in grids]
+        bounds = torch.tensor([0, *sizes], device=device).cumsum(0)
+        cuts = torch.searchsorted(kept, bounds).tolist()
+        for source in range(len(grids)):
+            stage.record(kind, source, Selected(kept[cuts[source]:cuts[source + 1]] - bounds[source]))
+        stage.count_blocks(kind, [*entering, hidden.shape[0]], work)  # ToMe merges before the MLP: + tokens leaving
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=out)
+
+    @staticmethod
+    def _attention(module, x: Tensor, rotary: tuple[Tensor, Tensor], segments: list[int], size: Tensor,
+                   proportional: bool) -> tuple[Tensor, Tensor]:
+        """A Qwen-VL vision attention over ``segments`` (patch rows in units of 4, consecutive),
+        with ToMe's proportional attention (log of each patch's unit size added to the logits)
+        through SDPA; segments of one length run as one batch. Returns the output (S, C) and the
+        rotated keys (S, heads, d)."""
+        s, unit = x.shape[0], x.shape[0] // size.shape[0]
+        q, k, v = module.qkv(x).reshape(s, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision(q, k, *rotary)
+        out = torch.empty_like(q)
+        bias = size.log().repeat_interleave(unit).to(q.dtype)
+        lengths = torch.tensor(segments) * unit
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+        for length in sorted(set(lengths.tolist())):
+            rows = (starts[lengths == length][:, None] + torch.arange(length)).to(x.device)  # (G, L)
+            qg, kg, vg = (t[rows].transpose(1, 2) for t in (q, k, v))  # (G, heads, L, d)
+            mask = bias[rows][:, None, None, :] if proportional else None
+            o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=module.scaling)
+            out[rows.flatten()] = o.transpose(1, 2).flatten(0, 1)
+        return module.proj(out.reshape(s, -1)), k
 
     def numbers_from_cache(self, kwargs: dict) -> bool:
         # without a mask or positions, Qwen numbers new tokens from the (pressed) cache length
@@ -579,6 +702,45 @@ def _cu_lengths(segment: Tensor, count: int, unit: int) -> Tensor:
     lengths = torch.bincount(segment, minlength=count) * unit
     cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     return torch.unique_consecutive(cu)
+
+
+def _attention_work(frames: list[int], windows: list[int], full: set, depth: int) -> list[float]:
+    """Each block's attention work, the sum over its sequences of length squared (patches): frames
+    in full-attention blocks, windows in the others (``Stats.vision_block_attention``)."""
+    per_frame, per_window = float(sum(n * n for n in frames)), float(sum(n * n for n in windows))
+    return [per_frame if i in full else per_window for i in range(depth)]
+
+
+def _sum_by(lengths: list[int], groups: list[int]) -> list[int]:
+    """Lengths of consecutive runs of equal group ids (frames as runs of windows)."""
+    out: list[int] = []
+    for n, (g, prev) in zip(lengths, zip(groups, [None, *groups])):
+        if g == prev:
+            out[-1] += n
+        else:
+            out.append(n)
+    return out
+
+
+def _merge_windows(x: Tensor, metric: Tensor, size: Tensor, order: Tensor, windows: list[int], r: int):
+    """ToMe's merge within every window: units (U, 4C) in window order, ``windows`` their counts.
+    Windows of one length are matched as one batch. Returns the merged units, their sizes,
+    representatives' original ids (``order``) and the new window counts, still in window order."""
+    lengths = torch.tensor(windows)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    new_lengths = [n - min(r, n // 2) for n in windows]
+    new_starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(new_lengths).cumsum(0)[:-1]])
+    out_x = x.new_empty(sum(new_lengths), x.shape[-1])
+    out_size, out_order = size.new_empty(out_x.shape[0]), order.new_empty(out_x.shape[0])
+    for n in sorted(set(windows)):
+        pick = lengths == n
+        rows = (starts[pick][:, None] + torch.arange(n)).to(x.device)  # (G, n)
+        matching = bipartite_soft_matching(metric[rows], r)
+        merged, merged_size = merge_wavg(x[rows], matching, size[rows])
+        reps = merge_representatives(order[rows], matching)
+        dest = (new_starts[pick][:, None] + torch.arange(n - matching.r)).to(x.device).flatten()
+        out_x[dest], out_size[dest], out_order[dest] = merged.flatten(0, 1), merged_size.flatten(), reps.flatten()
+    return out_x, out_size, out_order, new_lengths
 
 
 class _Installed:

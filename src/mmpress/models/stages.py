@@ -192,7 +192,7 @@ class VisionStage:
             run.stats.vision_block_tokens = blocks
             if self.attention.keys() == self.blocks.keys():  # every kind reported its attention
                 run.stats.vision_block_attention = [sum(c[i] for c in self.attention.values() if i < len(c))
-                                                    for i in range(width)]
+                                                    for i in range(max(map(len, self.attention.values())))]
         run.stats.vision_kept_tokens = sum(self.selected[(item.kind, item.source)].index.shape[0] for item in run.items)
 
     def finish(self, run: Prefill) -> None:
