@@ -374,10 +374,11 @@ def test_a_mismatched_signal_is_refused():
 
 
 def test_registered_declared_and_spec_round_trip():
-    for name in ("audio_merge", "silence", "fastadasp"):
+    for name in ("audio_merge", "silence", "fastadasp", "samp"):
         cls = PRESSES[name]
         assert cls.paper and cls.__doc__ and name in mmpress.list_presses()
     assert PRESSES["silence"].needs == ("audio_energy",) and PRESSES["audio_merge"].needs == ()
+    assert PRESSES["samp"].needs == ("audio_attn",) and "audio_attn" in mmpress.presses.base.SIGNALS
     assert get_press("audio_merge", keep=4, metric="features").needs == ("audio_features",)
     assert get_press("fastadasp", keep=4, weighted=False).needs == ("llm_keys",)
     assert PRESSES["fastadasp"].stage == "in_llm" and PRESSES["fastadasp"].query == "all"
@@ -534,3 +535,117 @@ def test_qwen2_audio_silence_drops_the_silent_frames_first():
     assert run.stats.kept_visual_tokens == n // 2
     positions = set(seen["positions"].reshape(-1).tolist())
     assert set(audio[: n // 2].tolist()) <= positions and not set(audio[n // 2 :].tolist()) & positions
+
+
+# ---- samp (SA-MAP) -----------------------------------------------------------------------------
+def official_samp(x, attn, k, threshold):
+    """The official ``method == 'SA-MAP'`` loop for one clip (Tencent/AngelSlim, branch SA-MAP,
+    ``qwen2_audio_pruner.py``), written from it in float64: x (N, C) projected tokens, attn (2, N, N)
+    the pooled encoder attention (max over heads, mean over heads). Returns (kept tokens, the first
+    token of each kept run)."""
+    n = x.shape[0]
+    unit = x / x.norm(dim=-1, keepdim=True)
+    similarity = unit @ unit.T
+    merge_importance = attn[0].mean(0)
+    prune = torch.diagonal(attn[1])
+    h, prune_importance, firsts, merged, idx = [], [], [], [], 0
+
+    def emit(members):
+        w = merge_importance[members]
+        h.append((w[:, None] * x[members]).sum(0) / w.sum())
+        prune_importance.append(prune[members].mean())
+        firsts.append(members[0])
+
+    while idx < n:
+        merged.append(idx)
+        if idx == n - 1:
+            emit(merged)
+            break
+        while idx + 1 < n:
+            if similarity[merged][:, idx + 1].mean() >= threshold:
+                merged.append(idx + 1)
+                idx += 1
+                if idx == n - 1:
+                    emit(merged)
+                    break
+            else:
+                emit(merged)
+                merged = []
+                break
+        idx += 1
+    feats, relevance = torch.stack(h), torch.stack(prune_importance)
+    if feats.shape[0] < k:  # our deviation (2): the official DPP would run past its runs
+        return None
+    un = feats / feats.norm(dim=-1, keepdim=True)
+    kernel = relevance[:, None] * (un @ un.T) * relevance[None, :]
+    g = feats.shape[0]
+    cis, di2s = torch.zeros(k, g, dtype=x.dtype), torch.diagonal(kernel).clone()
+    select = []
+    for i in range(k):
+        j = int(torch.argmax(di2s))
+        select.append(j)
+        eis = (kernel[j] - cis[:i, j] @ cis[:i]) / torch.sqrt(di2s[j])
+        cis[i] = eis
+        di2s -= eis**2
+        di2s[j] = -float("inf")
+    order = sorted(select)
+    return feats[order], [firsts[j] for j in order]
+
+
+def samp_inputs(m=M, n=N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n, D, generator=g, dtype=torch.float64).cumsum(dim=1)  # neighbours similar: runs form
+    x = x + 0.3 * torch.randn(m, n, D, generator=g, dtype=torch.float64) * x.norm(dim=-1, keepdim=True) / D**0.5
+    attn = torch.randn(m, 2, n, n, generator=g, dtype=torch.float64).mul(2).softmax(dim=-1)
+    return x, VisualContext(kind="audio", audio_attn=attn)
+
+
+@pytest.mark.parametrize("threshold", [0.7, 0.85, 0.95])
+@pytest.mark.parametrize("k", [2, 3, 5, 7])  # below the kernel rank (D = 8): past it the official loop divides by 0
+def test_samp_matches_the_official_loop(threshold, k):
+    x, ctx = samp_inputs()
+    out, index = get_press("samp", keep=k, threshold=threshold).press(x, ctx)
+    checked = 0
+    for i in range(M):
+        ref = official_samp(x[i], ctx.audio_attn[i], k, threshold)
+        if ref is None:
+            continue
+        checked += 1
+        assert index[i].tolist() == ref[1]
+        torch.testing.assert_close(out[i], ref[0], rtol=1e-9, atol=1e-9)
+    assert checked
+
+
+def test_samp_merges_runs_at_the_threshold():
+    """Runs form: at threshold 0.85 the clips merge to fewer runs than tokens, and a high threshold
+    (nothing merges) leaves the DPP over the tokens themselves."""
+    from mmpress.ops.audio import similar_runs
+    from mmpress.ops.similarity import cosine_similarity
+
+    x, ctx = samp_inputs()
+    starts = similar_runs(cosine_similarity(x), 0.85).sum(1)
+    assert (starts < N).all() and (starts > 1).all()
+    out, index = get_press("samp", keep=5, threshold=1.0).press(x, ctx)
+    torch.testing.assert_close(out, x.gather(1, index.unsqueeze(-1).expand(-1, -1, D)))  # w x / w
+
+
+def test_samp_too_few_runs_falls_back_to_the_tokens():
+    x, ctx = samp_inputs()
+    x = x[:, :1].expand(M, N, D).clone()  # one run per clip: fewer than k
+    out, index = get_press("samp", keep=4, threshold=0.5).press(x, ctx)
+    assert out.shape == (M, 4, D) and (index.diff(dim=1) > 0).all()
+
+
+def test_samp_batch_bad_input():
+    x, ctx = samp_inputs()
+    press = get_press("samp", keep_ratio=0.4)
+    out, index = press.press(x, ctx)
+    for i in range(M):
+        one, idx = press.press(x[i : i + 1], VisualContext(kind="audio", audio_attn=ctx.audio_attn[i : i + 1]))
+        assert torch.equal(idx[0], index[i]) and torch.equal(one[0], out[i])
+    with pytest.raises(ValueError, match="threshold must be a cosine"):
+        get_press("samp", keep=4, threshold=2.0)
+    with pytest.raises(ValueError, match="needs the 'audio_attn' signal"):
+        press.press(x, VisualContext(kind="audio"))
+    with pytest.raises(ValueError, match=r"must be \(clips, 2, tokens, tokens\)"):
+        press.press(x, VisualContext(kind="audio", audio_attn=ctx.audio_attn[:, 0]))

@@ -42,6 +42,7 @@ def make_inputs(m=M, dtype=torch.float32, seed=0):
     ctx.vision_keys_concat = torch.randn(m, N, 16, generator=g)
     g = torch.Generator().manual_seed(seed + 3)  # the audio signals (audio presses), own draws
     ctx.audio_features, ctx.audio_energy = torch.randn(m, N, 6, generator=g), torch.randn(m, N, generator=g)
+    ctx.audio_attn = torch.randn(m, 2, N, N, generator=g).softmax(dim=-1)
     return tokens.to(dtype), ctx
 
 
@@ -300,6 +301,7 @@ def test_any_batch_grid_and_budget(name, m, h, w, data):
     own = torch.Generator().manual_seed(k + 1)
     ctx.cls_attn_concat, ctx.vision_keys_concat = torch.rand(m, n, generator=own).softmax(-1), torch.randn(m, n, 6, generator=own)
     ctx.audio_features, ctx.audio_energy = torch.randn(m, n, 3, generator=own), torch.randn(m, n, generator=own)
+    ctx.audio_attn = torch.rand(m, 2, n, n, generator=own).softmax(dim=-1)
     out, index = make(name, keep=k).press(torch.randn(m, n, D, generator=g), ctx)
     assert out.shape == (m, k, D) and torch.isfinite(out).all()
     assert ((index >= 0) & (index < n)).all() and (index.diff(dim=1) > 0).all()

@@ -8,6 +8,8 @@ no host sync (counts are Python ints or device tensors; every round count is sta
   (a frame is merged at most once per step).
 - :func:`merge_adjacent`: merge the runs the selected edges join, weighted (FastAdaSP's merge).
 - :func:`merge_adjacent_pairs`: A-ToMe-style stacked rounds of adjacent pair merging to k tokens.
+- :func:`similar_runs`: SA-MAP's runs: a run grows while the next frame's mean similarity to
+  the run's frames stays at or above a threshold.
 - :func:`loudest`: the k loudest frames of each clip (energy VAD with a budget).
 """
 
@@ -113,6 +115,33 @@ def merge_adjacent_pairs(x: Tensor, k: int, metric: Tensor | None = None) -> tup
         start = start & ~cleared
     total, size, first = merge_runs(x, ones, start, k)
     return total / size.unsqueeze(-1), size, first
+
+
+def similar_runs(sim: Tensor, threshold: float) -> Tensor:
+    """SA-MAP's greedy segmentation, batched: sim (M, N, N) similarities of the frames -> start
+    (M, N) bool, True where a run begins. Walking left to right, frame j joins the current run
+    [s, j) while ``mean_{i in [s, j)} sim[i, j] >= threshold``; the first frame that fails opens
+    the next run. Every start s gives its run's end e(s) (the first failing j, or N) from prefix
+    sums of ``sim``'s columns; the starts are the orbit 0, e(0), e(e(0)), ..., marked by pointer
+    doubling in ``N.bit_length()`` steps (no loop over frames, no host sync)."""
+    m, n, _ = sim.shape
+    sim = sim.double()  # differences of prefix sums: keep the threshold test as exact as a direct mean
+    # prefix[j, t] = sum_{i < t} sim[i, j]: the run [s, j)'s total at column j is prefix[j, j] - prefix[j, s]
+    prefix = torch.cat([sim.new_zeros(m, n, 1), sim.transpose(1, 2).cumsum(dim=2)], dim=2)  # (M, j, t)
+    cols = torch.arange(n, device=sim.device)
+    at_j = prefix.gather(2, cols.view(1, n, 1).expand(m, n, 1))  # prefix[j, j] (M, N, 1)
+    total = at_j.transpose(1, 2) - prefix[:, :, :n].transpose(1, 2)  # (M, s, j)
+    span = (cols[None, :] - cols[:, None]).clamp_min(1)  # j - s
+    fails = (cols[None, :] > cols[:, None]) & (total < threshold * span)
+    fails = torch.cat([fails, torch.ones(m, n, 1, dtype=torch.bool, device=sim.device)], dim=2)  # j = N ends all
+    end = fails.to(torch.uint8).argmax(dim=2)  # (M, N) the first failing j > s (argmax: first max)
+    jump = torch.cat([end, torch.full((m, 1), n, device=sim.device)], dim=1)  # (M, N + 1), N a fixed point
+    reach = torch.zeros(m, n + 1, dtype=torch.bool, device=sim.device)
+    reach[:, 0] = True
+    for _ in range(max(1, n.bit_length())):  # reach: {f^t(0) : t < 2^step}
+        reach = reach | torch.zeros_like(reach, dtype=torch.int32).scatter_add(1, jump, reach.int()).bool()
+        jump = jump.gather(1, jump)
+    return reach[:, :n]
 
 
 def loudest(energy: Tensor, k: int) -> Tensor:

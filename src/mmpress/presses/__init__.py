@@ -5,7 +5,7 @@ from mmpress.presses import (  # noqa: F401
     static_patches, temporal_merge, tome, tome_vit, visionzip, vispruner, vtc_cls, vtw,
 )
 from mmpress.presses import globalcom2, hiprune, scope  # noqa: F401  (AnyRes-aware presses)
-from mmpress.presses import audio_merge, fastadasp, silence  # noqa: F401  (audio presses)
+from mmpress.presses import audio_merge, fastadasp, samp, silence  # noqa: F401  (audio presses)
 from mmpress.presses.base import (
     PRESSES,
     KVPress,

@@ -33,7 +33,8 @@ from mmpress.registry import get_adapter
 
 #: signals a press may declare in ``needs``; adapters compute only the declared ones
 SIGNALS = ("grid", "cls_attn", "vision_keys", "cls_attn_concat", "vision_keys_concat", "vision_features", "text",
-           "llm_attn", "llm_keys", "llm_normed", "visual_inputs", "audio_features", "audio_energy")
+           "llm_attn", "llm_keys", "llm_normed", "visual_inputs", "audio_features", "audio_energy",
+           "audio_attn")
 #: where a press acts, in the order a forward meets them (a composition follows this order)
 STAGES = ("in_vision", "pre_llm", "in_llm", "kv")
 
@@ -95,6 +96,10 @@ class VisualContext:
     audio_features: (M, N, d_audio) the audio encoder's output per token, as the projector receives it.
     audio_energy: (M, N) the mean log-mel energy of the input frames each token covers (silence is
                   low), from the feature extractor's input features.
+    audio_attn:   (M, 2, N, N) the audio encoder's last-layer softmax attention between the clip's
+                  frames, pooled to tokens as SA-MAP pools it (a query token: the mean of its
+                  frames' rows; a key token: the sum of its frames' columns), after the max over
+                  heads ([:, 0]) and after the mean over heads ([:, 1]).
     """
 
     grid: tuple[int, int] | None = None
@@ -122,6 +127,7 @@ class VisualContext:
     visual_inputs: Tensor | None = None
     audio_features: Tensor | None = None
     audio_energy: Tensor | None = None
+    audio_attn: Tensor | None = None
 
     def require(self, name: str) -> Tensor | tuple[int, int]:
         value = getattr(self, name)
