@@ -219,19 +219,24 @@ class QwenOmniAdapter(QwenVLAdapter):
         audio encoder (32 x 1280, 128 mel bins, chunks of 200 frames) scaled alike to 8 x 640, the
         shared 12 x 896 LM with M-RoPE; 25 position ids per second, chunks of 2 s. "tiny": 2-block
         towers of 32, 4 px patches, 8 mel bins and chunks of 16 frames; 4 ids per second, chunks of
-        1 s (so a tiny video interleaves its audio every temporal step). ``audio_layers``,
-        ``audio_hidden``, ``n_window`` and ``extra`` (other config fields) override too."""
+        1 s (so a tiny video interleaves its audio every temporal step). ``audio_layers`` /
+        ``audio_hidden`` (default: the vision tower's), ``mel_bins``, ``n_window``, ``ids_per_second``,
+        ``seconds_per_chunk`` and ``extra`` (other config fields) override too."""
         from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
         model_type = model_type or cls.model_types[0]
         if model_type not in cls.model_types:
             raise ValueError(f"{cls.family} builds {cls.model_types}, not {model_type!r}")
-        real = dict(vision_layers=8, vision_hidden=640, patch_size=14, window_size=112, audio_layers=8,
-                    audio_hidden=640, mel_bins=128, n_window=100, ids_per_second=25, seconds_per_chunk=2)
-        tiny = dict(vision_layers=2, vision_hidden=32, patch_size=4, window_size=16, audio_layers=2, audio_hidden=32,
-                    mel_bins=8, n_window=8, ids_per_second=4, seconds_per_chunk=1)
+        real = dict(vision_layers=8, vision_hidden=640, patch_size=14, window_size=112, mel_bins=128, n_window=100,
+                    ids_per_second=25, seconds_per_chunk=2)
+        tiny = dict(vision_layers=2, vision_hidden=32, patch_size=4, window_size=16, mel_bins=8, n_window=8,
+                    ids_per_second=4, seconds_per_chunk=1)
         shape = {**lm_shape(size), **(real if size == "real" else tiny), "merge": 2, "temporal_patch": 2,
                  "fullatt_blocks": None, "vision_intermediate": None, "extra": {}, **overrides}
+        # both towers are 32 x 1280 in 7B: the audio encoder takes the vision tower's size (bench-cost's
+        # --vision-layers / --vision-hidden size the tower of either input) unless given its own
+        shape.setdefault("audio_layers", shape["vision_layers"])
+        shape.setdefault("audio_hidden", shape["vision_hidden"])
         torch.manual_seed(seed)
         hidden, heads, width = shape["lm_hidden"], shape["lm_heads"], shape["vision_hidden"]
         half = hidden // heads // 2  # M-RoPE splits the rotary half of a head as 7B does
