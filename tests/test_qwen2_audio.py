@@ -257,6 +257,15 @@ def test_later_turn_on_a_pressed_cache_equals_rerunning_the_conversation(model, 
     torch.testing.assert_close(out.logits[1], after[:, -1], atol=1e-5, rtol=1e-5)
 
 
+def test_beams_over_a_row_of_several_clips_are_refused(model):
+    """transformers repeats each clip per beam, not each row's clips: a row of clips of different
+    lengths then gets the wrong clips (unpressed: silently); under a press, a ValueError."""
+    batch = A.prompts(model, [[(0.64,)], [(0.48,), (0.36,)]])
+    with torch.no_grad(), NormPress(keep_ratio=0.5)(model):
+        with pytest.raises(ValueError, match="transformers repeats each clip, not each row's clips"):
+            model.generate(**batch, max_new_tokens=2, num_beams=2, do_sample=False)
+
+
 # ---- refused presses and bad input ------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(n for n, c in mmpress.PRESSES.items() if c.stage != "in_vision"
                                         and not A.runs(c)))

@@ -12,10 +12,17 @@ the ``audio_output_lengths`` its forward uses; 750 for 30 s), which the projecto
 layer) writes, clip after clip, at the ``audio_token_id`` placeholders the processor expanded to
 that count (``<|audio_bos|>`` and ``<|audio_eos|>`` around them are text and stay). One item per
 clip, its tokens in time order, no grid (``Item.grid`` None): presses needing a patch grid or a
-[CLS] token are refused (``check_stages``). The model encodes the audio inside its forward in
-every transformers version mmpress supports (5.18 to 5.25: no ``mm_encoder_outputs``; generate
-passes ``input_features`` on its first step only). Positions are 1-D RoPE, so both "keep" and
+[CLS] token are refused (``check_stages``). Positions are 1-D RoPE, so both "keep" and
 "reindex" apply.
+
+generate: the model encodes the audio inside its forward in every transformers version mmpress
+supports (5.18 to 5.25: its forward takes no ``mm_encoder_outputs``; generate passes
+``input_features`` on its first step only), so nothing marks generate's first step:
+``generate(whole conversation, past_key_values=pressed cache)`` is told by its shapes instead
+(:class:`_Protocol`). With ``num_beams`` / ``num_return_sequences`` > 1, transformers repeats
+each clip (not each row's clips) per sequence: one clip per row is right; a row of several clips
+gets the wrong ones (silently, unpressed), which a press refuses when their lengths differ (it
+cannot see it when they are equal).
 
 Signals: ``audio_features`` (M, N, d_audio), the encoder's output per token as the projector
 receives it (after the pooling and the final layer norm), from a forward pre-hook on the
@@ -151,6 +158,16 @@ class Qwen2AudioAdapter(Adapter):
         # one host read (the clips' real frames), before the encoder's work is queued
         frames = feature_mask.sum(dim=-1).tolist()
         return [Item(token, n, None, i, kind="audio") for i, n in enumerate(map(audio_tokens, frames)) if n > 0]
+
+    def _rows(self, items: list[Item], counts: dict[int, list[int]]) -> list[int]:
+        try:
+            return super()._rows(items, counts)
+        except ValueError as e:
+            raise ValueError(f"{e}. Qwen2-Audio: each clip gives as many tokens as its feature_attention_mask says, "
+                             "clip after clip into the placeholders. Under generate with num_beams or "
+                             "num_return_sequences > 1, transformers repeats each clip, not each row's clips, so a row "
+                             "of several clips no longer lines up (unpressed, it fills the placeholders with the wrong "
+                             "clips): give such rows one clip each, or generate with one beam") from None
 
     def check_stages(self, stages: dict[str, Press]) -> None:
         for press in stages.values():
