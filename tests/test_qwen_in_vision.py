@@ -350,3 +350,111 @@ def test_tome_ragged_batch_equals_each_row_alone(model_type):
         for i, row in enumerate(rows):
             alone = model.generate(**Q.prompts(model, [row], first_row=i), max_new_tokens=3, do_sample=False)
             assert torch.equal(batched[i], alone[0, -3:])
+
+
+# ---- downsample ("resize") on the Qwen-VL tower -----------------------------------------------
+def _frames(x, grid, vision):
+    """An item's patch rows -> (t * T, C, H, W) frames, by loops over the rows."""
+    t, h, w = grid
+    m, p, tp = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
+    out = torch.zeros(t * tp, 3, h * p, w * p)
+    n = 0
+    for f in range(t):
+        for hb in range(h // m):
+            for wb in range(w // m):
+                for a in range(m):
+                    for b in range(m):
+                        patch = x[n].view(3, tp, p, p).transpose(0, 1)
+                        out[f * tp:(f + 1) * tp, :, (hb * m + a) * p:(hb * m + a + 1) * p,
+                            (wb * m + b) * p:(wb * m + b + 1) * p] = patch
+                        n += 1
+    return out
+
+
+def _patches(frames, grid, vision):
+    t, h, w = grid
+    m, p, tp = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
+    rows = []
+    for f in range(t):
+        for hb in range(h // m):
+            for wb in range(w // m):
+                for a in range(m):
+                    for b in range(m):
+                        y, x = (hb * m + a) * p, (wb * m + b) * p
+                        rows.append(frames[f * tp:(f + 1) * tp, :, y:y + p, x:x + p].transpose(0, 1).flatten())
+    return torch.stack(rows)
+
+
+def resize_oracle(model, inputs, press):
+    """Per kind: per item (features of the stock tower on the hand-resized item, the original
+    token nearest each new token's centre)."""
+    vision, out = model.config.vision_config, {}
+    for kind, name in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if name not in inputs:
+            continue
+        grids = inputs[f"{kind}_grid_thw"].tolist()
+        items = []
+        for x, (t, h, w) in zip(inputs[name].split([t * h * w for t, h, w in grids]), grids):
+            h2, w2 = press.grid_for(h, w, unit=2, frames=t)
+            frames = press.resize(_frames(x, (t, h, w), vision), (h2 * vision.patch_size, w2 * vision.patch_size))
+            with torch.no_grad():
+                features = model.model.visual(_patches(frames, (t, h2, w2), vision),
+                                              grid_thw=torch.tensor([[t, h2, w2]])).pooler_output
+            nearest = [f * (h // 2) * (w // 2) + int((i + 0.5) * h / h2) * (w // 2) + int((j + 0.5) * w / w2)
+                       for f in range(t) for i in range(h2 // 2) for j in range(w2 // 2)]
+            items.append((features, nearest))
+        out[kind] = items
+    return out
+
+
+def resize_oracle_logits(model, inputs, press):
+    config, oracle = model.config, resize_oracle(model, inputs, press)
+    position_ids = _lm_inputs(model, inputs)["position_ids"]
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach().clone()
+    keep = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+    for kind, token in (("image", config.image_token_id), ("video", config.video_token_id)):
+        where = (inputs["input_ids"] == token).nonzero()  # placeholders in row-major order = item order
+        starts = 0
+        grids = inputs[f"{kind}_grid_thw"].tolist() if kind in oracle else []
+        for (features, nearest), (t, h, w) in zip(oracle.get(kind, []), grids):
+            n = t * h * w // 4
+            rows = where[starts:starts + n]
+            flags = torch.zeros(n, dtype=torch.bool)
+            flags[nearest] = True
+            embeds[rows[flags][:, 0], rows[flags][:, 1]] = features
+            keep[rows[~flags][:, 0], rows[~flags][:, 1]] = False
+            starts += n
+    mask = inputs["attention_mask"].bool() & keep
+    out = []
+    with torch.no_grad():
+        for row in range(embeds.shape[0]):
+            cols = mask[row].nonzero()[:, 0]
+            hidden = model.model.language_model(inputs_embeds=embeds[row:row + 1, cols],
+                                                position_ids=position_ids[..., row:row + 1, cols],
+                                                attention_mask=torch.ones(1, len(cols), dtype=torch.long))
+            out.append(model.lm_head(hidden.last_hidden_state[:, -1]))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("rows", sorted(ROWS))
+def test_downsample_runs_the_tower_on_fewer_pixels_and_equals_its_oracle(model_type, rows):
+    model = Q.build("tiny", model_type=model_type)
+    inputs = Q.prompts(model, ROWS[rows])
+    press = mmpress.get_press("downsample", keep_ratio=0.25)
+    got, stats = pressed_logits(model, inputs, press)
+    want = resize_oracle_logits(model, inputs, press)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    kept = sum(len(n) for items in resize_oracle(model, inputs, press).values() for _, n in items)
+    assert stats.kept_visual_tokens == kept < stats.visual_tokens
+    assert stats.vision_block_tokens == [4 * kept] * len(model.model.visual.blocks)
+
+
+def test_downsample_keeping_every_token_is_the_unpressed_model():
+    model = Q.build("tiny")
+    inputs = Q.prompts(model, ROWS["ragged"])
+    with torch.no_grad():
+        want = model(**inputs).logits
+        with mmpress.get_press("downsample", keep_ratio=1.0)(model):
+            got = model(**inputs).logits
+    assert torch.equal(got, want)

@@ -53,7 +53,7 @@ for a windowed Qwen2.5-VL block). ``vision_features`` (VisPruner's similarity): 
 block concatenated (``view(-1, C * merge**2)``), from a forward pre-hook on the merger, in raster
 order.
 
-In-vision presses (``vision_hooks``; modes "drop" and "merge"): for the `with` block the tower's
+In-vision presses (``vision_hooks``; modes "drop", "merge" and "resize"): for the `with` block the tower's
 ``forward`` is our own, built from its submodules (``patch_embed``, ``rotary_pos_emb``, the blocks,
 the merger; transformers' source untouched), and the VLM's ``get_image_features`` /
 ``get_video_features`` are wrapped to tell it the kind and plan each item on the processor's pixel
@@ -62,7 +62,9 @@ values; all three are restored on exit. The 4 patches of a 2x2 merge unit always
 positions, ``cu_seqlens`` per temporal step of each item (Qwen attends within a frame) and, in
 Qwen2.5-VL's windowed blocks, the full grid's window partition restricted to the kept units
 (empty windows removed); the merger gives one token per kept unit. "merge" (``tome_vit``): ToMe
-in units, merging only within a window (``_tome_forward``). Either way the output still fills
+in units, merging only within a window (``_tome_forward``). "resize" (``downsample``): each item
+un-patchified, resized to ``grid_for``'s patch grid, re-patchified and encoded by the stock tower,
+its tokens standing for the original tokens nearest their centres (``_resized``). Either way the output still fills
 every placeholder (kept tokens at their rows) and each item's kept units are recorded
 (``Selected``), so the stage core drops the others before the language model with their M-RoPE
 ids kept; with nothing dropped / merged (tolerance -1, r=0) the stock forward runs (bit-identical).
@@ -154,7 +156,7 @@ class QwenVLAdapter(Adapter):
                      "conversation under the press without past_key_values, or feed only the new turn's tokens with "
                      "their M-RoPE ids: model(input_ids=new_ids, attention_mask=full_mask, past_key_values=cache, "
                      "position_ids=mmpress.continue_positions(model, cache, full_mask, new_ids))")
-    vision_modes = frozenset({"drop", "merge"})  # in-vision presses: the tower on the kept merge units (vision_hooks)
+    vision_modes = frozenset({"drop", "merge", "resize"})  # in-vision presses: the tower on the kept merge units (vision_hooks)
     deepstack = False  # Qwen3-VL's file (qwen3_vl.py) presses DeepStack features too
 
     def __init__(self, model, positions: str | None = None):
@@ -337,7 +339,9 @@ class QwenVLAdapter(Adapter):
                     raise ValueError(f"an in-vision press on a Qwen-VL {kind} needs its {grid_name}")
                 state["kind"], state["plan"] = kind, self._plan(press, given[pixels_name], given[grid_name], kind)
                 try:
-                    return original(*args, **kwargs)
+                    if press.mode != "resize":
+                        return original(*args, **kwargs)
+                    return self._resized(press, stage, kind, original, given, pixels_name, grid_name)
                 finally:
                     state["kind"] = state["plan"] = None
             return wrapped
@@ -352,7 +356,9 @@ class QwenVLAdapter(Adapter):
             if kind == "image" or state["last"] != "image":
                 stage.new_call()
             state["last"] = kind if kind == "image" else None
-            if press.mode == "merge":
+            if press.mode == "resize":  # the resized items, whole (_resized records their selection)
+                plan = torch.ones(hidden_states.shape[0] // self.merge**2, dtype=torch.bool)
+            elif press.mode == "merge":
                 if press.merges(len(visual.blocks)):
                     return self._tome_forward(press, stage, kind, hidden_states, grid_thw)
                 plan = torch.ones(hidden_states.shape[0] // self.merge**2, dtype=torch.bool)  # r = 0: the stock tower
@@ -373,7 +379,7 @@ class QwenVLAdapter(Adapter):
     def _plan(self, press: VisionPress, pixels: Tensor, grid_thw: Tensor, kind: str) -> Tensor:
         """(U,) bool over the call's merge units (each item's units in raster order over (t, h, w),
         items in order, as the processor lays out the patches): True where the unit is kept."""
-        if press.mode == "merge":
+        if press.mode in ("merge", "resize"):
             return None
         if press.mode != "drop":
             raise ValueError(f"the Qwen-VL adapter runs in-vision mode {press.mode!r} not yet; use a 'drop' or 'merge' press")
@@ -448,6 +454,41 @@ class QwenVLAdapter(Adapter):
         windows = (cu_window[1:] - cu_window[:-1]).tolist() if windowed else frames
         stage.count_blocks(kind, [rows.shape[0]] * depth, _attention_work(frames, windows, full, depth))
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=out)
+
+    def _resized(self, press, stage, kind: str, original, given: dict, pixels_name: str, grid_name: str):
+        """"resize" (``downsample``): each item's pixels un-patchified to frames, resized to the
+        patch grid ``press.grid_for(h, w, unit=merge, frames=t)`` gives (whole merge units) and
+        re-patchified, the tower run on them; its tokens fill the placeholders of the ORIGINAL
+        tokens nearest their centres (``Selected(index, grid=(t, h2, w2))``, distinct and ascending
+        for a downscale), the other placeholders are dropped by the stage core."""
+        vision, merge = self.config.vision_config, self.merge
+        patch, temporal = vision.patch_size, vision.temporal_patch_size
+        pixels, grid_thw = given[pixels_name], given[grid_name]
+        grids = grid_thw.tolist()
+        items, new_grids, selected = [], [], []
+        for x, (t, h, w) in zip(pixels.split([t * h * w for t, h, w in grids]), grids):
+            h2, w2 = press.grid_for(h, w, unit=merge, frames=t)
+            frames = (x.reshape(t, h // merge, w // merge, merge, merge, -1, temporal, patch, patch)
+                      .permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * temporal, -1, h * patch, w * patch))
+            frames = press.resize(frames, (h2 * patch, w2 * patch))
+            items.append(frames.reshape(t, temporal, -1, h2 // merge, merge, patch, w2 // merge, merge, patch)
+                         .permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(t * h2 * w2, -1))
+            new_grids.append([t, h2, w2])
+            hu, wu, hn, wn = h // merge, w // merge, h2 // merge, w2 // merge
+            rows = ((torch.arange(hn) + 0.5) * hu / hn).floor().long()  # the original token under each centre
+            cols = ((torch.arange(wn) + 0.5) * wu / wn).floor().long()
+            index = (torch.arange(t)[:, None, None] * hu * wu + rows[None, :, None] * wu + cols[None, None, :]).flatten()
+            selected.append((index.to(x.device), (t, hn, wn), t * hu * wu))
+        args = {**given, pixels_name: torch.cat(items), grid_name: torch.tensor(new_grids, device=grid_thw.device)}
+        out = original(**{k: v for k, v in args.items() if k != "kwargs"}, **given.get("kwargs", {}))
+        features = []
+        for source, ((index, grid, n), f) in enumerate(zip(selected, out.pooler_output)):
+            stage.record(kind, source, Selected(index, grid))
+            full = f.new_zeros(n, f.shape[-1])
+            full[index] = f
+            features.append(full)
+        out.pooler_output = tuple(features)
+        return out
 
     def _tome_forward(self, press, stage, kind: str, pixels: Tensor, grid_thw: Tensor) -> BaseModelOutputWithPooling:
         """ToMe (``tome_vit``) in the Qwen-VL tower, in units of the patch merger's 2x2 window.
