@@ -7,6 +7,7 @@ audio-in-video rows."""
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -156,6 +157,28 @@ def test_ragged_batch_decodes_like_each_row_alone(model, rows, name):
         assert torch.equal(tokens[i], row_tokens[0]), (name, i)
 
 
+@pytest.mark.parametrize("options", [dict(num_beams=2), dict(num_return_sequences=2, do_sample=True)],
+                         ids=["beams", "sequences"])
+def test_generate_repeats_clips_per_beam(model, options):
+    """generate repeats each row's clips (input_features) per beam / returned sequence: keep-all is
+    the unpressed model's output, and a press presses every repeated item."""
+    inputs = QwenOmniAdapter.prompts(model, [[(32, 32), (0.64,)], [(0.3,)]])
+
+    def run_generate():
+        torch.manual_seed(0)
+        return model.generate(**inputs, max_new_tokens=STEPS, **options)
+
+    with torch.no_grad():
+        reference = run_generate()
+        with mmpress.get_press("none")(model):
+            assert torch.equal(run_generate(), reference)
+        press = mmpress.get_press("divprune", keep_ratio=0.5)
+        with press(model) as run:
+            run_generate()
+    assert run.stats.kinds == {"image": 2, "audio": 4}
+    assert run.stats.kept_visual_tokens == 2 * sum(press.budget(n) for n in (16, 16, 7))  # image, clip, clip
+
+
 def test_one_press_on_audio_image_and_video_in_one_prompt(model):
     """DivPrune at 50% halves every item of every kind: 2 images, a video, 2 clips; a ragged batch."""
     inputs = batch(model, "mixed")
@@ -207,6 +230,36 @@ def test_pressed_logits_equal_the_hand_built_sequence(model, rows, i):
         hidden = get_adapter(model).lm(inputs_embeds=embeds[:, keep], position_ids=pos).last_hidden_state
         oracle = model.lm_head(hidden)
     torch.testing.assert_close(pressed, oracle, atol=1e-5, rtol=1e-5)
+
+
+def test_a_later_turn_continues_the_pressed_cache_at_the_original_ids(model):
+    """A second turn fed onto a pressed cache with ``mmpress.continue_positions``: the hand-built
+    sequence of the kept prompt then the new tokens, the new text continuing from the prompt's
+    largest TMRoPE id as the unpressed model would number it."""
+    inputs = alone(model, "video_audio", 1)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    new = torch.tensor([[20, 21, 22]])
+    full = torch.ones(1, inputs["input_ids"].shape[1] + new.shape[1], dtype=torch.long)
+    press = mmpress.get_press("divprune", keep_ratio=0.5)
+    with torch.no_grad():
+        with lm_input(model) as seen:
+            model(**inputs)
+        with press(model), lm_input(model) as pressed_seen:
+            out = model(**inputs, use_cache=True)
+            cache = getattr(out, name)
+            pos = mmpress.continue_positions(model, cache, full, new)
+            later = model(input_ids=new, attention_mask=full, position_ids=pos, **{name: cache}).logits
+    embeds, kept = seen[0]["inputs_embeds"], pressed_seen[0]["inputs_embeds"]
+    keep = kept_columns(embeds[0], kept[0], torch.ones(kept.shape[1], dtype=torch.bool))
+    original = rope_index(model, inputs)
+    following = original.amax(dim=(0, 2))[0] + 1 + torch.arange(new.shape[1])
+    assert torch.equal(pos[:, 0], following.expand(3, -1))
+    lm = get_adapter(model).lm
+    with torch.no_grad():
+        sequence = torch.cat([embeds[:, keep], lm.get_input_embeddings()(new)], dim=1)
+        ids = torch.cat([original[:, :, keep], following.expand(3, 1, -1)], dim=2)
+        oracle = model.lm_head(lm(inputs_embeds=sequence, position_ids=ids).last_hidden_state)[:, -new.shape[1]:]
+    torch.testing.assert_close(later, oracle, atol=1e-5, rtol=1e-5)
 
 
 def test_interleaved_video_and_audio_items_find_their_tokens(model):
