@@ -6,8 +6,6 @@ keys and attention, and (once the adapter is in) the Qwen2-Audio family end to e
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -387,6 +385,22 @@ def test_registered_declared_and_spec_round_trip():
 
 
 # ---- FastAdaSP inside a decoder stack: the stage's merge against the unpressed model ------------
+@pytest.mark.parametrize("schedule", ["none", "constant"])
+def test_fastadasp_adds_no_host_syncs(schedule):
+    """A pressed generate syncs no more than the unpressed one (counted as for every press)."""
+    from test_llava import count_syncs
+    from test_stages import batches, deep
+
+    model, batch = deep("llava"), batches("llava", None)["ragged"]
+    press = get_press("fastadasp", keep_ratio=0.5, layer=1, schedule=schedule, last_layer=3)
+    with torch.no_grad():
+        with get_press("none")(model):
+            baseline = count_syncs(lambda: model.generate(**batch, max_new_tokens=2, do_sample=False))
+        with press(model):
+            pressed = count_syncs(lambda: model.generate(**batch, max_new_tokens=2, do_sample=False))
+    assert pressed == baseline
+
+
 def test_fastadasp_in_a_decoder_stack_merges_what_the_official_code_merges():
     """On a tiny 4-layer LLaVA (eager attention for the reference; the press runs on SDPA): the
     hidden states entering layer p + 1 under the press are official ``merge_weighted`` applied to
@@ -470,7 +484,7 @@ def audio_presses(ratio: float) -> list:
             get_press("fastadasp", keep_ratio=ratio, layer=1, schedule="constant", last_layer=3)]
 
 
-def greedy(model, batch, steps=3):
+def greedy(model, batch, steps=2):
     out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
                          return_dict_in_generate=True)
     return out.sequences[:, -steps:], torch.stack(out.logits, dim=1)

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mmpress.ops.audio import similar_runs
 from mmpress.ops.dpp import greedy_dpp_map
 from mmpress.ops.similarity import at_least_float32, cosine_similarity
 from mmpress.ops.video import merge_runs
-from mmpress.ops.audio import similar_runs
 from mmpress.presses.base import Press, VisualContext, register
 
 
