@@ -17,7 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import mmpress
 from mmpress.eval.cost import prefill_flops
 from mmpress.eval.prefill import encode_visuals, run_prefill, shaped
-from mmpress.models.qwen2_audio import AUDIO_TOKEN, Qwen2AudioAdapter as A, audio_tokens, clip_frames, token_energy
+from mmpress.models.qwen2_audio import (AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, Qwen2AudioAdapter as A, audio_tokens,
+                                        clip_frames, token_energy)
 from mmpress.presses.base import ScorerPress
 from mmpress.registry import get_adapter
 
@@ -107,6 +108,53 @@ def test_prompts_lay_clips_out_as_the_processor(model):
         A.prompts(model, [[(0.65,)]])
     with pytest.raises(ValueError, match="audio clips only"):
         A.prompts(model, RAGGED, kind="image")
+
+
+def tiny_processor():
+    """Qwen2AudioProcessor over a word-level tokenizer whose audio tokens have the tiny model's ids,
+    and Whisper's feature extractor with the tiny model's 8 mel bins (30 s: 3000 frames)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    specials = ["<pad>", "<s>", "</s>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    assert (vocab["<|AUDIO|>"], vocab["<|audio_bos|>"], vocab["<|audio_eos|>"]) == (AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS)
+    vocab |= {f"w{i}": i for i in range(len(vocab), 64)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        padding_side="left", extra_special_tokens={
+                                            "audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>",
+                                            "audio_eos_token": "<|audio_eos|>"})
+    return Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=8), tokenizer=tokenizer)
+
+
+def test_the_processors_batch_is_pressed_row_by_row():
+    """What Qwen2AudioProcessor makes (clips padded to 30 s, an int32 feature mask, each
+    placeholder expanded as ``audio_tokens`` counts, left-padded rows) is laid out as ``prompts``
+    does, keep-all is exact, and each pressed row gives its logits alone."""
+    processor, model = tiny_processor(), A.build("tiny", source_positions=1500)
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (5760, 8000)]  # 0.36 s, 0.5 s
+    texts = ["w10 <|audio_bos|><|AUDIO|><|audio_eos|> w11 w12", "w13 <|audio_bos|><|AUDIO|><|audio_eos|> w14"]
+    call = dict(sampling_rate=16000, return_tensors="pt", padding=True)
+    batch = processor(text=texts, audio=clips, **call)
+    assert batch["input_features"].shape == (2, 8, 3000)
+    assert batch["input_ids"][1].tolist() == [13, AUDIO_BOS, *[AUDIO_TOKEN] * audio_tokens(50), AUDIO_EOS, 14]
+    assert batch["feature_attention_mask"].sum(-1).tolist() == [clip_frames(0.36), clip_frames(0.5)]
+    press = mmpress.get_press("divprune", keep=4)
+    with torch.no_grad():
+        reference = model(**batch).logits
+        with NormPress(keep_ratio=1.0)(model):
+            assert torch.equal(model(**batch).logits, reference)
+        own = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # each row from its first token
+        with press(model) as run:
+            logits = model(**batch, position_ids=own).logits
+        assert run.stats.kept_visual_tokens == 8 and run.stats.visual_tokens == audio_tokens(36) + audio_tokens(50)
+        for i in range(2):
+            with press(model):
+                alone = model(**processor(text=texts[i:i + 1], audio=clips[i:i + 1], **call)).logits
+            torch.testing.assert_close(logits[i, -1], alone[0, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_items_are_clips_in_placeholder_order(model):
