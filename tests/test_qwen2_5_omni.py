@@ -342,6 +342,11 @@ def test_bad_input_raises(model):
         model(**batch(model, "video_audio"))
     with pytest.raises(ValueError, match="positions"):
         QwenOmniAdapter(model, positions="reindex")
+    with mmpress.get_press("static_patches")(model), pytest.raises(ValueError, match="images and videos only"):
+        model(**inputs)
+    two_clips = QwenOmniAdapter.prompts(model, [[(0.64,), (0.3,)]])  # transformers repeats clips, not rows' clips
+    with press(model), pytest.raises(ValueError, match="one clip each, or generate with one beam"):
+        model.generate(**two_clips, max_new_tokens=1, num_beams=2)
     with pytest.raises(ValueError, match="one flag per call"):
         QwenOmniAdapter.prompts(model, [[(4, 32, 32, 0.4), (4, 32, 32)]])
     with pytest.raises(ValueError, match="no token"):

@@ -36,6 +36,13 @@ audio tower's ``proj``, after the pool and ``ln_post``: the Omni tower holds its
 receives, as Qwen2-Audio's file gives it, so MMTok runs on audio). A press needing other vision
 signals on an audio item, or audio signals on an image or video, raises.
 
+generate: images and videos are encoded before the forward (``mm_encoder_outputs``, repeated per
+beam / returned sequence row by row), audio inside it from ``input_features``, which generate
+repeats clip by clip (``repeat_interleave``): one clip per row is right; a row of several clips
+gets the wrong ones (silently, unpressed), which a press refuses when their lengths differ (it
+cannot see it when they are equal), as Qwen2-Audio's file does. In-vision presses (the tower on
+fewer patches, inherited from Qwen-VL) run on prompts without audio; with audio they raise.
+
 transformers versions: from 5.24 the thinker wraps a ``Qwen2_5OmniThinkerModel`` (``.model``,
 holding ``language_model``, ``visual``, ``audio_tower``); 5.18 puts those on the thinker itself,
 its text model under ``.model``. The adapter reads whichever the installed version builds.
@@ -146,8 +153,24 @@ class QwenOmniAdapter(QwenVLAdapter):
         if min(lengths) < 1:
             raise ValueError(f"an audio clip of {int(mask.sum(dim=-1).min())} mel frames gives no audio token: "
                              "drop it or pass at least 3 frames")
+        if "in_vision" in self.stages:
+            raise ValueError(f"{type(self.stages['in_vision']).__name__} acts in the vision tower, and this prompt holds "
+                             "audio clips, which the tower does not encode: in-vision presses run on Qwen2.5-Omni prompts "
+                             "of images and videos only; for audio pick a pre_llm press (divprune, audio_merge, ...)")
         self._audio = {"features": features, "mask": mask, "lengths": lengths, "encoded": None}
         return items + [Item(self.config.audio_token_id, n, None, i, kind="audio") for i, n in enumerate(lengths)]
+
+    def _rows(self, items: list[Item], counts: dict[int, list[int]]) -> list[int]:
+        try:
+            return super()._rows(items, counts)
+        except ValueError as e:
+            if items and items[-1].kind == "audio":  # (images, videos, then clips)
+                raise ValueError(f"{e}. Qwen2.5-Omni: each clip fills as many audio placeholders as its "
+                                 "feature_attention_mask gives tokens, clip after clip. Under generate with num_beams or "
+                                 "num_return_sequences > 1, transformers repeats each clip, not each row's clips, so a row "
+                                 "of several clips no longer lines up (unpressed, it fills the placeholders with the wrong "
+                                 "clips): give such rows one clip each, or generate with one beam") from None
+            raise
 
     # ---- signals ------------------------------------------------------------------------------
     @staticmethod
