@@ -198,7 +198,8 @@ def test_the_stock_tower_comes_back_after_the_block():
     assert out.shape[0] == inputs["video_grid_thw"].prod(-1).sum() // 4
 
 
-def test_sdpa_is_kept_in_the_tower(monkeypatch):
+@pytest.mark.parametrize("press", [EveryThird(), mmpress.get_press("tome_vit", r=1)], ids=["drop", "tome"])
+def test_sdpa_is_kept_in_the_tower(monkeypatch, press):
     model = Q.build("tiny")
     module = sys.modules[type(model.model.visual.blocks[0].attn).__module__]
 
@@ -208,9 +209,10 @@ def test_sdpa_is_kept_in_the_tower(monkeypatch):
     monkeypatch.setattr(module, "eager_attention_forward", eager)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
     inputs = Q.prompts(model, ROWS["single"])
-    pressed_logits(model, inputs, EveryThird())
+    pressed_logits(model, inputs, press)
     assert calls
 
 
@@ -283,7 +285,8 @@ def reference_tome_tower(model, pixels, grid, r):
                     rr = min(r, len(win) // 2)
                     edges = []
                     for ai, au in enumerate(a_units):
-                        sims = [torch.nn.functional.cosine_similarity(keys[au[2]], keys[bu[2]], dim=0) for bu in b_units]
+                        sims = [torch.nn.functional.cosine_similarity(keys[au[2]], keys[bu[2]], dim=0)
+                                for bu in b_units]
                         best = max(range(len(b_units)), key=lambda bi: (sims[bi].item(), -bi))
                         edges.append((sims[best].item(), ai, best))
                     edges = sorted(edges, key=lambda e: (-e[0], e[1]))

@@ -349,8 +349,9 @@ class QwenVLAdapter(Adapter):
         def forward(hidden_states, grid_thw=None, **kwargs):
             kind, plan = state["kind"], state["plan"]
             if kind is None:
-                raise ValueError(f"{type(press).__name__} runs in the Qwen-VL vision tower through get_image_features / "
-                                 "get_video_features (model(...) and generate call them); the tower was called directly")
+                raise ValueError(f"{type(press).__name__} runs in the Qwen-VL vision tower through get_image_features "
+                                 "/ get_video_features (model(...) and generate call them); the tower was called "
+                                 "directly")
             # transformers encodes a call's images, then its videos: a video right after images
             # continues that encoding pass, anything else starts a new one
             if kind == "image" or state["last"] != "image":
@@ -372,8 +373,8 @@ class QwenVLAdapter(Adapter):
         super().check_stages(stages)
         later = stages.get("pre_llm")
         if "in_vision" in stages and later is not None and (HEADS | CONCAT | {"vision_features"}) & set(later.needs):
-            raise ValueError(f"{type(later).__name__} reads the vision tower's attention / features, which a Qwen-VL tower "
-                             f"running {type(stages['in_vision']).__name__} computes on the kept patches only: compose "
+            raise ValueError(f"{type(later).__name__} reads the vision tower's attention / features, which a Qwen-VL "
+                             f"tower running {type(stages['in_vision']).__name__} computes on the kept patches only: compose "
                              "the in-vision press with a press that reads the tokens (e.g. divprune)")
 
     def _plan(self, press: VisionPress, pixels: Tensor, grid_thw: Tensor, kind: str) -> Tensor:
@@ -382,7 +383,8 @@ class QwenVLAdapter(Adapter):
         if press.mode in ("merge", "resize"):
             return None
         if press.mode != "drop":
-            raise ValueError(f"the Qwen-VL adapter runs in-vision mode {press.mode!r} not yet; use a 'drop' or 'merge' press")
+            raise ValueError(f"the Qwen-VL adapter runs no in-vision mode {press.mode!r}: its modes are "
+                             f"{sorted(self.vision_modes)}")
         grids = grid_thw.tolist()
         sizes = [t * (h // self.merge) * (w // self.merge) for t, h, w in grids]
         units = pixels.reshape(sum(sizes), -1)  # a unit's merge**2 patches are consecutive rows
@@ -477,7 +479,8 @@ class QwenVLAdapter(Adapter):
             hu, wu, hn, wn = h // merge, w // merge, h2 // merge, w2 // merge
             rows = ((torch.arange(hn) + 0.5) * hu / hn).floor().long()  # the original token under each centre
             cols = ((torch.arange(wn) + 0.5) * wu / wn).floor().long()
-            index = (torch.arange(t)[:, None, None] * hu * wu + rows[None, :, None] * wu + cols[None, None, :]).flatten()
+            index = torch.arange(t)[:, None, None] * hu * wu + rows[None, :, None] * wu + cols[None, None, :]
+            index = index.flatten()
             selected.append((index.to(x.device), (t, hn, wn), t * hu * wu))
         args = {**given, pixels_name: torch.cat(items), grid_name: torch.tensor(new_grids, device=grid_thw.device)}
         out = original(**{k: v for k, v in args.items() if k != "kwargs"}, **given.get("kwargs", {}))
@@ -512,7 +515,8 @@ class QwenVLAdapter(Adapter):
         device = pixels.device
         total = pixels.shape[0] // unit
         if hasattr(visual, "fullatt_block_indexes"):
-            window_index, cu_window = get_vision_window_index(grid_thw.cpu(), merge, visual.window_size, visual.patch_size)
+            window_index, cu_window = get_vision_window_index(grid_thw.cpu(), merge, visual.window_size,
+                                                              visual.patch_size)
             windows = (cu_window[1:] - cu_window[:-1]).div(unit, rounding_mode="floor").tolist()
             full_blocks = set(visual.fullatt_block_indexes)
         else:
