@@ -27,7 +27,7 @@ REFUSES = {("globalcom2", "internvl"): "crop", ("globalcom2", "smolvlm"): "crop"
            **{(n, "qwen2_audio"): "grid" for n, cls in mmpress.PRESSES.items() if "grid" in cls.needs},
            # Qwen2.5-Omni's rows here are images (test_qwen2_5_omni.py runs its audio): audio presses refuse them
            **{(n, "qwen2_5_omni"): "audio signals" for n, cls in mmpress.PRESSES.items()
-              if {"audio_features", "audio_energy"} & set(cls.needs)}}
+              if {"audio_features", "audio_energy", "audio_attn"} & set(cls.needs)}}
 # a medium's size says its kind (``Adapter.example_rows``): (seconds,) an audio clip, (h, w) px an
 # image, (frames, h, w) a video
 KINDS = {1: "audio", 2: "image", 3: "video"}
@@ -56,10 +56,10 @@ def family(request):
 
 
 def kind_of(rows: list) -> str:
-    """The kind of the media of ``rows`` when they are of one kind, else "image" (the default
+    """The kind of the media of ``rows`` when they are of one known kind, else "image" (the default
     ``prompts`` kind; a family with mixed media lays out each medium by its size)."""
-    kinds = {KINDS[len(medium)] for row in rows for medium in row}
-    return kinds.pop() if len(kinds) == 1 else "image"
+    kinds = {KINDS.get(len(medium), "other") for row in rows for medium in row}
+    return kinds.pop() if len(kinds) == 1 and "other" not in kinds else "image"
 
 
 def batch_of(cls, model, rows: str, first_row: int = 0):
