@@ -461,3 +461,67 @@ def test_downsample_keeping_every_token_is_the_unpressed_model():
         with mmpress.get_press("downsample", keep_ratio=1.0)(model):
             got = model(**inputs).logits
     assert torch.equal(got, want)
+
+
+# ---- Qwen3-VL: DeepStack features of the kept units ----------------------------------------------
+def test_qwen3_vl_tower_on_kept_units_equals_the_stock_tower_fed_them_by_hand():
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    from mmpress.models.qwen3_vl import Qwen3VLAdapter
+
+    model = Qwen3VLAdapter.build("tiny")
+    visual = model.model.visual
+    inputs = Qwen3VLAdapter.prompts(model, ROWS["ragged"])
+    pixels, grids = inputs["pixel_values_videos"], inputs["video_grid_thw"]
+    keeps = every_third(inputs, "video")
+    flags = torch.tensor([k for keep in keeps for k in keep])
+    rows = (flags.nonzero()[:, 0, None] * 4 + torch.arange(4)).flatten()
+    index, weight = get_vision_interpolation_indices_and_weights(
+        grids, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+        align_corners=visual.interpolation_align_corners, spatial_merge_size=2)
+    positions = [(2 * i + a, 2 * j + b) for t, h, w in grids.tolist() for _ in range(t) for i in range(h // 2)
+                 for j in range(w // 2) for a in range(2) for b in range(2)]
+    lengths = [4 * sum(keep[f * (h * w // 4):(f + 1) * (h * w // 4)]) for keep, (t, h, w) in zip(keeps, grids.tolist())
+               for f in range(t)]
+    with torch.no_grad():
+        want = visual(pixels[rows], grid_thw=grids, interp_indices=index[rows], interp_weights=weight[rows],
+                      position_ids=torch.tensor(positions)[rows],
+                      cu_seqlens=torch.tensor([0, *lengths]).cumsum(0).int())
+        with EveryThird()(model):
+            got = model.model.get_video_features(pixels, grids)
+    torch.testing.assert_close(torch.cat(got.pooler_output)[flags], want.pooler_output, rtol=1e-4, atol=1e-5)
+    for layer, expected in zip(got.deepstack_features, want.deepstack_features, strict=True):
+        torch.testing.assert_close(torch.cat(layer)[flags], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("press", ["static_patches", "downsample"])
+def test_qwen3_vl_keep_all_is_exact_and_ragged_is_each_row_alone(press):
+    from test_static_patches import make_static
+
+    from mmpress.models.qwen3_vl import Qwen3VLAdapter
+
+    model = Qwen3VLAdapter.build("tiny")
+    rows = ROWS["ragged"]
+    inputs = make_static(Qwen3VLAdapter.prompts(model, rows))
+    if press == "static_patches":
+        keep_all, pressing = mmpress.get_press(press, tolerance=-1), mmpress.get_press(press)
+    else:
+        keep_all, pressing = mmpress.get_press(press, keep_ratio=1.0), mmpress.get_press(press, keep_ratio=0.25)
+    with torch.no_grad():
+        want = model(**inputs).logits
+        with keep_all(model):
+            assert torch.equal(model(**inputs).logits, want)
+    got, stats = pressed_logits(model, inputs, pressing)
+    assert stats.kept_visual_tokens < stats.visual_tokens
+    assert stats.vision_block_tokens[0] < sum(inputs[k].shape[0] for k in ("pixel_values", "pixel_values_videos"))
+    for i, row in enumerate(rows):
+        alone, _ = pressed_logits(model, make_static(Qwen3VLAdapter.prompts(model, [row], first_row=i)), pressing)
+        torch.testing.assert_close(got[i], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_qwen3_vl_refuses_tome_in_its_tower():
+    from mmpress.models.qwen3_vl import Qwen3VLAdapter
+
+    with pytest.raises(ValueError, match="does not support"):
+        with mmpress.get_press("tome_vit", r=1)(Qwen3VLAdapter.build("tiny")):
+            pass

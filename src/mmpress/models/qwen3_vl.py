@@ -27,6 +27,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
     model_types = ("qwen3_vl",)
     classes = ("Qwen3VLForConditionalGeneration",)
     deepstack = True
+    # in-vision: the tower on kept units (DeepStack features of the kept units placed as the tokens)
+    # and downsampling; ToMe is not run here (a DeepStack feature taken mid-tower would stand for
+    # units that later blocks merge further)
+    vision_modes = frozenset({"drop", "resize"})
 
     @classmethod
     def build(cls, size: str = "tiny", seed: int = 0, attn: str = "sdpa", model_type: str | None = None, **overrides):
@@ -57,6 +61,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
         return [t for _ in range(grid[0]) for t in (11, *frame)]
 
     def check_stages(self, stages: dict) -> None:
+        super().check_stages(stages)
         press = stages.get("in_llm")
         injected = len(self.config.vision_config.deepstack_visual_indexes or ())
         if press is not None and press.layers()[0] < injected:

@@ -82,7 +82,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+from transformers.vision_utils import (
+    get_vision_interpolation_indices_and_weights,
+    get_vision_position_ids,
+    get_vision_window_index,
+)
 
 from mmpress.flops import PrefillFlops, language_flops
 from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Adapter, Item, family
@@ -334,6 +338,8 @@ class QwenVLAdapter(Adapter):
 
             @functools.wraps(original)
             def wrapped(*args, **kwargs):
+                if state["kind"] is not None:  # called by the other wrapper (Qwen3-VL: videos encoded as images)
+                    return original(*args, **kwargs)
                 given = signature.bind(*args, **kwargs).arguments
                 if given.get(grid_name) is None:
                     raise ValueError(f"an in-vision press on a Qwen-VL {kind} needs its {grid_name}")
@@ -442,19 +448,36 @@ class QwenVLAdapter(Adapter):
         cu_frames = _cu_lengths(frame_of[order], len(frames), unit)
         rows = (order[:, None] * unit + torch.arange(unit, device=order.device)).flatten()
         hidden = visual.patch_embed(pixels[rows])
+        if hasattr(visual, "pos_embed"):  # Qwen3-VL: learned positions interpolated over the FULL grid
+            index, weight = get_vision_interpolation_indices_and_weights(
+                grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+                align_corners=visual.interpolation_align_corners, spatial_merge_size=self.merge)
+            index, weight = index.to(rows.device)[rows], weight.to(rows.device)[rows]
+            hidden = hidden + (visual.pos_embed(index) * weight[:, :, None]).sum(1).to(hidden.dtype)
         positions = get_vision_position_ids(grid_thw, self.merge).to(rows.device)[rows]
         rotary = visual.rotary_pos_emb(hidden, positions)
+        deepstack = list(getattr(visual, "deepstack_visual_indexes", None) or ())
+        unsort = order.argsort() if windowed else None  # window order -> raster order, as the tower does
+
+        def scatter(features: Tensor) -> Tensor:
+            features = features if unsort is None else features[unsort]
+            full_out = features.new_zeros(keep.shape[0], features.shape[-1])
+            full_out[kept] = features
+            return full_out
+
+        stacked = []
         for i, block in enumerate(visual.blocks):
             bounds = cu_frames if i in full else cu_window
             hidden = block(hidden, cu_seqlens=bounds, max_seqlen=None, position_embeddings=rotary)
-        merged = visual.merger(hidden)
-        if windowed:  # window order -> raster order, as the tower does
-            merged = merged[order.argsort()]
-        out = merged.new_zeros(keep.shape[0], merged.shape[-1])
-        out[kept] = merged
+            if i in deepstack:  # Qwen3-VL's DeepStack features, per kept unit, placed as the tokens
+                stacked.append(scatter(visual.deepstack_merger_list[deepstack.index(i)](hidden)))
+        out = scatter(visual.merger(hidden))
         frames = (cu_frames[1:] - cu_frames[:-1]).tolist()
         windows = (cu_window[1:] - cu_window[:-1]).tolist() if windowed else frames
         stage.count_blocks(kind, [rows.shape[0]] * depth, _attention_work(frames, windows, full, depth))
+        if deepstack:
+            output = sys.modules[type(visual).__module__].BaseModelOutputWithDeepstackFeatures
+            return output(last_hidden_state=hidden, pooler_output=out, deepstack_features=stacked)
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=out)
 
     def _resized(self, press, stage, kind: str, original, given: dict, pixels_name: str, grid_name: str):
@@ -484,13 +507,19 @@ class QwenVLAdapter(Adapter):
             selected.append((index.to(x.device), (t, hn, wn), t * hu * wu))
         args = {**given, pixels_name: torch.cat(items), grid_name: torch.tensor(new_grids, device=grid_thw.device)}
         out = original(**{k: v for k, v in args.items() if k != "kwargs"}, **given.get("kwargs", {}))
-        features = []
-        for source, ((index, grid, n), f) in enumerate(zip(selected, out.pooler_output)):
+        def placed(per_item) -> tuple:  # each item's new tokens at the placeholders they stand for
+            features = []
+            for (index, _, n), f in zip(selected, per_item):
+                full = f.new_zeros(n, f.shape[-1])
+                full[index] = f
+                features.append(full)
+            return tuple(features)
+
+        for source, (index, grid, _) in enumerate(selected):
             stage.record(kind, source, Selected(index, grid))
-            full = f.new_zeros(n, f.shape[-1])
-            full[index] = f
-            features.append(full)
-        out.pooler_output = tuple(features)
+        out.pooler_output = placed(out.pooler_output)
+        if getattr(out, "deepstack_features", None) is not None:  # Qwen3-VL: per DeepStack layer, per item
+            out.deepstack_features = [placed(layer) for layer in out.deepstack_features]
         return out
 
     def _tome_forward(self, press, stage, kind: str, pixels: Tensor, grid_thw: Tensor) -> BaseModelOutputWithPooling:
