@@ -525,3 +525,14 @@ def test_qwen3_vl_refuses_tome_in_its_tower():
     with pytest.raises(ValueError, match="does not support"):
         with mmpress.get_press("tome_vit", r=1)(Qwen3VLAdapter.build("tiny")):
             pass
+
+
+def test_a_family_with_another_tower_runs_no_in_vision_press_until_it_opts_in():
+    class OtherTower(Q):  # e.g. Qwen2.5-Omni's or Qwen3.5's tower: our tower forward is not theirs
+        pass
+
+    class OptedIn(Q):
+        vision_modes = frozenset({"drop"})
+
+    assert Q.vision_modes == {"drop", "merge", "resize"} and OtherTower.vision_modes == frozenset()
+    assert OptedIn.vision_modes == {"drop"} and not OtherTower.runs(mmpress.get_press("static_patches"))

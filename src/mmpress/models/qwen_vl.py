@@ -163,6 +163,13 @@ class QwenVLAdapter(Adapter):
     vision_modes = frozenset({"drop", "merge", "resize"})  # in-vision presses: the tower on the kept merge units (vision_hooks)
     deepstack = False  # Qwen3-VL's file (qwen3_vl.py) presses DeepStack features too
 
+    def __init_subclass__(cls, **kwargs):
+        # in-vision presses replace the tower's forward: a subclass with another tower (Qwen2.5-Omni)
+        # runs them only where it says so and is tested (Qwen3-VL)
+        super().__init_subclass__(**kwargs)
+        if "vision_modes" not in cls.__dict__:
+            cls.vision_modes = frozenset()
+
     def __init__(self, model, positions: str | None = None):
         super().__init__(model, positions)
         if not hasattr(self.vlm, "visual"):
