@@ -14,7 +14,7 @@ recorded before and after:
   where r=16 merges most of the tokens (577 -> 209 entering the last block).
 - ``qwen_video``: Qwen2.5-VL-7B's vision tower at its real size with random weights (32 blocks,
   1280 wide, MLP 3420, 16 heads, windows of 112 px, full attention in blocks 7, 15, 23, 31), 16
-  frames of 224 x 224 (8 temporal steps of 16 x 16 patches, 512 visual tokens), every other
+  frames of 112 x 112 (8 temporal steps of 8 x 8 patches, 128 visual tokens), every other
   temporal step a copy of the one before (frames 4k+2, 4k+3 repeat 4k, 4k+1: half the frames
   static), pressed by ``compose(static_patches, divprune(keep_ratio=0.25))``: the duplicates
   dropped before the tower, then a pre-LLM press removing 75% of the tokens it gets. Goal: the
@@ -25,12 +25,14 @@ recorded before and after:
   (the vocabulary only sizes the embedding table and the last token's head). The tower has 20
   heads of 64 (the family's build) where the 7B has 16 of 80: the same FLOPs. Every matmul keeps
   the 7B's shapes, so each part runs at the FLOP rate the real model would on this CPU; what the
-  cut changes is the mix: the tower is ~70% of this prefill's FLOPs (of the full 7B's at 512
-  visual tokens, ~28%), near the 79% of the time it takes in a 16-frame prefill on an H100
+  cut changes is the mix: the tower is ~68% of this prefill's FLOPs (of the full 7B's, ~28%), near the 79% of the time it takes in a 16-frame prefill on an H100
   (shared/MEASURED.md), the regime where only a press before the tower gains much. The limit is
-  computed for the model as run. The frames are smaller than Qwen2.5-VL's video default (the
-  tower on 16 x 448 x 448 would take minutes a pass at one thread): the tower's and the language
-  model's FLOPs both grow with the tokens, so the split stays about the same.
+  computed for the model as run. The frames are far smaller than Qwen2.5-VL's video default: on
+  this shared CPU (about 6.5 GFLOP/s for one thread under the other helpers' load) the tower alone
+  takes 0.6 TFLOPs at 112 px, 2.6 at 224 px and 10 at 448 px, and a run times it 8 times. The
+  tower's and the language model's FLOPs both grow with the tokens (attention is a few percent
+  here), so their split, and the limit, stay about the same at larger frames; one window of 112
+  px covers a frame, so the windowed blocks attend over the frame as the full ones do.
 
 Writes benchmarks/results/prefill_vision.json and .md after each run.
 
@@ -73,7 +75,7 @@ QWEN_7B = dict(vision_layers=32, vision_hidden=1280, vision_intermediate=3420, f
                window_size=112, patch_size=14, lm_hidden=3584, lm_intermediate=18944, lm_heads=28, lm_kv_heads=4)
 
 
-def qwen_video_run(lm_layers: int = 4, frames: tuple[int, int, int] = (16, 224, 224), **smaller):
+def qwen_video_run(lm_layers: int = 4, frames: tuple[int, int, int] = (16, 112, 112), **smaller):
     """Qwen2.5-VL-7B's tower and LM widths (the family's "real" build with the 7B's sizes; its
     tower gets 20 heads of 64 where the 7B has 16 of 80: the same FLOPs), ``lm_layers`` layers."""
     cls = FAMILIES["qwen_vl"]

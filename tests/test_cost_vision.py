@@ -247,3 +247,16 @@ def test_bench_cost_splits_tower_projector_and_language_model(tmp_path):
     assert "FLOPs split" in result.output and "tower" in result.output
     tables = [line for line in result.output.splitlines() if not line.startswith("unpressed split")]
     assert max(map(len, tables)) <= 80
+
+
+def test_mmpress_bench_counts_an_in_vision_press_s_tower_pressed():
+    """``mmpress bench`` / ``tune``'s FLOPs column: an in-vision press's tower at its pressed lengths."""
+    _needs("tome_vit")
+    from mmpress.eval.bench import _flops
+
+    model = LlavaAdapter.build("tiny")
+    inputs = LlavaAdapter.prompts(model, LlavaAdapter.example_rows["single"])
+    stats = _run(model, inputs, mmpress.get_press("tome_vit", r=8))
+    got = _flops(model.config, inputs, stats)
+    assert got == pressed_flops(model.config, inputs, stats)
+    assert got.vision < prefill_flops(model.config, inputs, inputs["input_ids"].shape[1]).vision

@@ -48,8 +48,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmpress.api import ANSWER_HINT, check_inputs, encode
-from mmpress.eval.cost import (machine_done, machine_state, prefill_flops, prompt_cache_bytes, round_robin,
-                               speedup_spread, stats_lengths, time_call)
+from mmpress.eval.cost import (machine_done, machine_state, pressed_flops, prompt_cache_bytes, round_robin,
+                               speedup_spread, time_call)
 from mmpress.eval.metrics import (LEVEL, RESAMPLES, accuracy, agreements, bootstrap_ci, correctness, is_labelled,
                                   kl_divergence)
 from mmpress.presses.base import PRESSES, Press, get_press
@@ -571,10 +571,10 @@ def _unpressed_stats(model, inputs: dict) -> dict:
 
 def _flops(config, inputs: dict, stats: dict):
     """Analytical prefill FLOPs of one batch on its actual (pressed, padded) lengths, each decoder
-    layer at its own; None for a family that does not count its FLOPs."""
-    seq_len, layer_seq_len = stats_lengths(stats)
+    layer at its own and an in-vision press's tower at its pressed lengths (``pressed_flops``);
+    None for a family that does not count its FLOPs."""
     try:
-        return prefill_flops(config, inputs, seq_len, layer_seq_len=layer_seq_len)
+        return pressed_flops(config, inputs, stats)
     except NotImplementedError:
         return None
 
