@@ -231,7 +231,7 @@ def reference_tower(tower, pixels, schedule, protected, prop_attn=True):
     m, n, _ = x.shape
     size = torch.ones(m, n, 1, dtype=x.dtype)
     rep = torch.arange(n).expand(m, n)[..., None]
-    states, reps = [x], []
+    states, reps, matches = [x], [], []
     for i, layer in enumerate(_layers(tower)):
         attn = getattr(layer, "self_attn", None) or layer.attention
         norm1 = getattr(layer, "layer_norm1", None) or layer.norm1
@@ -250,8 +250,9 @@ def reference_tower(tower, pixels, schedule, protected, prop_attn=True):
         x = x + a
         metric = k.mean(1)
         r = schedule[i]
+        matches.append(None)
         if r > 0 and min(r, (t - protected) // 2) > 0:
-            rows = reference_matching(metric, r, bool(protected))
+            rows = matches[-1] = reference_matching(metric, r, bool(protected))
             x = official_merge(x * size, rows) / official_merge(size, rows)
             size = official_merge(size, rows)
             # a merged group sits where its destination B token was: the kept A tokens keep theirs
@@ -263,7 +264,7 @@ def reference_tower(tower, pixels, schedule, protected, prop_attn=True):
         x = x + y
         states.append(x)
         reps.append(rep[..., 0])
-    return states, reps
+    return states, reps, matches
 
 
 @pytest.mark.parametrize("kind", TOWERS)
@@ -282,7 +283,7 @@ def test_merging_equals_the_official_tome_vit(kind, r):
     schedule = ToMeViTPress(r=r).schedule(3)
     state = TowerState(schedule, protected=protected)
     with torch.no_grad():
-        want, reps = reference_tower(tower, pixels, schedule, protected)
+        want, reps, _ = reference_tower(tower, pixels, schedule, protected)
         handles = install(_layers(tower), state)
         try:
             got = tower(pixels, output_hidden_states=True).hidden_states
@@ -309,7 +310,7 @@ def test_prop_attn_off_and_on_differ_and_each_matches_the_reference():
     for prop in (True, False):
         state = TowerState([8, 8, 8], protected=1, prop_attn=prop)
         with torch.no_grad():
-            want, _ = reference_tower(tower, pixels, [8, 8, 8], 1, prop_attn=prop)
+            want, _, _ = reference_tower(tower, pixels, [8, 8, 8], 1, prop_attn=prop)
             handles = install(_layers(tower), state)
             try:
                 outs[prop] = tower(pixels, output_hidden_states=True).hidden_states[-1]
@@ -353,3 +354,300 @@ def test_install_refuses_other_layers_and_restores_on_error():
     assert all("forward" not in layer.__dict__ for layer in _layers(tower))
     for layer in _layers(tower):
         assert "forward" not in layer.self_attn.__dict__
+
+
+# ---- the press on LLaVA (tiny random models) ---------------------------------------------------
+import mmpress  # noqa: E402
+from mmpress.models.llava import LlavaAdapter  # noqa: E402
+from mmpress.presses.base import Press, VisualContext  # noqa: E402
+from conftest import make_batch, tiny_llava  # noqa: E402
+
+
+@pytest.fixture(params=["clip", "dinov2"])
+def llava(request):
+    return tiny_llava(request.param)
+
+
+RAGGED = dict(prompt_lens=(5, 9, 3), images_per_row=[1, 2, 1])
+ROWS = [slice(0, 1), slice(1, 3), slice(3, 4)]  # images of each row in RAGGED
+
+
+def _inputs(model, rows="ragged"):
+    return make_batch(**RAGGED) if rows == "ragged" else make_batch((5,))
+
+
+def _rows_alone(model, rows="ragged"):
+    """Each row of the ragged batch alone, unpadded, with its own images."""
+    batch = _inputs(model)
+    for i, images in enumerate(ROWS):
+        start = int(batch["attention_mask"][i].nonzero()[0])
+        yield {"input_ids": batch["input_ids"][i : i + 1, start:],
+               "attention_mask": batch["attention_mask"][i : i + 1, start:],
+               "pixel_values": batch["pixel_values"][images]}
+
+
+def oracle_logits(model, inputs, features, index):
+    """The language model run by hand on one unpadded row: text embeddings, and each image's
+    features (M, k, D_lm) at its placeholders ``index`` (M, k); the other placeholders dropped;
+    original position ids (the in-vision stage's numbering)."""
+    vlm = model.model
+    ids = inputs["input_ids"][0]
+    assert inputs["attention_mask"].all()
+    embeds = vlm.get_input_embeddings()(ids)
+    image = (ids == model.config.image_token_id).nonzero()[:, 0]
+    n = image.numel() // features.shape[0]
+    keep = ids != model.config.image_token_id
+    embeds = embeds.clone()
+    slots = image.view(-1, n).gather(1, index).flatten()
+    embeds[slots] = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+    keep[slots] = True
+    pos = torch.arange(len(ids))[keep]
+    hidden = vlm.language_model(inputs_embeds=embeds[keep][None], position_ids=pos[None]).last_hidden_state
+    return model.lm_head(hidden)[0, -1]
+
+
+def _reference_features(model, pixels, schedule):
+    """Each image's projected features and placeholder index under the reference ToMe tower (sorted
+    by representative, [CLS] dropped as LLaVA's strategy "default" does)."""
+    tower = model.model.vision_tower
+    states, reps, _ = reference_tower(tower, pixels, schedule, protected=1)
+    layer = model.config.vision_feature_layer % (len(states))
+    hidden, rep = states[layer][:, 1:], reps[layer - 1][:, 1:] - 1
+    order = rep.argsort(1)
+    hidden = hidden.gather(1, order[..., None].expand_as(hidden))
+    return model.model.multi_modal_projector(hidden), rep.gather(1, order)
+
+
+def test_fewer_tokens_reach_the_later_vision_blocks(llava):
+    """r=8: 65 tokens enter block 0, 57 block 1, 49 block 2 (hooked and counted), and Stats says so;
+    the LM gets the feature layer's (-2: block 1's output) 48 patches per image."""
+    seen = []
+    layers = _layers(llava.model.vision_tower)
+    handles = [layer.register_forward_pre_hook(lambda m, a, k: seen.append(a[0].shape[1] if a else k["hidden_states"].shape[1]),
+                                               with_kwargs=True) for layer in layers]
+    inputs = _inputs(llava)
+    images = inputs["pixel_values"].shape[0]
+    try:
+        with torch.no_grad(), mmpress.get_press("tome_vit", r=8)(llava) as run:
+            llava(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [65, 57, 49]
+    assert run.stats.vision_block_tokens == [images * 65, images * 57, images * 49]
+    assert run.stats.kept_visual_tokens == images * 48
+
+
+def test_sdpa_is_kept_and_eager_never_runs(llava, monkeypatch):
+    import transformers.models.clip.modeling_clip as clip
+    import transformers.models.dinov2.modeling_dinov2 as dinov2
+
+    def eager(*args, **kwargs):
+        raise AssertionError("eager attention ran")
+
+    for module in (clip, dinov2):
+        monkeypatch.setattr(module, "eager_attention_forward", eager)
+    calls = {"tower": 0}
+    inside = {"tower": False}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(q, k, v, attn_mask=None, **kwargs):
+        if inside["tower"]:
+            calls["tower"] += 1
+            assert attn_mask is None or attn_mask.dtype == q.dtype  # the log-size mask, additive float
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    tower = llava.model.vision_tower
+    tower.register_forward_pre_hook(lambda *a: inside.update(tower=True))
+    tower.register_forward_hook(lambda *a: inside.update(tower=False))
+    before = (llava.config._attn_implementation, llava.config.vision_config._attn_implementation)
+    with torch.no_grad(), mmpress.get_press("tome_vit", r=8)(llava):
+        llava(**_inputs(llava, "single"))
+        assert (llava.config._attn_implementation, llava.config.vision_config._attn_implementation) == before
+    assert calls["tower"] == 3  # one SDPA call per vision block
+    assert before[1] == "sdpa"
+
+
+def test_r_zero_is_the_unpressed_model_bit_for_bit(llava):
+    inputs = _inputs(llava)
+    with torch.no_grad():
+        want = llava(**inputs).logits
+        want_tokens = llava.generate(**inputs, max_new_tokens=3, do_sample=False)
+        with mmpress.get_press("tome_vit", r=0)(llava) as run:
+            assert all("forward" not in layer.__dict__ for layer in _layers(llava.model.vision_tower))
+            got = llava(**inputs).logits
+            tokens = llava.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want) and torch.equal(tokens, want_tokens)
+    assert run.stats.kept_visual_tokens == 64 * inputs["pixel_values"].shape[0]
+
+
+def test_forwards_are_restored_on_exit_and_on_error(llava):
+    layers = _layers(llava.model.vision_tower)
+    with pytest.raises(RuntimeError, match="inside"):
+        with mmpress.get_press("tome_vit", r=4)(llava):
+            assert all("forward" in layer.__dict__ for layer in layers)
+            raise RuntimeError("inside")
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    assert all("forward" not in vars(m) for layer in layers for m in layer.modules())
+
+
+@pytest.mark.parametrize("r", [8, (12, -1.0)])
+def test_pressed_logits_equal_the_reference_tower_fed_to_the_lm(llava, r):
+    """Batch 1: the pressed model equals the LM run by hand on the reference (official) ToMe tower's
+    feature-layer tokens, sorted by representative, at their representatives' placeholders."""
+    inputs = _inputs(llava, "single")
+    schedule = mmpress.get_press("tome_vit", r=r).schedule(3)
+    with torch.no_grad():
+        features, index = _reference_features(llava, inputs["pixel_values"], schedule)
+        want = oracle_logits(llava, inputs, features, index)
+        with mmpress.get_press("tome_vit", r=r)(llava) as run:
+            got = llava(**inputs).logits[0, -1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert run.stats.kept_visual_tokens == index.shape[1]
+
+
+def test_a_ragged_batch_decodes_like_each_row_alone(llava):
+    press = mmpress.get_press("tome_vit", r=8)
+    inputs = _inputs(llava)
+    with torch.no_grad(), press(llava):
+        logits = llava(**inputs).logits[:, -1]
+        tokens = llava.generate(**inputs, max_new_tokens=4, do_sample=False)[:, -4:]
+    for i, row in enumerate(_rows_alone(llava)):
+        with torch.no_grad(), press(llava):
+            row_logits = llava(**row).logits[:, -1]
+            row_tokens = llava.generate(**row, max_new_tokens=4, do_sample=False)[:, -4:]
+        torch.testing.assert_close(logits[i], row_logits[0], rtol=1e-4, atol=1e-4)
+        assert torch.equal(tokens[i], row_tokens[0])
+
+
+class Recorder(Press):
+    """Test pre-LLM press: keeps every token and records the signals it was given."""
+
+    name = "test-recorder"
+    needs = ("cls_attn", "vision_keys", "vision_features")
+    needs_budget = False
+
+    def __init__(self):
+        super().__post_init__()
+        self.seen = []
+
+    def press(self, tokens, ctx: VisualContext, k=None):
+        self.seen.append((tokens.shape[1], ctx.cls_attn, ctx.vision_keys, ctx.vision_features))
+        return super().press(tokens, ctx, k)
+
+
+def test_a_composed_press_reads_the_merged_tokens_in_position_order():
+    """compose(tome_vit, pre-LLM press): the [CLS] attention, keys and features it reads are the
+    merged tokens', sorted as the features: the features equal the reference tower's; the [CLS]
+    attention of a merged token is the sum over the tokens it stands for (mass kept)."""
+    model = tiny_llava("clip")
+    inputs = _inputs(model, "single")
+    recorder = Recorder()
+    with torch.no_grad(), mmpress.compose(mmpress.get_press("tome_vit", r=8), recorder)(model):
+        model(**inputs)
+    (k, cls_attn, keys, features), = recorder.seen
+    assert k == 48 and cls_attn.shape == (1, 48) and keys.shape[:2] == (1, 48) and features.shape[:2] == (1, 48)
+    with torch.no_grad():
+        tower = model.model.vision_tower
+        states, reps, matches = reference_tower(tower, inputs["pixel_values"], [8, 8, 8], protected=1)
+        rep = reps[1][:, 1:] - 1
+        order = rep.argsort(1)
+        torch.testing.assert_close(features, states[2][:, 1:].gather(1, order[..., None].expand(-1, -1, 32)),
+                                   rtol=1e-5, atol=1e-5)
+        # the [CLS] attention at block 1's input, per head then head mean, summed into the merged groups
+        layer = _layers(tower)[1]
+        h = layer.layer_norm1(states[1])
+        q = layer.self_attn.q_proj(h[:, :1]).view(1, 1, 4, 8).transpose(1, 2)
+        kk = layer.self_attn.k_proj(h).view(1, -1, 4, 8).transpose(1, 2)
+        probs = ((q @ kk.transpose(-1, -2)) * 8 ** -0.5).softmax(-1).mean(1)[:, 0]  # (1, 57)
+        unm, src, dst = matches[1][0]
+        a, b = probs[0, ::2], probs[0, 1::2].clone()
+        b.index_add_(0, torch.tensor(dst), a[torch.tensor(src)])
+        merged = torch.cat([a[torch.tensor(unm)], b])[None]  # official order, [CLS] first
+        want = merged[:, 1:].gather(1, order)
+    torch.testing.assert_close(cls_attn, want, rtol=1e-5, atol=1e-6)
+
+
+def test_composition_with_visionzip_keeps_its_budget(llava):
+    inputs = _inputs(llava)
+    press = mmpress.compose(mmpress.get_press("tome_vit", r=8), mmpress.get_press("visionzip", keep=12))
+    with torch.no_grad(), press(llava) as run:
+        logits = llava(**inputs).logits
+        llava.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert torch.isfinite(logits).all()
+    assert run.stats.kept_visual_tokens == 12 * inputs["pixel_values"].shape[0]
+    assert run.stats.vision_block_tokens[-1] < run.stats.vision_block_tokens[0]
+
+
+def test_llava_next_and_bad_r_refuse_clearly():
+    from mmpress.registry import FAMILIES
+
+    model = FAMILIES["llava_next"].build("tiny")
+    with pytest.raises(ValueError, match="does not support"):
+        with mmpress.get_press("tome_vit", r=4)(model):
+            pass
+    for bad in (-1, 1.5, (4, 3.0), [1, -2], "8"):
+        with pytest.raises(ValueError):
+            mmpress.get_press("tome_vit", r=bad)
+    with pytest.raises(ValueError, match="no budget"):
+        mmpress.get_press("tome_vit", keep=16)
+
+
+# ---- downsample on LLaVA towers ---------------------------------------------------------------
+@pytest.mark.parametrize("keep", [16, 20])
+def test_downsample_runs_the_tower_on_the_resized_image(llava, keep):
+    """The tower sees the resized pixels (interpolated position embeddings); the LM gets those
+    features at the placeholders of the original patches at each new token's centre."""
+    import torch.nn.functional as F
+
+    press = mmpress.get_press("downsample", keep=keep)
+    h2, w2 = press.grid_for(8, 8)
+    inputs = _inputs(llava, "single")
+    with torch.no_grad():
+        small = F.interpolate(inputs["pixel_values"], size=(h2 * 4, w2 * 4), mode="bicubic", antialias=True,
+                              align_corners=False)
+        tower = llava.model.vision_tower
+        extra = {"interpolate_pos_encoding": True} if "clip" in type(tower).__name__.lower() else {}
+        hidden = tower(small, output_hidden_states=True, **extra).hidden_states[-2][:, 1:]
+        features = llava.model.multi_modal_projector(hidden)
+        rows = ((2 * torch.arange(h2) + 1) * 8) // (2 * h2)
+        cols = ((2 * torch.arange(w2) + 1) * 8) // (2 * w2)
+        index = (rows[:, None] * 8 + cols[None]).reshape(1, -1)
+        want = oracle_logits(llava, inputs, features, index)
+        with press(llava) as run:
+            got = llava(**inputs).logits[0, -1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert run.stats.kept_visual_tokens == h2 * w2 <= keep
+    assert run.stats.vision_block_tokens == [h2 * w2 + 1] * 3
+
+
+def test_downsample_ragged_batch_decodes_like_each_row_alone(llava):
+    press = mmpress.get_press("downsample", keep_ratio=0.25)
+    inputs = _inputs(llava)
+    with torch.no_grad(), press(llava):
+        tokens = llava.generate(**inputs, max_new_tokens=3, do_sample=False)[:, -3:]
+    for i, row in enumerate(_rows_alone(llava)):
+        with torch.no_grad(), press(llava):
+            assert torch.equal(tokens[i], llava.generate(**row, max_new_tokens=3, do_sample=False)[0, -3:])
+
+
+# ---- the demo model (DINOv2 tower, vision_feature_layer -5) -------------------------------------
+@pytest.mark.slow
+def test_demo_runs_tome_vit_and_downsample():
+    from mmpress.api import ask
+    from mmpress.demo import PROJECTOR_PATH, load_demo
+    from mmpress.eval.data import load_dataset
+
+    if not PROJECTOR_PATH.is_file():
+        pytest.skip("no trained projector")
+    model, processor = load_demo()
+    samples = load_dataset("easy-vqa", "test", limit=4)
+    images, questions = [s["image"] for s in samples], [s["question"] for s in samples]
+    for press in (mmpress.get_press("tome_vit", r=16), mmpress.get_press("downsample", keep=64),
+                  mmpress.compose(mmpress.get_press("tome_vit", r=8), mmpress.get_press("visionzip", keep=32))):
+        with press(model) as run:
+            answers = ask(model, processor, images, questions)
+        assert all(len(a.split()) >= 1 for a in answers), answers
+        assert run.stats.kept_visual_tokens < 256 * len(samples)
+        assert run.stats.vision_block_tokens[-1] <= run.stats.vision_block_tokens[0]
