@@ -134,11 +134,11 @@ PRESSES = {"test-norm": lambda: NormPress(keep_ratio=0.5), "cdpruner": lambda: m
 ANY_KIND = ["divprune", "test-norm", "tome", "mmtok", "cdpruner", "audio_merge", "fastv", "fastadasp", "snapkv"]
 
 
-@pytest.mark.parametrize("rows, name", [(rows, name) for rows in ROWS for name in ANY_KIND] + [("audio", "silence")])
+@pytest.mark.parametrize("rows, name", [(rows, name) for rows in ROWS for name in ANY_KIND] + [("audio", "silence"), ("audio", "samp")])
 def test_ragged_batch_decodes_like_each_row_alone(model, rows, name):
     """Forward and generate under a press on clips of different lengths (with images, videos and
-    a video's interleaved audio), each row as it decodes alone. Silence reads audio_energy: clips
-    only (test_bad_input_raises: with images it refuses)."""
+    a video's interleaved audio), each row as it decodes alone. Silence (audio_energy) and Samp
+    (audio_attn) on clips only (test_bad_input_raises: with images they refuse)."""
     press = PRESSES.get(name, lambda: mmpress.get_press(name, keep_ratio=0.5))()
     inputs = batch(model, rows)
     with torch.no_grad(), press(model) as run:
@@ -313,6 +313,58 @@ def test_audio_signals_are_the_encoder_output_and_the_frames_energy(model):
         torch.testing.assert_close(ctx.audio_energy[0], expected)
 
 
+@dataclass
+class AttentionRecording(Recording):
+    name = "test-attention-recording"
+    needs = ("audio_attn",)
+
+    def score(self, tokens, ctx):
+        self.seen.append(ctx)
+        return ctx.audio_attn[:, 1].diagonal(dim1=1, dim2=2)
+
+
+def test_audio_attn_is_the_last_layer_attention_pooled_as_samp_pools_it(model):
+    """audio_attn (SA-MAP's signal): the last audio layer's softmax attention within each chunk
+    (zero across chunks), max / mean over heads, rows averaged and columns summed over each
+    token's 2 frames; here by loops in float64 from that layer's input."""
+    inputs = batch(model, "audio")
+    press = AttentionRecording(keep_ratio=0.5)
+    with torch.no_grad(), press(model):
+        model(**inputs)
+    tower = (model.model if hasattr(model.model, "audio_tower") else model).audio_tower
+    attention, seen = tower.layers[-1].self_attn, []
+    handle = attention.register_forward_pre_hook(lambda m, a, k: seen.append((k["hidden_states"], k["cu_seqlens"])),
+                                                 with_kwargs=True)
+    with torch.no_grad():
+        model.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"])
+    handle.remove()
+    hidden, cu = seen[0]
+    heads = attention.num_heads
+    with torch.no_grad():
+        q = attention.q_proj(hidden).double().view(hidden.shape[0], heads, -1)
+        k = attention.k_proj(hidden).double().view(hidden.shape[0], heads, -1)
+    chunks = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    frames = inputs["feature_attention_mask"].sum(-1).tolist()
+    per_clip = [-(-f // (2 * tower.n_window)) for f in frames]
+    by_length = {ctx.audio_attn.shape[-1]: ctx.audio_attn[0] for ctx in press.seen}
+    assert len(chunks) == sum(per_clip) and max(per_clip) > 1
+    for c, f in enumerate(frames):
+        mine = chunks[sum(per_clip[:c]):sum(per_clip[:c + 1])]
+        start, end = mine[0][0], mine[-1][1]
+        full = torch.zeros(heads, end - start, end - start, dtype=torch.float64)
+        for a, b in mine:
+            for h in range(heads):
+                full[h, a - start:b - start, a - start:b - start] = torch.softmax(
+                    q[a:b, h] @ k[a:b, h].T * attention.scaling, dim=-1)
+        n = audio_tokens(f)
+        expected = torch.zeros(2, n, n, dtype=torch.float64)
+        for form, reduced in enumerate((full.amax(0), full.mean(0))):
+            for i in range(n):
+                for j in range(n):
+                    expected[form, i, j] = reduced[2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(0).sum()
+        torch.testing.assert_close(by_length[n].double(), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_token_energy_skips_padding_wherever_the_mask_holds_it():
     features = torch.arange(2 * 3 * 10, dtype=torch.float).view(2, 3, 10)
     mask = torch.ones(2, 10, dtype=torch.long)
@@ -338,12 +390,14 @@ def test_bad_input_raises(model):
         model(**inputs)
     with Recording(keep_ratio=0.5)(model), pytest.raises(ValueError, match="audio signals, which"):
         model(**inputs)
-    with mmpress.get_press("silence", keep_ratio=0.5)(model), pytest.raises(ValueError, match="audio signals, which"):
-        model(**batch(model, "video_audio"))
+    for name in ("silence", "samp"):
+        with mmpress.get_press(name, keep_ratio=0.5)(model), pytest.raises(ValueError, match="audio signals, which"):
+            model(**batch(model, "video_audio"))
     with pytest.raises(ValueError, match="positions"):
         QwenOmniAdapter(model, positions="reindex")
-    with mmpress.get_press("static_patches")(model), pytest.raises(ValueError, match="images and videos only"):
-        model(**inputs)
+    with pytest.raises(ValueError, match="qwen2_5_omni adapter does not support"):
+        with mmpress.get_press("static_patches")(model):
+            model(**inputs)
     two_clips = QwenOmniAdapter.prompts(model, [[(0.64,), (0.3,)]])  # transformers repeats clips, not rows' clips
     with press(model), pytest.raises(ValueError, match="one clip each, or generate with one beam"):
         model.generate(**two_clips, max_new_tokens=1, num_beams=2)

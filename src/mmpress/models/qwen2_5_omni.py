@@ -40,8 +40,8 @@ generate: images and videos are encoded before the forward (``mm_encoder_outputs
 beam / returned sequence row by row), audio inside it from ``input_features``, which generate
 repeats clip by clip (``repeat_interleave``): one clip per row is right; a row of several clips
 gets the wrong ones (silently, unpressed), which a press refuses when their lengths differ (it
-cannot see it when they are equal), as Qwen2-Audio's file does. In-vision presses (the tower on
-fewer patches, inherited from Qwen-VL) run on prompts without audio; with audio they raise.
+cannot see it when they are equal), as Qwen2-Audio's file does. In-vision presses (Qwen-VL's
+tower on fewer patches) are not offered here (``vision_modes`` empty): they raise.
 
 transformers versions: from 5.24 the thinker wraps a ``Qwen2_5OmniThinkerModel`` (``.model``,
 holding ``language_model``, ``visual``, ``audio_tower``); 5.18 puts those on the thinker itself,
@@ -61,7 +61,7 @@ from mmpress.models.qwen2_audio import audio_tokens, clip_frames, token_energy
 from mmpress.models.qwen_vl import QwenVLAdapter, vision_flops
 from mmpress.presses.base import Press, VisualContext
 
-AUDIO_SIGNALS = frozenset({"audio_features", "audio_energy"})
+AUDIO_SIGNALS = frozenset({"audio_features", "audio_energy", "audio_attn"})
 #: vision-tower signals (an audio item has none of them)
 TOWER_SIGNALS = VISION_SIGNALS - {"grid", "text"}
 PADDED_FRAMES = 3000  # the processor pads every clip's features to 30 s
@@ -153,11 +153,8 @@ class QwenOmniAdapter(QwenVLAdapter):
         if min(lengths) < 1:
             raise ValueError(f"an audio clip of {int(mask.sum(dim=-1).min())} mel frames gives no audio token: "
                              "drop it or pass at least 3 frames")
-        if "in_vision" in self.stages:
-            raise ValueError(f"{type(self.stages['in_vision']).__name__} acts in the vision tower, and this prompt holds "
-                             "audio clips, which the tower does not encode: in-vision presses run on Qwen2.5-Omni prompts "
-                             "of images and videos only; for audio pick a pre_llm press (divprune, audio_merge, ...)")
-        self._audio = {"features": features, "mask": mask, "lengths": lengths, "encoded": None}
+        self._audio = {"features": features, "mask": mask, "lengths": lengths, "encoded": None, "attn": None,
+                       "frames": mask.sum(dim=-1).tolist()}
         return items + [Item(self.config.audio_token_id, n, None, i, kind="audio") for i, n in enumerate(lengths)]
 
     def _rows(self, items: list[Item], counts: dict[int, list[int]]) -> list[int]:
@@ -180,9 +177,46 @@ class QwenOmniAdapter(QwenVLAdapter):
 
     def signal_hooks(self, press) -> list:
         handles = super().signal_hooks(press)
+        tower = self.vlm.audio_tower
         if {"audio_features", "vision_features"} & set(press.needs):
-            handles.append(self.vlm.audio_tower.proj.register_forward_pre_hook(self._audio_hook))
+            handles.append(tower.proj.register_forward_pre_hook(self._audio_hook))
+        if "audio_attn" in press.needs:
+            handles.append(tower.layers[-1].self_attn.register_forward_pre_hook(self._audio_attention_hook,
+                                                                                 with_kwargs=True))
         return handles
+
+    def _audio_attention_hook(self, module, args, kwargs):
+        """``audio_attn``: the last audio layer's softmax attention, recomputed from its input as the
+        module does (``q_proj`` / ``k_proj``, ``scaling``; each chunk of ``n_window`` convolved frames
+        attends within itself: ``cu_seqlens``), per clip (zero across its chunks), max and mean over
+        heads, then pooled to tokens as SA-MAP pools Qwen2-Audio's: a query token the mean of its 2
+        frames' rows, a key token the sum of its 2 frames' columns (the pool averages frames 2i, 2i + 1)."""
+        audio = self._audio
+        if audio is None:
+            return
+        hidden, cu = kwargs.get("hidden_states", args[0] if args else None), kwargs.get("cu_seqlens")
+        if cu is None:
+            raise ValueError(f"{type(module).__name__} got no cu_seqlens: this transformers version calls the Qwen2.5-Omni "
+                             "audio attention differently; mmpress cannot give audio_attn")
+        s, heads = hidden.shape[0], module.num_heads
+        q = module.q_proj(hidden).view(s, heads, -1).transpose(0, 1).float()
+        k = module.k_proj(hidden).view(s, heads, -1).transpose(0, 1).float()
+        bounds = cu.tolist()  # the module's own path reads them to the host too
+        window = 2 * self.vlm.audio_tower.n_window
+        chunks = [-(-f // window) for f in audio["frames"]]  # each clip's chunks, in order in cu_seqlens
+        if len(bounds) - 1 != sum(chunks):
+            return
+        out, first = [], 0
+        for n, count in zip(audio["lengths"], chunks):
+            start, end = bounds[first], bounds[first + count]
+            full = q.new_zeros(2, end - start, end - start)
+            for a, b in zip(bounds[first:first + count], bounds[first + 1:first + count + 1]):
+                w = (q[:, a:b] @ k[:, a:b].transpose(1, 2) * module.scaling).softmax(dim=-1)  # (heads, c, c)
+                full[:, a - start:b - start, a - start:b - start] = torch.stack([w.amax(dim=0), w.mean(dim=0)])
+            pairs = full[:, :2 * n, :2 * n].view(2, n, 2, n, 2)
+            out.append(pairs.mean(dim=2).sum(dim=-1))  # (2, n, n)
+            first += count
+        audio["attn"] = out
 
     def _audio_hook(self, module, args):
         """``audio_features``: what the audio tower's ``proj`` receives, the clips' tokens in order."""
@@ -213,6 +247,10 @@ class QwenOmniAdapter(QwenVLAdapter):
                 raise ValueError("audio_features missing: encode the audio inside the `with press(model):` block")
             # also as vision_features, the tower's output as the projector receives it (MMTok reads it)
             ctx.audio_features = ctx.vision_features = torch.stack([audio["encoded"][s] for s in sources])
+        if "audio_attn" in needs:
+            if audio["attn"] is None:
+                raise ValueError("audio_attn missing: encode the audio inside the `with press(model):` block")
+            ctx.audio_attn = torch.stack([audio["attn"][s] for s in sources])
         if "audio_energy" in needs:
             if audio.get("energy") is None:  # once per prefill, for every clip
                 audio["energy"] = clip_energy(audio["features"], audio["mask"], max(audio["lengths"]))

@@ -226,7 +226,7 @@ class PreStage:
         pos = pos.expand(*pos.shape[:-2], b, length)
         needs, cached = set(press.needs), {}
         vision = {"cls_attn", "vision_keys", "cls_attn_concat", "vision_keys_concat", "vision_features", "audio_features",
-                  "audio_energy"} & needs
+                  "audio_energy", "audio_attn"} & needs
 
         def text_signals() -> tuple[dict, dict]:  # every row's padded text, made once for all groups
             if not cached:
