@@ -185,7 +185,7 @@ class Qwen2AudioAdapter(Adapter):
         return [self.vlm.multi_modal_projector.register_forward_pre_hook(self._projector_hook)]
 
     def _projector_hook(self, module, args):
-        self.features = args[0]  # (clips, the longest clip's tokens (750 at 30 s), d_audio)
+        self.features = args[0]  # (clips, the padded input's pooled frames (750 at 30 s), d_audio)
 
     def fill_signals(self, press: Press, ctx: VisualContext, items: list[Item]) -> None:
         sources, n = [item.source for item in items], items[0].length
