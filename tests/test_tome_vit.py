@@ -651,3 +651,12 @@ def test_demo_runs_tome_vit_and_downsample():
         assert all(len(a.split()) >= 1 for a in answers), answers
         assert run.stats.kept_visual_tokens < 256 * len(samples)
         assert run.stats.vision_block_tokens[-1] <= run.stats.vision_block_tokens[0]
+
+
+def test_a_composed_press_reading_other_vision_layers_is_refused():
+    """VTC-CLS reads [CLS] attention at several vision layers, whose tokens ToMe changed."""
+    model = tiny_llava("clip")
+    press = mmpress.compose(mmpress.get_press("tome_vit", r=8), mmpress.get_press("vtc_cls", keep=8, layers=(1, 2)))
+    with pytest.raises(ValueError, match="feature layer only"):
+        with torch.no_grad(), press(model):
+            model(**_inputs(model, "single"))

@@ -192,9 +192,9 @@ class LlavaAdapter(Adapter):
             index = state.after[block]  # (M, N') tower order, [CLS] first
             order = index.argsort(dim=1)
             for b, forms in self.vision.items():
-                if b != block and (b in state.matchings or any(m < b for m in state.matchings)):
-                    raise ValueError("tome_vit changes the tokens between vision layers: a composed press may read "
-                                     "[CLS] signals of the feature layer only, not of other layers")
+                if b != block:  # another block's tokens are not the feature layer's merged ones
+                    raise ValueError("tome_vit changes the tokens from block to block: a press composed after it may "
+                                     "read [CLS] signals of the feature layer only, not of other vision layers")
                 if b == block:
                     match, size = state.matchings.get(block, (None, None))
                     for form, (scores, keys) in forms.items():

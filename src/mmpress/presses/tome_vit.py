@@ -28,7 +28,7 @@ class ToMeViTPress(VisionPress):
 
     r: tokens merged per block: an int (every block), ``(r, inflect)`` (ToMe's schedule, e.g.
     ``(16, -1.0)`` the paper's decreasing one), or a list of one r per block (``parse_r``). r=0
-    leaves the tower untouched (bit-identical). Written as text: ``tome_vit:r=16``.
+    leaves the tower untouched (bit-identical). As text: ``parse_press("tome_vit", r=16)`` (a field, no budget).
     prop_attn: proportional attention (official default True for off-the-shelf models).
 
     No budget: the number of tokens left follows from r and the tower's depth (LLaVA's feature
