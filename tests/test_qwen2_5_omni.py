@@ -386,6 +386,10 @@ def test_bad_input_raises(model):
     no_mask = {k: v for k, v in inputs.items() if k != "feature_attention_mask"}
     with press(model), pytest.raises(ValueError, match="feature_attention_mask"):
         model(**no_mask)
+    short = {**inputs, "feature_attention_mask": inputs["feature_attention_mask"].clone()}
+    short["feature_attention_mask"][0, 2:] = 0
+    with press(model), pytest.raises(ValueError, match="2 mel frames gives no audio token"):
+        model(**short)
     with mmpress.get_press("visionzip", keep_ratio=0.5)(model), pytest.raises(ValueError, match="audio clips do not"):
         model(**inputs)
     with Recording(keep_ratio=0.5)(model), pytest.raises(ValueError, match="audio signals, which"):

@@ -33,8 +33,11 @@ audio tower's ``proj``, after the pool and ``ln_post``: the Omni tower holds its
 (Qwen2-Audio's ``token_energy``, whose docstring says which frames; silence is low), from
 ``input_features``, each clip's real frames taken in order as the Omni encoder takes them;
 ``vision_features`` of an audio item is its ``audio_features`` (the encoder output the projector
-receives, as Qwen2-Audio's file gives it, so MMTok runs on audio). A press needing other vision
-signals on an audio item, or audio signals on an image or video, raises.
+receives, as Qwen2-Audio's file gives it, so MMTok runs on audio); ``audio_attn`` (Samp's), the
+last audio layer's softmax attention pooled to tokens (``_audio_attention_hook``: the Omni
+encoder attends within chunks of ``n_window`` convolved frames, 2 s, so it is zero across them).
+A press needing other vision signals on an audio item, or audio signals on an image or video,
+raises.
 
 generate: images and videos are encoded before the forward (``mm_encoder_outputs``, repeated per
 beam / returned sequence row by row), audio inside it from ``input_features``, which generate
@@ -46,7 +49,6 @@ tower on fewer patches) are not offered here (``vision_modes`` empty): they rais
 transformers versions: from 5.24 the thinker wraps a ``Qwen2_5OmniThinkerModel`` (``.model``,
 holding ``language_model``, ``visual``, ``audio_tower``); 5.18 puts those on the thinker itself,
 its text model under ``.model``. The adapter reads whichever the installed version builds.
-``generate`` encodes images and videos before the forward (5.18 and later), audio inside it.
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ class QwenOmniAdapter(QwenVLAdapter):
     signals = VISION_SIGNALS | LLM_SIGNALS | AUDIO_SIGNALS
     notes = ("images / videos: Qwen2.5-VL's signals (no [CLS]: attention received in the last full-attention "
              "block); audio: audio_features = the audio tower's output before its proj, audio_energy = mean "
-             "log-mel of each token's 4 frames; TMRoPE positions kept")
+             "log-mel of each token's 4 frames, audio_attn = its last layer's attention (within 2 s chunks) pooled "
+             "to tokens; TMRoPE positions kept")
     # media: (h, w) px an image; (frames, h, w) a video; (seconds,) an audio clip; (frames, h, w,
     # seconds) a video with its audio track (the batch then runs with use_audio_in_video=True)
     example_rows = {"single": [[(32, 32)]], "ragged": [[(32, 32)], [(32, 48), (32, 32)], []],
@@ -149,12 +152,13 @@ class QwenOmniAdapter(QwenVLAdapter):
             raise ValueError("pressing Qwen2.5-Omni audio needs feature_attention_mask (clips, frames) with "
                              "input_features (clips, mel, frames): the processor returns both (its per-clip lengths "
                              "say how many audio tokens each clip fills)")
-        lengths = audio_tokens(mask.sum(dim=-1)).tolist()  # host facts, as the model's own encoder reads them
+        frames = mask.sum(dim=-1).tolist()  # one host read: the clips' real frames, as the model's encoder reads them
+        lengths = [audio_tokens(f) for f in frames]
         if min(lengths) < 1:
-            raise ValueError(f"an audio clip of {int(mask.sum(dim=-1).min())} mel frames gives no audio token: "
-                             "drop it or pass at least 3 frames")
-        self._audio = {"features": features, "mask": mask, "lengths": lengths, "encoded": None, "attn": None,
-                       "frames": mask.sum(dim=-1).tolist()}
+            raise ValueError(f"an audio clip of {min(frames)} mel frames gives no audio token: drop it or pass at least "
+                             "3 frames")
+        self._audio = {"features": features, "mask": mask, "frames": frames, "lengths": lengths, "encoded": None,
+                       "attn": None}
         return items + [Item(self.config.audio_token_id, n, None, i, kind="audio") for i, n in enumerate(lengths)]
 
     def _rows(self, items: list[Item], counts: dict[int, list[int]]) -> list[int]:
