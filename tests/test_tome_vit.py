@@ -660,3 +660,106 @@ def test_a_composed_press_reading_other_vision_layers_is_refused():
     with pytest.raises(ValueError, match="feature layer only"):
         with torch.no_grad(), press(model):
             model(**_inputs(model, "single"))
+
+
+# ---- DyMU's threshold option ------------------------------------------------------------------
+def reference_dymu(tower, pixels, thresholds, protected):
+    """DyMU's batch-level matching with a specified threshold (official ``src/open_clip/tome.py``),
+    one image at a time (float64, eager attention): every A token whose best edge exceeds the
+    block's threshold is summed into its B partner; the A tokens stay in place (merged ones become
+    padding, moved to the end and cut), then B. Returns each block's output."""
+    body = getattr(tower, "vision_model", tower)
+    outs = []
+    for image in pixels.split(1):
+        x = body.embeddings(image)
+        if hasattr(body, "pre_layrnorm"):
+            x = body.pre_layrnorm(x)
+        size = torch.ones(1, x.shape[1], 1, dtype=x.dtype)
+        states = []
+        for i, layer in enumerate(_layers(tower)):
+            attn = getattr(layer, "self_attn", None) or layer.attention
+            norm1 = getattr(layer, "layer_norm1", None) or layer.norm1
+            norm2 = getattr(layer, "layer_norm2", None) or layer.norm2
+            out = getattr(attn, "out_proj", None) or attn.o_proj
+            h = norm1(x)
+            _, t, c = h.shape
+            q, k, v = (p(h).reshape(1, t, 4, c // 4).permute(0, 2, 1, 3) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+            logits = (q @ k.transpose(-2, -1)) * (c // 4) ** -0.5 + size.log()[:, None, None, :, 0]
+            a = out((logits.softmax(-1) @ v).transpose(1, 2).reshape(1, t, c))
+            x = x + (layer.layer_scale1(a) if hasattr(layer, "layer_scale1") else a)
+            metric = k.mean(1)[0]
+            if thresholds[i] == math.inf:  # a block DyMU does not merge in (r = 0): no merge call at all
+                y = layer.mlp(norm2(x))
+                x = x + (layer.layer_scale2(y) if hasattr(layer, "layer_scale2") else y)
+                states.append(x)
+                continue
+            unit = metric / metric.norm(dim=-1, keepdim=True)
+            scores = unit[::2] @ unit[1::2].T
+            if protected:
+                scores[0, :] = -math.inf
+            best, partner = scores.max(dim=-1)
+            merged = best > thresholds[i]
+            xa, xb = (x * size)[0, ::2], (x * size)[0, 1::2].clone()
+            sa, sb = size[0, ::2], size[0, 1::2].clone()
+            for j in merged.nonzero()[:, 0].tolist():
+                xb[partner[j]] += xa[j]
+                sb[partner[j]] += sa[j]
+            size = torch.cat([sa[~merged], sb])[None]
+            x = torch.cat([xa[~merged], xb])[None] / size
+            y = layer.mlp(norm2(x))
+            x = x + (layer.layer_scale2(y) if hasattr(layer, "layer_scale2") else y)
+            states.append(x)
+        outs.append(states)
+    return outs
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "dinov2"])
+def test_dymu_threshold_equals_the_official_per_image_and_pads_a_batch(kind):
+    """Each image of a batch of 3 keeps its own number of tokens, each equal to the reference
+    re-written from DyMU's code run on that image alone (float64); the padding is masked."""
+    from mmpress.models.towers import PAD, TowerState, install
+
+    tower = tiny_tower(kind)
+    pixels = _pixels(3)
+    pixels[1] = pixels[1].mean()  # a flat image: its tokens merge much more
+    protected = int(kind != "siglip")
+    thresholds = [0.5, 0.7, math.inf]
+    state = TowerState([0, 0, 0], protected=protected, threshold=thresholds)
+    with torch.no_grad():
+        want = reference_dymu(tower, pixels, thresholds, protected)
+        handles = install(_layers(tower), state)
+        try:
+            got = tower(pixels, output_hidden_states=True).hidden_states
+        finally:
+            for handle in handles:
+                handle.remove()
+    lengths = [w[-1].shape[1] for w in want]
+    assert len(set(lengths)) > 1  # ragged
+    for block in range(3):
+        for i in range(3):
+            n = want[i][block].shape[1]
+            assert int((state.after[block][i] != PAD).sum()) == n
+            torch.testing.assert_close(got[block + 1][i, :n], want[i][block][0], rtol=1e-10, atol=1e-10)
+
+
+def test_dymu_on_llava_decodes_rows_alone_and_refuses_signal_presses():
+    model = tiny_llava("clip")
+    press = mmpress.get_press("tome_vit", threshold=0.3)
+    inputs = _inputs(model)
+    with torch.no_grad(), press(model) as run:
+        logits = model(**inputs).logits[:, -1]
+        tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, -3:]
+    assert run.stats.kept_visual_tokens < 64 * 4
+    for i, row in enumerate(_rows_alone(model)):
+        with torch.no_grad(), press(model):
+            torch.testing.assert_close(logits[i], model(**row).logits[0, -1], rtol=1e-4, atol=1e-4)
+            assert torch.equal(tokens[i], model.generate(**row, max_new_tokens=3, do_sample=False)[0, -3:])
+    with pytest.raises(ValueError, match="different number of tokens"):
+        with mmpress.compose(press, mmpress.get_press("visionzip", keep=8))(model):
+            pass
+    with torch.no_grad(), mmpress.compose(press, mmpress.get_press("divprune", keep=4))(model) as run:
+        model(**inputs)
+    assert run.stats.kept_visual_tokens == 4 * 4
+    for bad in ("0.5", [0.5, float("nan")], []):
+        with pytest.raises(ValueError, match="threshold"):
+            mmpress.get_press("tome_vit", threshold=bad)

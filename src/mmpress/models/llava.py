@@ -158,12 +158,20 @@ class LlavaAdapter(Adapter):
         if not cls and self.config.vision_feature_select_strategy == "default":
             raise ValueError("this LLaVA tower has no [CLS] token, and strategy 'default' drops token 0, which "
                              "merging would move: use vision_feature_select_strategy='full' or a pre_llm press")
-        state = TowerState(press.schedule(len(layers)), protected=int(cls), prop_attn=press.prop_attn)
+        thresholds = press.thresholds(len(layers))
+        later = self.stages.get("pre_llm")
+        if thresholds is not None and later is not None and set(later.needs) - {"grid", "text"}:
+            raise ValueError("tome_vit with a DyMU threshold leaves each image a different number of tokens: a "
+                             f"press composed after it cannot read the tower's signals ({type(later).__name__} "
+                             "needs them); pick one that reads only the tokens (e.g. divprune)")
+        state = TowerState(press.schedule(len(layers)), protected=int(cls), prop_attn=press.prop_attn,
+                           threshold=thresholds)
+        merging = press.merges(len(layers))
         try:
-            hooks += install(layers, state) if any(state.schedule) else []
+            hooks += install(layers, state) if merging else []
             projector = self.vlm.multi_modal_projector
-            hooks += [projector.register_forward_pre_hook(self._sort_merged(state)),
-                      projector.register_forward_hook(self._scatter_merged(stage, state))]
+            hooks += [projector.register_forward_pre_hook(self._sort_merged(state, merging)),
+                      projector.register_forward_hook(self._scatter_merged(stage, state, merging))]
         except Exception:
             for hook in hooks:
                 hook.remove()
@@ -180,11 +188,11 @@ class LlavaAdapter(Adapter):
         """Tower token indices -> placeholder indices (strategy "default": [CLS], token 0, is dropped)."""
         return index[:, 1:] - 1 if self.config.vision_feature_select_strategy == "default" else index
 
-    def _sort_merged(self, state: TowerState):
+    def _sort_merged(self, state: TowerState, merging: bool):
         """Projector pre-hook: the feature layer's merged tokens, in the tower's (official) order,
         sorted by the position they stand for; the [CLS] signals a composed press reads, recorded
         at that block's attention input, mapped through its merge and sorted the same way."""
-        if not any(state.schedule):
+        if not merging:
             return lambda module, args: None
         block = self._block(self._feature_layer())
 
@@ -207,9 +215,10 @@ class LlavaAdapter(Adapter):
 
         return hook
 
-    def _scatter_merged(self, stage, state: TowerState):
-        """Projector forward hook: each image's k rows (sorted) over its N placeholders, recorded."""
-        block = self._block(self._feature_layer()) if any(state.schedule) else None
+    def _scatter_merged(self, stage, state: TowerState, merging: bool):
+        """Projector forward hook: each image's k rows (sorted) over its N placeholders, recorded
+        (DyMU: each image its own k; its padding rows, sorted last, are dropped)."""
+        block = self._block(self._feature_layer()) if merging else None
 
         def hook(module, args, out):
             m, k, d = out.shape
@@ -221,13 +230,14 @@ class LlavaAdapter(Adapter):
                 index = self._placeholders(state.after[block]).sort(dim=1).values
                 n = state.entering[0] - (self.config.vision_feature_select_strategy == "default")
                 blocks = [m * t for t in state.entering]
+            counts = (index < n).sum(dim=1).tolist() if state.valid is not None else [index.shape[1]] * m
             for source in range(m):
-                stage.record("image", source, Selected(index[source]))
+                stage.record("image", source, Selected(index[source, : counts[source]]))
             stage.count_blocks("image", blocks)
             if block is None:
                 return None
-            full = out.new_zeros(m, n, d)
-            return full.scatter(1, index[..., None].expand(-1, -1, d), out)
+            full = out.new_zeros(m, n + 1, d)  # DyMU's padding rows go to the spare last row, then cut
+            return full.scatter(1, index.clamp(max=n)[..., None].expand(-1, -1, d), out)[:, :n]
 
         return hook
 

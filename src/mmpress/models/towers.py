@@ -26,6 +26,7 @@ its representative) so a family can sort the features by position when it hands 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpress.models.vision import attention_module
-from mmpress.ops.merge import Matching, bipartite_soft_matching, merge, merge_representatives, merge_wavg
+from mmpress.ops.merge import (Matching, bipartite_soft_matching, merge, merge_by_threshold, merge_representatives,
+                               merge_wavg, threshold_matching, threshold_representatives)
+
+
+PAD = 1 << 62  # the representative of a padding token (DyMU's ragged batches): sorts after every real one
 
 
 @dataclass
@@ -43,13 +48,16 @@ class TowerState:
     filled while the tower runs, per token (M, N) its ``size`` (patches it stands for) and ``index``
     (its representative's index in the tower's input sequence), the tokens entering each block
     (``entering``), and each block's matching with the sizes before it (``matchings``: block ->
-    (Matching, size)) and the representatives after it (``after``: block -> (M, N') index)."""
+    (Matching, size)) and the representatives after it (``after``: block -> (M, N') index).
+    ``threshold`` (DyMU, one per block; ``inf``: no merging there) replaces ``schedule``'s r."""
 
     schedule: list[int]
     protected: int = 0
     prop_attn: bool = True
+    threshold: list[float] | None = None
     size: Tensor | None = None
     index: Tensor | None = None
+    valid: Tensor | None = None
     entering: list[int] = field(default_factory=list)
     matchings: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
@@ -58,6 +66,7 @@ class TowerState:
         m, n, _ = hidden.shape
         self.size = hidden.new_ones(m, n, dtype=torch.float32)
         self.index = torch.arange(n, device=hidden.device).expand(m, n)
+        self.valid = torch.ones(m, n, dtype=torch.bool, device=hidden.device) if self.threshold is not None else None
         self.entering, self.matchings, self.after = [], {}, {}
 
 
@@ -94,7 +103,7 @@ def block_parts(layer: nn.Module) -> _Parts:
                   getattr(layer, "layer_scale2", None), int(heads), float(scaling))
 
 
-def attention(parts: _Parts, hidden: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
+def attention(parts: _Parts, hidden: Tensor, size: Tensor | None, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Multi-head attention of one layer with proportional attention (ToMe Eq. 1: log s added to
     every logit of key s, the official ``attn + size.log()``), through SDPA with log(size) as an
     additive (M, 1, 1, N) float mask. Returns the output projection and the keys averaged over
@@ -104,6 +113,9 @@ def attention(parts: _Parts, hidden: Tensor, size: Tensor | None) -> tuple[Tenso
     q, k, v = (proj(hidden).view(b, n, parts.heads, -1).transpose(1, 2)
                for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     mask = None if size is None else size.to(q.dtype).log()[:, None, None, :]
+    if valid is not None:
+        pad = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, -math.inf)[:, None, None, :]
+        mask = pad if mask is None else mask + pad
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=parts.scaling)
     return parts.out(out.transpose(1, 2).reshape(b, n, -1)), k.mean(dim=1)
 
@@ -155,8 +167,9 @@ def install(layers, state: TowerState, on_merge=None) -> list:
 
 
 def _attention_forward(parts: _Parts):
-    def forward(hidden_states: Tensor, size: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
-        return attention(parts, hidden_states, size)
+    def forward(hidden_states: Tensor, size: Tensor | None = None, valid: Tensor | None = None,
+                **kwargs) -> tuple[Tensor, Tensor]:
+        return attention(parts, hidden_states, size, valid)
 
     return forward
 
@@ -169,10 +182,18 @@ def _block_forward(layer: nn.Module, parts: _Parts, block: int, state: TowerStat
         x = hidden_states
         state.entering.append(x.shape[1])
         # through the module's __call__ so its hooks (a composed press's [CLS] signals) still see the input
-        a, metric = parts.attn(parts.norm1(x), size=state.size if state.prop_attn else None)
+        a, metric = parts.attn(parts.norm1(x), size=state.size if state.prop_attn else None, valid=state.valid)
         x = x + (parts.scale1(a) if parts.scale1 is not None else a)
         r = state.schedule[block] if block < len(state.schedule) else 0
-        if r > 0:
+        if state.threshold is not None:  # DyMU: every edge above the block's threshold merges
+            threshold = state.threshold[block] if block < len(state.threshold) else math.inf
+            if threshold < math.inf:
+                match = threshold_matching(metric, threshold, state.protected, state.valid)
+                state.matchings[block] = (match, state.size)
+                x, state.size = merge_by_threshold(x, match, state.size)
+                state.index = threshold_representatives(state.index, match)
+                state.valid = match.valid
+        elif r > 0:
             match = bipartite_soft_matching(metric, r, state.protected)
             if match.r:
                 state.matchings[block] = (match, state.size)
@@ -180,7 +201,7 @@ def _block_forward(layer: nn.Module, parts: _Parts, block: int, state: TowerStat
                 state.index = merge_representatives(state.index, match)
                 if on_merge is not None:
                     on_merge(block, match)
-        state.after[block] = state.index
+        state.after[block] = state.index if state.valid is None else state.index.masked_fill(~state.valid, PAD)
         y = parts.mlp(parts.norm2(x))
         return x + (parts.scale2(y) if parts.scale2 is not None else y)
 

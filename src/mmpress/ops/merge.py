@@ -189,3 +189,63 @@ def parse_r(num_layers: int, r) -> list[int]:
     hi = 2 * r - lo
     step = (hi - lo) / (num_layers - 1) if num_layers > 1 else 0.0
     return [int(lo + step * i) for i in range(num_layers)]
+
+
+# ---- DyMU: a threshold instead of r (Wang et al., NeurIPS 2025, arXiv 2504.17040) -----------------
+class ThresholdMatching(NamedTuple):
+    """One block's threshold matching (DyMU's dynamic token merging): ``merged`` (M, |A|) which A
+    tokens join a B token, ``dst`` (M, |A|) that B token; ``order`` (M, L') the output order over
+    cat([A, B]) (kept tokens first, then padding) and ``valid`` (M, L') which of them are real."""
+
+    merged: Tensor
+    dst: Tensor
+    order: Tensor
+    valid: Tensor
+
+
+def threshold_matching(metric: Tensor, threshold: float, protected: int = 0,
+                       valid: Tensor | None = None) -> ThresholdMatching:
+    """DyMU's batch-level bipartite soft matching at inference (official ``tome.py``:
+    ``batch_level_bipartite_soft_matching`` with ``specified_threshold``): ToMe's split and edges
+    (A / B alternately in the current order, each A token's most similar B token by cosine of the
+    head-mean keys), but EVERY A token whose best edge exceeds the block's ``threshold`` merges, so
+    each image keeps as many tokens as its content needs. Protected leading tokens and padding
+    (``valid`` False) neither merge nor receive. The output keeps the A tokens in place (the merged
+    ones become padding) then B, and moves padding to the end (the official ``argsort`` of the
+    padding mask; ours is stable, the official one unspecified among equals), cut to the longest
+    row. A ragged batch: each row as it would be alone, padded."""
+    m, n, _ = metric.shape
+    if valid is None:
+        valid = torch.ones(m, n, dtype=torch.bool, device=metric.device)
+    with torch.no_grad():
+        unit = metric / metric.norm(dim=-1, keepdim=True)
+        scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)
+        scores[:, : (protected + 1) // 2] = -math.inf
+        scores[:, :, : protected // 2] = -math.inf
+        scores = scores.masked_fill(~valid[:, ::2, None] | ~valid[:, None, 1::2], -math.inf)
+        best, dst = scores.max(dim=-1)
+        merged = best > threshold
+        alive = torch.cat([valid[:, ::2] & ~merged, valid[:, 1::2]], dim=1)
+        order = (~alive).to(torch.int8).argsort(dim=1, stable=True)
+        length = int(alive.sum(dim=1).max())
+        order = order[:, :length]
+        return ThresholdMatching(merged, dst, order, alive.gather(1, order))
+
+
+def merge_by_threshold(x: Tensor, matching: ThresholdMatching, size: Tensor) -> tuple[Tensor, Tensor]:
+    """Size-weighted merge of a ``threshold_matching`` (as ``merge_wavg``): x (M, N, C), size (M, N)
+    -> (M, L', C), (M, L') in its output order; padding rows keep their values and sizes."""
+    w = size.to(x.dtype).unsqueeze(-1)
+    a, b = x[:, ::2] * w[:, ::2], x[:, 1::2] * w[:, 1::2]
+    sa, sb = size[:, ::2], size[:, 1::2]
+    keep = matching.merged.unsqueeze(-1)
+    b = b.scatter_add(1, _expand(matching.dst, b), a * keep)
+    sb = sb.scatter_add(1, matching.dst, sa * matching.merged)
+    total, sizes = torch.cat([a, b], dim=1), torch.cat([sa, sb], dim=1)
+    total, sizes = _rows(total, matching.order), sizes.gather(1, matching.order)
+    return total / sizes.unsqueeze(-1).to(x.dtype), sizes
+
+
+def threshold_representatives(index: Tensor, matching: ThresholdMatching) -> Tensor:
+    """Each output token's representative (``merge_representatives`` for a threshold matching)."""
+    return torch.cat([index[:, ::2], index[:, 1::2]], dim=1).gather(1, matching.order)
