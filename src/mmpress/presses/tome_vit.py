@@ -41,6 +41,12 @@ class ToMeViTPress(VisionPress):
     finder); pass those values. A ragged batch is padded (padding masked out of attention and
     matching, as DyMU's padding mask), each image merged as alone. Options only: not the default.
 
+    Composed with a later pre-LLM press (``compose(tome_vit, visionzip)``), that press reads the
+    feature layer's merged tokens in position order; a [CLS] signal of that block is recorded at its
+    attention input (before its merge, without the log-size term, as the family's signal hooks
+    compute it) and mapped onto the merged tokens: attention summed over the tokens a merged one
+    stands for, keys size-weighted (no official composition exists to follow).
+
     No budget: the number of tokens left follows from r and the tower's depth (LLaVA's feature
     layer -2 of 24 blocks, r=16: 577 - 23*16 = 209 tokens). Deviation: ties between equal edge
     scores go to the lower A index (the official ``argsort`` is unstable there)."""
