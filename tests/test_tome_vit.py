@@ -12,8 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmpress.ops.merge import (Matching, bipartite_soft_matching, merge, merge_representatives, merge_wavg,
-                               parse_r)
+from mmpress.ops.merge import bipartite_soft_matching, merge_representatives, merge_wavg, parse_r
 
 ops_settings = settings(max_examples=40, deadline=None)
 
@@ -358,7 +357,6 @@ def test_install_refuses_other_layers_and_restores_on_error():
 
 # ---- the press on LLaVA (tiny random models) ---------------------------------------------------
 import mmpress  # noqa: E402
-from mmpress.models.llava import LlavaAdapter  # noqa: E402
 from mmpress.presses.base import Press, VisualContext  # noqa: E402
 from conftest import make_batch, tiny_llava  # noqa: E402
 

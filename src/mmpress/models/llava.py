@@ -24,6 +24,8 @@ core can drop the others before the language model.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -247,8 +249,6 @@ class LlavaAdapter(Adapter):
         DINOv2 always interpolates)."""
         patch = self.config.vision_config.patch_size
         tower = self.vlm.vision_tower
-        import inspect
-
         takes_flag = "interpolate_pos_encoding" in inspect.signature(tower.forward).parameters
 
         def hook(module, args, kwargs):
