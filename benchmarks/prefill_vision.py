@@ -215,14 +215,16 @@ def write(record: dict, folder: Path = RESULTS) -> None:
     folder.mkdir(exist_ok=True)
     (folder / "prefill_vision.json").write_text(json.dumps(record, indent=2))
     lines = [f"# Presses inside and before the vision tower: speedup vs the FLOPs limit with the tower pressed, "
-             f"batch 1, {record['threads']} thread(s) of {record.get('cpus', '?')}, median of {record['repeats']} "
-             "round-robin rounds", "",
+             f"batch 1, {record['threads']} thread(s) of {record.get('cpus', '?')}, median over round-robin rounds "
+             f"({record['repeats']} per run unless its name says)", "",
              "Written by `benchmarks/prefill_vision.py` (issue 20; its docstring gives the shapes and what was cut). "
              "Limit: the FLOPs ratio, unpressed / pressed, with the tower counted block by block at the tokens each "
              "block took (`mmpress.eval.cost.pressed_flops`). Tower: the vision tower and projector timed alone "
              "(`Adapter.encode`). Fraction: the goal's speedup / its limit (target: at least 90%). Load: the 1-minute "
              "load average before and after the run (above the CPU count: other work shared the cores; ratios are "
-             "taken within one round-robin run).", "",
+             "taken within one round-robin run). Where a run is flagged noisy its rounds spread more than 10%: on a "
+             "machine this busy a fraction is good to no better than that spread; rerun on an idle one to quote it.",
+             "",
              "| run | press | goal | visual tokens | kept | unpressed ms | speedup (range) | limit | fraction | load |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in record["runs"]:
