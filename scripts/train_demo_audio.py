@@ -56,6 +56,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--out", type=Path, default=AUDIO_PROJECTOR_PATH)
+    p.add_argument("--features", type=Path, default=None,
+                   help="keep the frozen tower's outputs in this file (computed once, read by later runs)")
     return p.parse_args()
 
 
@@ -295,7 +297,14 @@ def main() -> None:
     test_rows = spoken_dataset("test", args.test)
     print(f"data: {len(train_rows)} train, {len(test_rows)} test ({time.time() - t0:.0f} s)", flush=True)
     t1 = time.time()
-    feats = precompute(model, processor, train_rows)
+    if args.features is not None and args.features.is_file():
+        feats = torch.load(args.features)
+        if len(feats) != len(train_rows):
+            raise ValueError(f"{args.features} holds {len(feats)} clips' features, not {len(train_rows)}: delete it")
+    else:
+        feats = precompute(model, processor, train_rows)
+        if args.features is not None:
+            torch.save(feats, args.features)
     window_check = check_windowing(model, processor, train_rows[:4], feats[:4])
     feature_minutes = (time.time() - t1) / 60
     print(f"features: {feature_minutes:.1f} min, windowed vs full max |diff| {window_check:.2e}", flush=True)
