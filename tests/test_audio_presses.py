@@ -467,6 +467,23 @@ def test_token_and_text_presses_run_on_audio_items(name):
     assert out.shape == (M, 7, D) and torch.isfinite(out).all() and (index.diff(dim=1) > 0).all()
 
 
+def test_uniform_and_pool_read_an_audio_clip_as_a_line_of_frames():
+    """An audio clip has no grid: uniform keeps the centres of k equal runs of frames (time order),
+    pool averages those runs; an image without a grid is still refused."""
+    x, ctx = clips(dtype=torch.float64)
+    n = x.shape[1]
+    out, index = get_press("uniform", keep=4).press(x, ctx)
+    edges = [round(j * n / 4) for j in range(5)]  # 4 near-equal runs of frames
+    centres = torch.tensor([(a + b - 1) // 2 for a, b in zip(edges, edges[1:])])
+    assert torch.equal(index, centres.expand(x.shape[0], 4)) and torch.equal(out, x[:, centres])
+    pooled, index = get_press("pool", keep=4).press(x, ctx)
+    runs = torch.stack([x[:, a:b].mean(dim=1) for a, b in zip(edges, edges[1:])], dim=1)
+    torch.testing.assert_close(pooled, runs)
+    assert torch.equal(index[0], centres)
+    with pytest.raises(ValueError, match="'grid' signal"):
+        get_press("uniform", keep=4).press(x, VisualContext())
+
+
 # ---- end to end: the Qwen2-Audio family (tiny random model) ------------------------------------
 def qwen2_audio(layers: int = 4):
     from mmpress.registry import FAMILIES
@@ -481,7 +498,8 @@ def qwen2_audio(layers: int = 4):
 def audio_presses(ratio: float) -> list:
     return [get_press("audio_merge", keep_ratio=ratio), get_press("audio_merge", keep_ratio=ratio, metric="features"),
             get_press("silence", keep_ratio=ratio), get_press("fastadasp", keep_ratio=ratio, layer=1),
-            get_press("fastadasp", keep_ratio=ratio, layer=1, schedule="constant", last_layer=3)]
+            get_press("fastadasp", keep_ratio=ratio, layer=1, schedule="constant", last_layer=3),
+            get_press("samp", keep_ratio=ratio)]
 
 
 def greedy(model, batch, steps=2):

@@ -24,7 +24,9 @@ REFUSES = {("globalcom2", "internvl"): "crop", ("globalcom2", "smolvlm"): "crop"
            # OneVision: a tiled image has no single grid (videos do: test_llava_onevision.py runs them)
            **{(n, "llava_onevision"): "grid" for n in ("evs", "fastvid", "pool", "temporal_merge", "uniform")},
            # an audio clip is a 1-D sequence of frames: no patch grid
-           **{(n, "qwen2_audio"): "grid" for n, cls in mmpress.PRESSES.items() if "grid" in cls.needs},
+           # (uniform and pool read a clip as a 1 x N line: Press.audio_line)
+           **{(n, "qwen2_audio"): "grid" for n, cls in mmpress.PRESSES.items()
+              if "grid" in cls.needs and not cls.audio_line},
            # Qwen2.5-Omni's rows here are images (test_qwen2_5_omni.py runs its audio): audio presses refuse them
            **{(n, "qwen2_5_omni"): "audio signals" for n, cls in mmpress.PRESSES.items()
               if {"audio_features", "audio_energy", "audio_attn"} & set(cls.needs)}}

@@ -207,6 +207,53 @@ def test_audio_signals_are_the_projector_input_and_each_tokens_energy(model, row
             torch.testing.assert_close(ctx.audio_energy[m].double(), expected, atol=1e-6, rtol=1e-6)
 
 
+@dataclass
+class AttnRecordPress(ScorerPress):
+    name = "test-record-attn"
+    needs = ("audio_attn",)
+
+    def score(self, tokens, ctx):
+        SEEN.append(ctx)
+        return ctx.require("audio_attn")[:, 1].diagonal(dim1=-2, dim2=-1)
+
+
+@pytest.mark.parametrize("rows", [RAGGED, SAME])
+def test_audio_attn_is_the_official_pooling_of_the_eager_attention(rows):
+    """``audio_attn`` against SA-MAP's own computation on an eager model: the last encoder layer's
+    ``output_attentions`` weights under the padding mask Qwen2AudioModel builds (its real frames
+    as keys), ``attn.max(0)`` / ``attn.mean(0)`` over heads, ``reshape(N, 2, N, 2).mean(1).sum(-1)``
+    over the whole padded window, cut to the clip's tokens."""
+    torch.manual_seed(0)
+    eager = A.build("tiny", attn="eager")
+    batch = A.prompts(eager, rows)
+    weights = {}
+    layer = eager.model.audio_tower.layers[-1].self_attn
+    handle = layer.register_forward_hook(lambda m, a, out: weights.update(w=out[1]))
+    try:
+        with torch.no_grad():
+            eager(**batch, output_attentions=True)
+    finally:
+        handle.remove()
+    w = weights["w"].double()  # (clips, heads, frames, frames), padded keys at 0
+    half = w.shape[-1] // 2
+    official = [torch.stack([w[c].amax(dim=0), w[c].mean(dim=0)]).reshape(2, half, 2, half, 2).mean(2).sum(-1)
+                for c in range(w.shape[0])]
+    SEEN.clear()
+    with torch.no_grad(), AttnRecordPress(keep_ratio=0.5)(eager):
+        eager(**batch)
+    clips = [(row, j) for row, media in enumerate(rows) for j in range(len(media))]
+    lengths = [audio_tokens(clip_frames(rows[r][j][0])) for r, j in clips]
+    seen = 0
+    for ctx in SEEN:
+        n = ctx.audio_attn.shape[-1]
+        sources = [s for s, length in enumerate(lengths) if length == n]
+        assert ctx.audio_attn.shape == (len(sources), 2, n, n)
+        for m, source in enumerate(sources):
+            torch.testing.assert_close(ctx.audio_attn[m].double(), official[source][:, :n, :n], atol=1e-5, rtol=1e-5)
+            seen += 1
+    assert seen == len(lengths)
+
+
 def test_audio_energy_marks_silence_lowest():
     """Frames at the feature extractor's silence floor give the lowest energy; a token whose
     frames run past the clip's end averages only its real frames."""
@@ -327,7 +374,8 @@ def test_presses_needing_a_grid_or_cls_are_refused_on_entry(model, name):
 
 
 def test_every_press_that_needs_only_tokens_or_text_runs_on_audio():
-    for name in ("random", "divprune", "tome", "mmtok", "cdpruner", "dart", "fastv", "pdrop", "snapkv"):
+    for name in ("random", "uniform", "pool", "divprune", "tome", "mmtok", "cdpruner", "dart", "fastv", "pdrop", "snapkv",
+                 "samp", "silence", "audio_merge", "fastadasp"):
         assert A.runs(mmpress.PRESSES[name]), name
 
 

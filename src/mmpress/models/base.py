@@ -322,7 +322,13 @@ class Adapter:
         in-vision press, runs its mode."""
         if press.stage == "in_vision" and press.mode not in cls.vision_modes:
             return False
-        return set(press.needs) <= cls.signals
+        return set(press.needs) - cls.line_signals(press) <= cls.signals
+
+    @classmethod
+    def line_signals(cls, press: type[Press] | Press) -> set[str]:
+        """Signals ``press`` needs that this family's audio clips stand in for: "grid", for a press
+        that reads a clip as a 1 x N raster (``Press.audio_line``) on a family with audio."""
+        return {"grid"} if press.audio_line and "audio_features" in cls.signals else set()
 
     def attention_layers(self) -> list[int]:
         """The decoder layers with softmax attention (default: all): in-LLM presses read their

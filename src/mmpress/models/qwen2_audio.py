@@ -37,7 +37,11 @@ reach a frame or two further, into its neighbours' cells). The token count never
 cells with a real frame (a last cell of 3 real frames still gets a token, one of 1 or 2 does
 not), so every token averages 3 or 4 real frames. Whisper's log-mel is already a log: the
 silence the feature extractor pads with sits at its floor, the clip's loudest value less 8 (2
-after its (x + 4) / 4 rescaling).
+after its (x + 4) / 4 rescaling). ``audio_attn`` (M, 2, N, N), Samp's signal: the encoder's last
+layer's softmax attention, recomputed from that layer's input (``q_proj`` x ``scaling``,
+``k_proj``, each clip's real frames as keys, as the padding mask gives them), max and mean over
+heads, pooled to tokens as SA-MAP pools it (a query token: the mean of its 2 frames' rows; a key
+token: the sum of its 2 frames' columns).
 """
 
 from __future__ import annotations
@@ -110,11 +114,12 @@ class Qwen2AudioAdapter(Adapter):
     family = "qwen2_audio"
     model_types = ("qwen2_audio",)
     classes = ("Qwen2AudioForConditionalGeneration",)
-    signals = LLM_SIGNALS | {"text", "audio_features", "audio_energy", "vision_features"}
+    signals = LLM_SIGNALS | {"text", "audio_features", "audio_energy", "audio_attn", "vision_features"}
     notes = ("audio clips (1-D, no grid, no [CLS]): audio_features = encoder output per token (after its 2x pool "
              "and layer norm) as the projector receives it; audio_energy = mean log-mel of the 4 input frames "
-             "(40 ms) each token stands for; vision_features = audio_features (the tower's output the projector "
-             "receives, for presses written for vision towers: MMTok)")
+             "(40 ms) each token stands for; audio_attn = the encoder's last-layer attention pooled to tokens "
+             "(Samp's); vision_features = audio_features (the tower's output the projector receives, for presses "
+             "written for vision towers: MMTok)")
     example_rows = {"single": [[(0.64,)]], "ragged": [[(0.64,)], [(0.48,), (0.36,)], [(0.52,)], []]}
     bench_media = {"audio": (30.0,)}  # 3000 frames, 750 tokens
 
@@ -127,13 +132,15 @@ class Qwen2AudioAdapter(Adapter):
         self.features: Tensor | None = None  # the projector's input of the last encoder call
         self._inputs: tuple[Tensor, Tensor] | None = None  # (input_features, feature_attention_mask) of this prefill
         self._energy: Tensor | None = None
+        self._attn: Tensor | None = None  # (clips, 2, tokens, tokens) of this prefill
+        self._frames: list[int] = []  # each clip's real log-mel frames, this prefill
 
     def visual_items(self, args, kwargs) -> list[Item]:
         names = ("input_ids", "input_features", "attention_mask", "feature_attention_mask")
         input_ids, features, _, feature_mask = (kwargs.get(n, args[i] if len(args) > i else None)
                                                 for i, n in enumerate(names))
         token = self.config.audio_token_id
-        self.features, self._inputs, self._energy = None, None, None
+        self.features, self._inputs, self._energy, self._attn = None, None, None, None
         if features is None:
             # transformers embeds placeholders without features as text, silently; a call on a KV
             # cache may hold some (generate continuing a pressed cache passes the conversation from
@@ -156,7 +163,7 @@ class Qwen2AudioAdapter(Adapter):
                              f"feature_attention_mask {tuple(feature_mask.shape)} (clips, frames) do not match")
         self._inputs = (features, feature_mask)
         # one host read (the clips' real frames), before the encoder's work is queued
-        frames = feature_mask.sum(dim=-1).tolist()
+        frames = self._frames = [int(f) for f in feature_mask.sum(dim=-1).tolist()]
         return [Item(token, n, None, i, kind="audio") for i, n in enumerate(map(audio_tokens, frames)) if n > 0]
 
     def _rows(self, items: list[Item], counts: dict[int, list[int]]) -> list[int]:
@@ -171,18 +178,48 @@ class Qwen2AudioAdapter(Adapter):
 
     def check_stages(self, stages: dict[str, Press]) -> None:
         for press in stages.values():
-            missing = [s for s in press.needs if s not in self.signals]
+            missing = [s for s in press.needs if s not in self.signals | self.line_signals(press)]
             if missing:
                 raise ValueError(f"{type(press).__name__} needs {', '.join(map(repr, missing))}, which Qwen2-Audio's "
                                  "audio clips do not have: they are 1-D sequences of audio frames, with no patch grid "
                                  "and no [CLS] token or vision tower. Pick a press that runs on audio (mmpress list "
-                                 "shows them per family): e.g. random, divprune, tome, mmtok, cdpruner, fastv, snapkv")
+                                 "shows them per family): e.g. random, uniform, pool, divprune, tome, mmtok, cdpruner, "
+                                 "fastv, snapkv")
 
     # ---- signals ------------------------------------------------------------------------------
     def signal_hooks(self, press: Press) -> list:
-        if not {"audio_features", "vision_features"} & set(press.needs):
-            return []
-        return [self.vlm.multi_modal_projector.register_forward_pre_hook(self._projector_hook)]
+        handles = []
+        if {"audio_features", "vision_features"} & set(press.needs):
+            handles.append(self.vlm.multi_modal_projector.register_forward_pre_hook(self._projector_hook))
+        if "audio_attn" in press.needs:
+            handles.append(self.vlm.audio_tower.layers[-1].self_attn.register_forward_pre_hook(
+                self._attention_hook, with_kwargs=True))
+        return handles
+
+    def _attention_hook(self, module, args, kwargs):
+        """``audio_attn`` (module docstring): the last encoder layer's softmax attention over each
+        clip's real frames (the keys its padding mask leaves), max and mean over heads, pooled to
+        the clip's tokens; (clips, 2, T, T) for the longest clip's T tokens, zero beyond a clip's."""
+        if self._inputs is None:
+            return
+        hidden = kwargs.get("hidden_states", args[0] if args else None)  # (clips, frames, d), layer-normed
+        clips, frames, _ = hidden.shape
+        device, mel = hidden.device, self._frames
+        real = torch.tensor([(f - 1) // 2 + 1 for f in mel], device=device)  # each clip's frames after conv2
+        n = torch.tensor([audio_tokens(f) for f in mel], device=device)
+        tokens = max(audio_tokens(f) for f in mel)
+        if tokens < 1:
+            return
+        q = (module.q_proj(hidden) * module.scaling).view(clips, frames, module.num_heads, -1).transpose(1, 2)
+        k = module.k_proj(hidden).view(clips, frames, module.num_heads, -1).transpose(1, 2)
+        q, k = q[:, :, :2 * tokens].float(), k.float()
+        logits = q @ k.transpose(-1, -2)  # (clips, heads, 2T, frames)
+        logits = logits.masked_fill((torch.arange(frames, device=device) >= real[:, None])[:, None, None], -math.inf)
+        w = logits.softmax(dim=-1)[..., :2 * tokens]
+        heads = torch.stack([w.amax(dim=1), w.mean(dim=1)], dim=1)  # (clips, 2, 2T, 2T)
+        pooled = heads.view(clips, 2, tokens, 2, tokens, 2).mean(dim=3).sum(dim=-1)
+        inside = torch.arange(tokens, device=device) < n[:, None]  # (clips, T): the clip's own tokens
+        self._attn = pooled * (inside[:, None, :, None] & inside[:, None, None, :])
 
     def _projector_hook(self, module, args):
         self.features = args[0]  # (clips, the padded input's pooled frames (750 at 30 s), d_audio)
@@ -210,6 +247,14 @@ class Qwen2AudioAdapter(Adapter):
             if self._energy is None:  # once per prefill, for every clip
                 self._energy = token_energy(*self._inputs)
             ctx.audio_energy = tokens(self._energy)
+        if "audio_attn" in needs:
+            if self._attn is None:
+                raise ValueError(MISSING)
+            if max(sources) >= self._attn.shape[0] or self._attn.shape[-1] < n:
+                raise ValueError(f"audio_attn covers {tuple(self._attn.shape[:1])} clips of {self._attn.shape[-1]} "
+                                 f"tokens, the LM sees {len(items)} clips of {n}")
+            attn = self._attn[sources][:, :, :n, :n]
+            ctx.audio_attn = attn if device is None else attn.to(device)
 
     # ---- cost and shapes ------------------------------------------------------------------------
     @classmethod

@@ -185,7 +185,6 @@ class VisionStage:
         for item in run.items:
             if self.selected[(item.kind, item.source)].index.shape[0] > item.length - len(item.fixed):
                 raise ValueError(f"the vision tower reported more tokens than the {item.kind}'s {item.length} placeholders")
-        blocks = [t for counts in self.blocks.values() for t in counts]
         if self.blocks:
             width = max(len(c) for c in self.blocks.values())
             blocks = [sum(c[i] for c in self.blocks.values() if i < len(c)) for i in range(width)]

@@ -153,6 +153,9 @@ class Press:
     needs_budget: ClassVar[bool] = True
     #: video-aware: uses the temporal structure of ``VisualContext.grid_thw`` (``mmpress list``)
     video: ClassVar[bool] = False
+    #: reads an audio clip as a 1 x N raster of its frames in time order where it needs "grid"
+    #: (uniform, pool): a family with audio runs it without a patch grid
+    audio_line: ClassVar[bool] = False
     #: the position ids the official code gives a pre-LLM press's kept tokens on a 1-D RoPE model,
     #: the adapter's default (``positions=None``): "reindex" (0..L'-1, what LLaVA's
     #: ``prepare_inputs_labels_for_multimodal`` gives any sequence pruned before the language model)

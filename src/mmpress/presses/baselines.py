@@ -1,4 +1,8 @@
-"""Baselines every compression method must beat: keep all, random, spatially uniform, pooling."""
+"""Baselines every compression method must beat: keep all, random, spatially uniform, pooling.
+
+Uniform and pooling work on the raster of an item's tokens: an image's (or a video frame's) patch
+grid, or an audio clip's frames as a 1 x N line in time order (even spacing in time, average
+pooling of adjacent frames)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,11 @@ from torch import Tensor
 
 from mmpress.ops.pool import grid_pool, grid_sample
 from mmpress.presses.base import Press, ScorerPress, SelectorPress, VisualContext, register
+
+
+def raster(ctx: VisualContext, n: int) -> tuple[int, int]:
+    """The (h, w) raster of the items' n tokens: the patch grid, or an audio clip's 1 x n line."""
+    return (1, n) if ctx.kind == "audio" else ctx.require("grid")
 
 
 @register
@@ -47,26 +56,30 @@ class RandomPress(ScorerPress):
 @dataclass
 class UniformPress(SelectorPress):
     """Keeps k spatially uniform tokens: the centre token of each of k near-equal cells of the
-    patch grid (``ops.pool.grid_cells``), the same for every image."""
+    patch grid (``ops.pool.grid_cells``), the same for every image; on an audio clip, k tokens
+    evenly spaced in time. An image without a single grid (tiles) is refused."""
 
     name = "uniform"
     paper = "spatially uniform sampling baseline"
     needs = ("grid",)
+    audio_line = True
 
     def select(self, tokens: Tensor, ctx: VisualContext, k: int) -> Tensor:
-        return grid_sample(ctx.require("grid"), k, tokens.device).expand(tokens.shape[0], k)
+        return grid_sample(raster(ctx, tokens.shape[1]), k, tokens.device).expand(tokens.shape[0], k)
 
 
 @register
 @dataclass
 class PoolPress(Press):
-    """2-D average pooling of the patch grid to k tokens (k near-equal cells, any k). Each pooled
-    token takes the position of its cell's centre token."""
+    """2-D average pooling of the patch grid to k tokens (k near-equal cells, any k); on an audio
+    clip, average pooling of k runs of adjacent frames. Each pooled token takes the position of its
+    cell's centre token."""
 
     name = "pool"
     paper = "2-D average pooling baseline"
     needs = ("grid",)
+    audio_line = True
 
     def compress(self, tokens: Tensor, ctx: VisualContext, k: int) -> tuple[Tensor, Tensor]:
-        pooled, centre = grid_pool(tokens, ctx.require("grid"), k)
+        pooled, centre = grid_pool(tokens, raster(ctx, tokens.shape[1]), k)
         return pooled, centre.expand(tokens.shape[0], k)
