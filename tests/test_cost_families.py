@@ -129,6 +129,19 @@ def test_bench_cost_qwen_on_a_tiny_shape(tmp_path, kind, tokens, arch):
     assert "unpressed split: vision tower + projector" in text and "language model" in text
 
 
+def test_bench_cost_qwen2_audio_times_a_30_second_clip_by_default(tmp_path):
+    """--arch qwen2_audio takes audio without --input: a 30 s clip, 750 tokens, the audio presses
+    against their limits (a narrow encoder and LM so the real clip length stays cheap)."""
+    out = tmp_path / "rows.json"
+    result = runner.invoke(app, ["bench-cost", "--arch", "qwen2_audio", "--presses", "silence,uniform", "--keeps", "375",
+                                 *TINY_ARGS[:12], "--repeats", "1", "--threads", "1", "--out", str(out)],
+                           terminal_width=100)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["press"], r["keep"]) for r in rows] == [("none", 750), ("silence", 375), ("uniform", 375)]
+    assert all(r["limit"] > 1 for r in rows[1:]) and "750 audio tokens, qwen2_audio" in result.output
+
+
 def test_bench_cost_notes_a_press_the_family_refuses(monkeypatch):
     monkeypatch.setitem(PRESSES, Refuses.name, Refuses)
     result = runner.invoke(app, ["bench-cost", "--arch", "qwen2_vl", "--presses", f"random,{Refuses.name}",
@@ -141,6 +154,7 @@ def test_bench_cost_notes_a_press_the_family_refuses(monkeypatch):
     (["--arch", "qwen9_vl"], "unknown arch 'qwen9_vl'; choose from "),
     (["--input", "video"], "the llava shape takes image, not 'video'"),
     (["--arch", "qwen2_5_vl", "--input", "audio"], "the qwen2_5_vl shape takes image or video, not 'audio'"),
+    (["--arch", "qwen2_audio", "--image-size", "112"], "an audio clip has no image size"),
     (["--arch", "qwen2_5_vl", "--image-size", "100", "--lm-layers", "1", "--vision-layers", "1"],
      "multiples of 28 px"),
 ])

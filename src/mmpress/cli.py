@@ -270,7 +270,7 @@ def _run_audio(question: str, audio: Path, model: str, press: str, keep, keep_ra
 
 # The default grids finish in a few minutes on a 2-core CPU; --full runs the whole comparison.
 # --data spoken (the audio demo's spoken questions): these presses, at these fractions of each clip
-SPOKEN_PRESSES = ("random", "divprune", "audio_merge", "silence", "fastadasp")
+SPOKEN_PRESSES = ("random", "uniform", "divprune", "audio_merge", "silence", "fastadasp", "samp")
 SPOKEN_KEEP = "50%,25%"
 QUICK_PRESSES = "divprune,visionzip,vispruner,random"
 BENCH_GRIDS = {  # option -> (default, with --full); an option given on the command line wins
@@ -419,7 +419,8 @@ def bench_cost(
                                                               "(visual tokens per image)"), show_default=False),
     arch: str = typer.Option("llava", help="model type of the random model (a transformers model_type: mmpress list "
                              "shows the families)"),
-    input_kind: str = typer.Option("image", "--input", help="image, or video (families that take video)"),
+    input_kind: Optional[str] = typer.Option(None, "--input", help="image, video or audio, as the family takes them "
+                                             "(default: its first: image; audio for qwen2_audio)", show_default=False),
     batch: int = typer.Option(1, min=1, help="batch size (rows get ragged prompt lengths)"),
     repeats: int = typer.Option(5, "--rounds", "--repeats", min=1, help="timing rounds, each timing every cell once "
                                 "(round-robin): speedups are their median, with their range"),
@@ -444,6 +445,7 @@ def bench_cost(
 
     Default: a LLaVA-1.5 shape, 4 presses x 2 budgets, under a minute on 2 CPU cores.
     --arch qwen2_5_vl: a scaled Qwen2.5-VL, a 1024-token image (--input video: 16 frames x 256).
+    --arch qwen2_audio: a 30-second clip (750 audio tokens) on a scaled Qwen2-Audio.
     The vision tower is timed alone too: a press acting after it cannot remove its time.
     In-LLM presses (keep@Lk) show the visual tokens averaged over the LM's layers.
     KV presses (keep@KV) add a table: KV cache and decode tokens/s, pressed vs unpressed.
@@ -458,6 +460,7 @@ def bench_cost(
     if arch not in archs():
         raise typer.BadParameter(f"unknown arch {arch!r}; choose from {', '.join(archs())}", param_hint="--arch")
     media = ADAPTERS[arch].bench_media
+    input_kind = input_kind or next(iter(media))
     if input_kind not in media:
         raise typer.BadParameter(f"the {arch} shape takes {' or '.join(media)}, not {input_kind!r}",
                                  param_hint="--input")
@@ -476,6 +479,8 @@ def bench_cost(
                  lm_kv_heads=max(1, lm_heads // 7))
     sizes |= {k: v for k, v in (("vision_layers", vision_layers), ("vision_hidden", vision_hidden)) if v is not None}
     medium = list(media[input_kind])
+    if input_kind == "audio" and (image_size or frames):
+        raise typer.BadParameter("an audio clip has no image size or frames (30 s clips)", param_hint="--image-size")
     if image_size:
         medium[-2:] = image_size, image_size
         sizes["image_size"] = image_size  # families that resize to one resolution build their tower at it
