@@ -161,10 +161,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Answer a question about an image with a pressed model; report tokens kept, prefill time, FLOPs saved."""
-    import torch
-
     from mmpress.api import ask, encode
-    from mmpress.eval.cost import prefill_flops, pressed_flops, time_call
     from mmpress.eval.data import read_image
 
     if not question.strip():
@@ -178,8 +175,17 @@ def run(
     _check_model(model)
     vlm, processor = _load(model)
     answer = ask(vlm, processor, [picture], [question], press=pressor, max_new_tokens=max_new_tokens)[0]
+    _report_run(vlm, encode(vlm, processor, [picture], [question]), pressor, dict(answer=answer, press=press),
+                "visual tokens", as_json)
 
-    inputs = encode(vlm, processor, [picture], [question])
+
+def _report_run(vlm, inputs: dict, pressor, record: dict, tokens: str, as_json: bool) -> None:
+    """Time the prefill of ``inputs`` unpressed and pressed, count its FLOPs both ways (each LM
+    layer, and an in-vision press's tower, at its pressed length) and print ``record`` with them:
+    one JSON line, or the answer and a line of ``tokens`` kept, time and FLOPs saved."""
+    import torch
+
+    from mmpress.eval.cost import prefill_flops, pressed_flops, time_call
 
     def prefill():
         with torch.inference_mode():
@@ -189,25 +195,17 @@ def run(
     with pressor(vlm) as pressed:
         seconds = time_call(prefill, repeats=3)
     stats = pressed.stats.as_dict()
-    flops = pressed_flops(vlm.config, inputs, stats).total  # each LM layer, and an in-vision press's tower, pressed
+    flops = pressed_flops(vlm.config, inputs, stats).total
     base_flops = prefill_flops(vlm.config, inputs, stats["seq_len"]).total
-    record = {
-        "answer": answer,
-        "press": press,
-        "kept_tokens": stats["kept_visual_tokens"],
-        "total_tokens": stats["visual_tokens"],
-        "prefill_seconds": seconds,
-        "unpressed_prefill_seconds": base_seconds,
-        "flops_saved": 1 - flops / base_flops,
-    }
+    extra = record.pop("extra", {})
+    record = {**record, "kept_tokens": stats["kept_visual_tokens"], "total_tokens": stats["visual_tokens"], **extra,
+              "prefill_seconds": seconds, "unpressed_prefill_seconds": base_seconds, "flops_saved": 1 - flops / base_flops}
     if as_json:
         print(json.dumps(record))
         return
-    console.print(f"[bold]{answer}[/bold]")
-    console.print(
-        f"kept {record['kept_tokens']}/{record['total_tokens']} visual tokens · prefill {seconds * 1e3:.0f} ms "
-        f"(unpressed {base_seconds * 1e3:.0f} ms) · FLOPs saved {record['flops_saved']:.0%}"
-    )
+    console.print(f"[bold]{record['answer']}[/bold]")
+    console.print(f"kept {record['kept_tokens']}/{record['total_tokens']} {tokens} · prefill {seconds * 1e3:.0f} ms "
+                  f"(unpressed {base_seconds * 1e3:.0f} ms) · FLOPs saved {record['flops_saved']:.0%}", highlight=False)
 
 
 def _load_audio_model(model_id: str):
@@ -231,10 +229,7 @@ def _run_audio(question: str, audio: Path, model: str, press: str, keep, keep_ra
     """``mmpress run --audio``: the audio counterpart of ``run``, on a Qwen2-Audio model. The
     clip is read and checked (a WAV, samples, a usable rate, within the demo's window) before any
     model loads."""
-    import torch
-
-    from mmpress.demo.audio import CHUNK_SECONDS, ask_audio, encode_audio
-    from mmpress.eval.cost import prefill_flops, pressed_flops, time_call
+    from mmpress.demo.audio import CHUNK_SECONDS, SAMPLE_RATE, ask_audio, encode_audio
     from mmpress.eval.spoken import read_audio
 
     pressor = get_press(press, **_budget(keep, keep_ratio))
@@ -242,30 +237,10 @@ def _run_audio(question: str, audio: Path, model: str, press: str, keep, keep_ra
     _check_model(model)
     alm, processor = _load_audio_model(model)
     answer = ask_audio(alm, processor, [clip], [question], press=pressor, max_new_tokens=max_new_tokens)[0]
-    inputs = encode_audio(alm, processor, [clip], [question])
-
-    def prefill():
-        with torch.inference_mode():
-            alm(**inputs, logits_to_keep=1)
-
-    base_seconds = time_call(prefill, repeats=3)
-    with pressor(alm) as pressed:
-        seconds = time_call(prefill, repeats=3)
-    stats = pressed.stats.as_dict()
-    flops = pressed_flops(alm.config, inputs, stats).total  # each LM layer at its own length
-    base_flops = prefill_flops(alm.config, inputs, stats["seq_len"]).total
-    record = {"answer": answer, "press": press, "kept_tokens": stats["kept_visual_tokens"],
-              "total_tokens": stats["visual_tokens"], "seconds_of_audio": len(clip) / 16000,
-              "prefill_seconds": seconds, "unpressed_prefill_seconds": base_seconds,
-              "flops_saved": 1 - flops / base_flops}
-    if as_json:
-        print(json.dumps(record))
-        return
-    console.print(f"[bold]{answer}[/bold]")
-    console.print(
-        f"kept {record['kept_tokens']}/{record['total_tokens']} audio tokens ({record['seconds_of_audio']:.1f} s) "
-        f"· prefill {seconds * 1e3:.0f} ms (unpressed {base_seconds * 1e3:.0f} ms) · FLOPs saved "
-        f"{record['flops_saved']:.0%}", highlight=False)
+    seconds = len(clip) / SAMPLE_RATE
+    _report_run(alm, encode_audio(alm, processor, [clip], [question]), pressor,
+                dict(answer=answer, press=press, extra={"seconds_of_audio": seconds}),
+                f"audio tokens ({seconds:.1f} s)", as_json)
 
 
 # The default grids finish in a few minutes on a 2-core CPU; --full runs the whole comparison.

@@ -41,25 +41,36 @@ def load_base(dtype: torch.dtype = torch.float32):
     The first call converts the packaged ONNX and GGUF weights (~30 s) and saves the result with
     ``save_pretrained``; later calls load that copy with ``from_pretrained`` (~1 s).
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    folder = cache_dir()
-    if not (folder / "config.json").is_file() or not (folder / "processor_config.json").is_file():
+    def build():
         from .convert import build_demo
 
-        model, processor = build_demo()
+        return build_demo()
+
+    return load_cached(cache_dir(), build, LlavaForConditionalGeneration, dtype)
+
+
+def load_cached(folder: Path, build, model_class, dtype: torch.dtype):
+    """``build()``'s ``(model, processor)``, saved once in ``folder`` with ``save_pretrained``
+    (atomically: a concurrent loader never sees half a cache), then loaded from it with
+    ``model_class.from_pretrained``; the processor pads on the left."""
+    from transformers import AutoProcessor
+
+    if not (folder / "config.json").is_file() or not (folder / "processor_config.json").is_file():
+        model, processor = build()
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         try:
-            tmp.rename(folder)  # atomic: a concurrent loader never sees half a cache
+            tmp.rename(folder)
         except OSError:  # another process finished first; use its copy
             shutil.rmtree(tmp, ignore_errors=True)
             if not (folder / "config.json").is_file():
                 raise
         del model
     # trust_remote_code=False: never run code found in the cache folder, never ask on a terminal
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+    model = model_class.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
     processor.tokenizer.padding_side = "left"
     return model.eval(), processor

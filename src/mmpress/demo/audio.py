@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 import struct
 from pathlib import Path
 
@@ -400,25 +399,11 @@ def cache_dir() -> Path:
 def load_base_audio(dtype: torch.dtype = torch.float32):
     """The assembled audio model with its projector as initialised (not trained), and its
     processor; converted once and then loaded from the cache (as :func:`mmpress.demo.load_base`)."""
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+    from transformers import Qwen2AudioForConditionalGeneration
 
-    folder = cache_dir()
-    if not (folder / "config.json").is_file() or not (folder / "processor_config.json").is_file():
-        model, processor = build_demo_audio()
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        try:
-            tmp.rename(folder)  # atomic: a concurrent loader never sees half a cache
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (folder / "config.json").is_file():
-                raise
-        del model
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
-    processor.tokenizer.padding_side = "left"
-    return model.eval(), processor
+    from . import load_cached
+
+    return load_cached(cache_dir(), build_demo_audio, Qwen2AudioForConditionalGeneration, dtype)
 
 
 def apply_audio_projector(model, path: str | Path) -> None:
