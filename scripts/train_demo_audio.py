@@ -248,8 +248,7 @@ projector is trained with the loss on the answer tokens only.
   each word said in one of six carrier phrases.
 - {train['steps']} steps of batch {args.batch_size} ({train['samples']} samples, {train['epochs']:.2f} epochs),
   AdamW lr {args.lr}, warm-up {args.warmup} steps, cosine decay; {train['minutes']:.1f} min of training
-  after {train['feature_minutes']:.1f} min of feature extraction, on CPU ({args.threads} threads, shared
-  machine). Final training loss {train['final_loss']:.3f}.
+  after {train['feature_minutes']:.1f} min of feature extraction, on CPU ({args.threads} threads). Final training loss {train['final_loss']:.3f}.
 - the windowed feature extraction matched the model's own 10 s path to {train['window_check']:.2e}.
 
 Command:
