@@ -347,11 +347,14 @@ def test_real_whisper_and_the_audio_demo():
     assert type(model).__name__ == "Qwen2AudioForConditionalGeneration"
     if shutil.which("espeak-ng") is None:
         return
-    rows = [spoken.spoken_sample("test", i) for i in range(2)]
+    rows = [spoken.spoken_sample("test", i) for i in range(4)]
     answers = demo_audio.ask_audio(model, processor, [r["audio"] for r in rows], [r["question"] for r in rows],
                                    max_new_tokens=4)
-    # its held-out accuracy is in AUDIO_MODEL_CARD.md; here: the stock classes answer end to end
-    assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers), answers
+    # the stock classes answer end to end; the trained projector answered 200 of 200 held-out
+    # questions (AUDIO_MODEL_CARD.md): these four are the first of them
+    from mmpress.eval.data import exact_match
+
+    assert [exact_match(a, r["answer"]) for a, r in zip(answers, rows)] == [True] * 4, answers
 
 
 # ---- the bench on audio ----------------------------------------------------------------------
