@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import mmpress
 from mmpress.ops.audio import (
-    adjacent_similarity, alternate_in_chains, loudest, merge_adjacent, merge_adjacent_pairs, runs_from_edges, top_edges,
+    adjacent_similarity, alternate_in_chains, attention_to_tokens, loudest, merge_adjacent, merge_adjacent_pairs,
+    runs_from_edges, top_edges,
 )
 from mmpress.presses import PRESSES, VisualContext, get_press
 
@@ -465,6 +466,18 @@ def test_token_and_text_presses_run_on_audio_items(name):
     assert ctx.grid is None and ctx.grid_thw is None
     out, index = get_press(name, keep=7).press(x, ctx)
     assert out.shape == (M, 7, D) and torch.isfinite(out).all() and (index.diff(dim=1) > 0).all()
+
+
+@given(st.integers(1, 6), st.integers(0, 3))
+@settings(max_examples=20, deadline=None)
+def test_attention_to_tokens_is_samps_reshape(tokens, extra):
+    """The frames beyond the clip's 2T (a padded window, an odd last frame) are cut; within, SA-MAP's
+    ``reshape(N, 2, N, 2).mean(1).sum(-1)``."""
+    frames = 2 * tokens + extra
+    attn = torch.rand(3, frames, frames, generator=torch.Generator().manual_seed(frames), dtype=torch.float64)
+    inner = attn[:, : 2 * tokens, : 2 * tokens]
+    expected = inner.reshape(3, tokens, 2, tokens, 2).mean(2).sum(-1)
+    torch.testing.assert_close(attention_to_tokens(attn, tokens), expected)
 
 
 def test_uniform_and_pool_read_an_audio_clip_as_a_line_of_frames():

@@ -175,14 +175,15 @@ def run(
     _check_model(model)
     vlm, processor = _load(model)
     answer = ask(vlm, processor, [picture], [question], press=pressor, max_new_tokens=max_new_tokens)[0]
-    _report_run(vlm, encode(vlm, processor, [picture], [question]), pressor, dict(answer=answer, press=press),
-                "visual tokens", as_json)
+    _report_run(vlm, encode(vlm, processor, [picture], [question]), pressor, answer, press, "visual tokens", as_json)
 
 
-def _report_run(vlm, inputs: dict, pressor, record: dict, tokens: str, as_json: bool) -> None:
+def _report_run(vlm, inputs: dict, pressor, answer: str, press: str, tokens: str, as_json: bool,
+                extra: dict | None = None) -> None:
     """Time the prefill of ``inputs`` unpressed and pressed, count its FLOPs both ways (each LM
-    layer, and an in-vision press's tower, at its pressed length) and print ``record`` with them:
-    one JSON line, or the answer and a line of ``tokens`` kept, time and FLOPs saved."""
+    layer, and an in-vision press's tower, at its pressed length) and print the record: one JSON
+    line (``extra`` after the token counts), or the answer and a line of ``tokens`` kept, time and
+    FLOPs saved."""
     import torch
 
     from mmpress.eval.cost import prefill_flops, pressed_flops, time_call
@@ -197,13 +198,13 @@ def _report_run(vlm, inputs: dict, pressor, record: dict, tokens: str, as_json: 
     stats = pressed.stats.as_dict()
     flops = pressed_flops(vlm.config, inputs, stats).total
     base_flops = prefill_flops(vlm.config, inputs, stats["seq_len"]).total
-    extra = record.pop("extra", {})
-    record = {**record, "kept_tokens": stats["kept_visual_tokens"], "total_tokens": stats["visual_tokens"], **extra,
-              "prefill_seconds": seconds, "unpressed_prefill_seconds": base_seconds, "flops_saved": 1 - flops / base_flops}
+    record = {"answer": answer, "press": press, "kept_tokens": stats["kept_visual_tokens"],
+              "total_tokens": stats["visual_tokens"], **(extra or {}), "prefill_seconds": seconds,
+              "unpressed_prefill_seconds": base_seconds, "flops_saved": 1 - flops / base_flops}
     if as_json:
         print(json.dumps(record))
         return
-    console.print(f"[bold]{record['answer']}[/bold]")
+    console.print(f"[bold]{answer}[/bold]")
     console.print(f"kept {record['kept_tokens']}/{record['total_tokens']} {tokens} · prefill {seconds * 1e3:.0f} ms "
                   f"(unpressed {base_seconds * 1e3:.0f} ms) · FLOPs saved {record['flops_saved']:.0%}", highlight=False)
 
@@ -238,9 +239,8 @@ def _run_audio(question: str, audio: Path, model: str, press: str, keep, keep_ra
     alm, processor = _load_audio_model(model)
     answer = ask_audio(alm, processor, [clip], [question], press=pressor, max_new_tokens=max_new_tokens)[0]
     seconds = len(clip) / SAMPLE_RATE
-    _report_run(alm, encode_audio(alm, processor, [clip], [question]), pressor,
-                dict(answer=answer, press=press, extra={"seconds_of_audio": seconds}),
-                f"audio tokens ({seconds:.1f} s)", as_json)
+    _report_run(alm, encode_audio(alm, processor, [clip], [question]), pressor, answer, press,
+                f"audio tokens ({seconds:.1f} s)", as_json, extra={"seconds_of_audio": seconds})
 
 
 # The default grids finish in a few minutes on a 2-core CPU; --full runs the whole comparison.

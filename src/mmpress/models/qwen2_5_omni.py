@@ -61,6 +61,7 @@ from mmpress.models.base import LLM_SIGNALS, VISION_SIGNALS, Item, family
 from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, text_around, text_config
 from mmpress.models.qwen2_audio import audio_tokens, clip_frames, token_energy
 from mmpress.models.qwen_vl import QwenVLAdapter, vision_flops
+from mmpress.ops.audio import attention_to_tokens
 from mmpress.presses.base import Press, VisualContext
 
 AUDIO_SIGNALS = frozenset({"audio_features", "audio_energy", "audio_attn"})
@@ -217,8 +218,7 @@ class QwenOmniAdapter(QwenVLAdapter):
             for a, b in zip(bounds[first:first + count], bounds[first + 1:first + count + 1]):
                 w = (q[:, a:b] @ k[:, a:b].transpose(1, 2) * module.scaling).softmax(dim=-1)  # (heads, c, c)
                 full[:, a - start:b - start, a - start:b - start] = torch.stack([w.amax(dim=0), w.mean(dim=0)])
-            pairs = full[:, :2 * n, :2 * n].view(2, n, 2, n, 2)
-            out.append(pairs.mean(dim=2).sum(dim=-1))  # (2, n, n)
+            out.append(attention_to_tokens(full, n))  # (2, n, n)
             first += count
         audio["attn"] = out
 

@@ -55,6 +55,7 @@ from mmpress.flops import PrefillFlops, language_flops, transformer_flops
 from mmpress.models.base import LLM_SIGNALS, Adapter, Item, family
 from mmpress.models.examples import left_pad, lm_shape, pixel_tensor, qwen2_text, text_around
 from mmpress.models.protocol import Protocol, cache_length
+from mmpress.ops.audio import attention_to_tokens
 from mmpress.presses.base import Press, VisualContext
 
 AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = 3, 4, 5  # the placeholder ids of the random models below
@@ -206,8 +207,8 @@ class Qwen2AudioAdapter(Adapter):
         clips, frames, _ = hidden.shape
         device, mel = hidden.device, self._frames
         real = torch.tensor([(f - 1) // 2 + 1 for f in mel], device=device)  # each clip's frames after conv2
-        n = torch.tensor([audio_tokens(f) for f in mel], device=device)
-        tokens = max(audio_tokens(f) for f in mel)
+        counts = [audio_tokens(f) for f in mel]
+        tokens = max(counts)
         if tokens < 1:
             return
         q = (module.q_proj(hidden) * module.scaling).view(clips, frames, module.num_heads, -1).transpose(1, 2)
@@ -216,9 +217,8 @@ class Qwen2AudioAdapter(Adapter):
         logits = q @ k.transpose(-1, -2)  # (clips, heads, 2T, frames)
         logits = logits.masked_fill((torch.arange(frames, device=device) >= real[:, None])[:, None, None], -math.inf)
         w = logits.softmax(dim=-1)[..., :2 * tokens]
-        heads = torch.stack([w.amax(dim=1), w.mean(dim=1)], dim=1)  # (clips, 2, 2T, 2T)
-        pooled = heads.view(clips, 2, tokens, 2, tokens, 2).mean(dim=3).sum(dim=-1)
-        inside = torch.arange(tokens, device=device) < n[:, None]  # (clips, T): the clip's own tokens
+        pooled = attention_to_tokens(torch.stack([w.amax(dim=1), w.mean(dim=1)], dim=1), tokens)  # (clips, 2, T, T)
+        inside = torch.arange(tokens, device=device) < torch.tensor(counts, device=device)[:, None]  # a clip's own
         self._attn = pooled * (inside[:, None, :, None] & inside[:, None, None, :])
 
     def _projector_hook(self, module, args):

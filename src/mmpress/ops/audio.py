@@ -149,3 +149,12 @@ def loudest(energy: Tensor, k: int) -> Tensor:
     among equal energies the earlier frame (a stable sort: silence padding is many equal values)."""
     order = at_least_float32(energy).argsort(dim=1, descending=True, stable=True)[:, :k]
     return order.sort(dim=1).values
+
+
+def attention_to_tokens(attn: Tensor, tokens: int) -> Tensor:
+    """Audio-encoder attention between frames (..., F, F) pooled to its first ``tokens`` tokens
+    (..., T, T), each token the pair of frames 2t, 2t + 1 the encoder's stride-2 pool averages: a
+    query token the mean of its 2 frames' rows, a key token the sum of its 2 frames' columns
+    (SA-MAP's ``attn.reshape(N, 2, N, 2).mean(1).sum(-1)``)."""
+    pairs = attn[..., : 2 * tokens, : 2 * tokens].unflatten(-1, (tokens, 2)).unflatten(-3, (tokens, 2))
+    return pairs.mean(dim=-3).sum(dim=-1)
