@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mmpress.ops.merge import bipartite_soft_matching, merge_representatives, merge_wavg, parse_r
@@ -32,13 +32,16 @@ def reference_matching(metric: torch.Tensor, r: int, class_token: bool):
             continue
         unit = row / row.norm(dim=-1, keepdim=True)
         a, b = unit[0::2], unit[1::2]
+        # the official ``scores = a @ b.transpose(-1, -2)``: one matrix product, so an exact tie
+        # (two B tokens equally similar) rounds as the official (and our batched) product rounds it
+        scores = a @ b.transpose(-1, -2)
         best, partner = [], []
         for i in range(a.shape[0]):
             if class_token and i == 0:
                 best.append(-math.inf)
                 partner.append(0)
                 continue
-            sims = [float(a[i] @ b[j]) for j in range(b.shape[0])]
+            sims = scores[i].tolist()
             j = max(range(len(sims)), key=lambda t: (sims[t], -t))  # first maximum, as torch.max
             best.append(sims[j])
             partner.append(j)
@@ -65,8 +68,14 @@ def metrics(draw, max_n=17):
     return x, draw(st.integers(0, n)), draw(st.integers(0, 1))
 
 
+# an exact tie: the second A token is equally similar to B tokens 0 and 2 (dot 9.34, equal norms)
+TIE = (torch.tensor([[[-2.9, -2.9, -2.9, 0.1], [-1.9, 1.1, 3.1, 2.1], [-2.9, 1.1, 0.1, 1.1], [1.1, 2.1, -2.9, -2.9],
+                      [1.1, -2.9, -0.9, 1.1], [-1.9, 2.1, 3.1, 1.1]]], dtype=torch.float64), 1, 0)
+
+
 @ops_settings
 @given(metrics())
+@example(TIE)
 def test_matching_equals_the_official_algorithm(case):
     """Same kept / merged / destination tokens and the same output order as the official code."""
     metric, r, protected = case
